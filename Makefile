@@ -1,0 +1,49 @@
+# tokenmix: the two commands are `make test` and `make demo`; both prepare everything first.
+#
+#   make setup      .venv with torch and the build tools, tokenmix built and installed (editable)
+#   make test       setup + the test suite (CUDA tests skip without a GPU)
+#   make demo       setup + `python -m tokenmix demo`
+#   make bench      setup + the CPU benchmark, written to benchmarks/results/
+#   make test-cpu-only   a build with TOKENMIX_CUDA=OFF, its info and the test suite
+#
+# Variables: PYTHON (interpreter that creates the venv), TORCH (the torch requirement; the CPU
+# build works too, e.g. TORCH="torch==2.13.0"), TOKENMIX_CUDA=AUTO|ON|OFF, TOKENMIX_CUDA_ARCHS.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.tokenmix-deps
+
+.PHONY: setup test demo bench test-cpu-only clean
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH)" "scikit-build-core>=0.10" "ninja>=1.10" numpy
+	@if ! cmake --version 2>/dev/null | awk 'NR==1 { split($$3, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 25)) }'; then \
+		echo "no CMake >= 3.25 on PATH: installing it into $(VENV)"; \
+		$(PIP) install "cmake>=3.25,<4"; \
+	fi
+	touch $@
+
+setup: $(STAMP)
+	$(PIP) install --no-build-isolation -e ".[test,bench]"
+
+test: setup
+	$(PY) -m pytest tests
+
+demo: setup
+	$(PY) -m tokenmix demo
+
+bench: setup
+	$(PY) -m tokenmix bench --device cpu --out benchmarks/results/cpu-$$(date +%Y-%m-%d).json
+
+test-cpu-only: $(STAMP)
+	TOKENMIX_CUDA=OFF $(PIP) install --no-build-isolation -C build-dir=build/cpu-only -e ".[test,bench]"
+	$(PY) -m tokenmix info
+	$(PY) -c "import tokenmix, sys; sys.exit(1 if tokenmix.info()['cuda_compiled'] else 0)"
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf build $(VENV)

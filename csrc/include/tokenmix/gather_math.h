@@ -1,0 +1,94 @@
+// Index math and formulas of the sparse-token gather family, shared by the CPU kernels and the
+// CUDA kernels so that the CPU tests exercise exactly what the GPU runs. No torch headers.
+#pragma once
+
+#include <cstdint>
+
+#include "tokenmix/macros.h"
+
+namespace tokenmix {
+namespace gather {
+
+// Inverse map of one index row index[b, :] over the N source positions:
+//   count[b, n] = #{k : index[b, k] == n},  first[b, n] = min{k : index[b, k] == n}.
+// The CPU builds it with one serial pass per batch row, CUDA with atomicAdd/atomicMin; both are
+// order-independent, so the two maps are bit-identical and so is everything computed from them.
+// kNoEntry is the byte pattern 0x7f repeated, so a plain memset initialises `first`.
+constexpr int32_t kNoEntry = 0x7f7f7f7f;
+
+// How one output row [b, n, :] of a [B, N, C] result is produced from the inverse map.
+enum class RowMode : int {
+  GatherBackward,   // grad_x[b, n] = sum_{k: index[b,k]==n} grad_out[b, k]
+  Scatter,          // out[b, n] = src[b, first] if n is replaced, else x[b, n]
+  ScatterBackward,  // grad_x[b, n] = 0 if n is replaced, else grad_out[b, n]
+};
+
+enum class RowSource : int {
+  Zero,   // write zeros
+  Self,   // copy row n of the [B, N, C] operand
+  First,  // copy row `first` of the [B, K, C] operand
+  Sum,    // add rows k >= first of the [B, K, C] operand with index[b, k] == n, in k order
+};
+
+TM_HOST_DEVICE RowSource row_source(RowMode mode, int32_t count) {
+  switch (mode) {
+    case RowMode::GatherBackward:
+      return count == 0 ? RowSource::Zero : (count == 1 ? RowSource::First : RowSource::Sum);
+    case RowMode::Scatter:
+      return count == 0 ? RowSource::Self : RowSource::First;
+    case RowMode::ScatterBackward:
+    default:
+      return count == 0 ? RowSource::Self : RowSource::Zero;
+  }
+}
+
+// topk_tokens' order: descending score, NaN above every number, ties (and NaNs) by lower position.
+// It is a strict total order on (score, position) pairs, so the CPU partial sort and the CUDA rank
+// count (rank = number of candidates that rank before this one) select the same tokens in the same
+// order.
+template <typename A>
+TM_HOST_DEVICE bool ranks_before(A sa, int64_t pa, A sb, int64_t pb) {
+  const bool a_nan = sa != sa;
+  const bool b_nan = sb != sb;
+  if (a_nan || b_nan) {
+    return (a_nan && b_nan) ? pa < pb : a_nan;
+  }
+  return sa > sb || (sa == sb && pa < pb);
+}
+
+// policy_softmax, one row i of logits l[0..N) with policy P[0..N):
+//   m = max_j l_j,  e_j = exp(l_j - m),  w_j = P_j (j != i), 1 (j == i),  a_j = e_j w_j,
+//   S = sum_j a_j,  D = S + eps,  out_j = (a_j + eps/N) / D.
+// Backward, with g = dL/dout:
+//   r = sum_j g_j out_j,  ga_j = (g_j - r) / D                    (dL/da_j)
+//   dl_j = ga_j a_j - [j == argmax] * sum_k ga_k a_k              (m is a function of l, as in the
+//                                                                   eager formula's torch.max)
+//   dP_j += ga_j e_j  for j != i                                   (w_ii = P + (1 - P) = 1)
+//   sum_k ga_k a_k = (sum_k g_k a_k - r S) / D.
+template <typename A>
+TM_HOST_DEVICE A policy_weight(A p, bool diagonal) {
+  return diagonal ? A(1) : p;
+}
+
+template <typename A>
+TM_HOST_DEVICE A policy_out(A a, A eps_over_n, A denom) {
+  return (a + eps_over_n) / denom;
+}
+
+template <typename A>
+TM_HOST_DEVICE A policy_grad_a(A g, A r, A denom) {
+  return (g - r) / denom;
+}
+
+// sum_k ga_k a_k from the row sums sum_g_a = sum_k g_k a_k and sum_a = S.
+template <typename A>
+TM_HOST_DEVICE A policy_max_grad(A sum_g_a, A r, A sum_a, A denom) {
+  return (sum_g_a - r * sum_a) / denom;
+}
+
+// Rows of one (b, h) slice handled by one backward task. Fixed (never derived from the thread
+// count), so the partial policy gradients, and their fixed-order sum, are the same on any machine.
+constexpr int64_t kPolicyRowsPerChunk = 32;
+
+}  // namespace gather
+}  // namespace tokenmix

@@ -1,0 +1,54 @@
+// The tokenmix extension module: operator schemas (TORCH_LIBRARY) and a minimal Python module
+// whose import loads this library, so the dispatcher registrations of every op family run.
+// Python needs no pybind11 casters: everything is reached through torch.ops.tokenmix.
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include "tokenmix/cpu_capability.h"
+
+TORCH_LIBRARY(tokenmix, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  // Sparse-token gather (DynamicViT), csrc/ops/gather.
+  m.def("gather_tokens(Tensor x, Tensor index) -> Tensor", tags);
+  m.def("gather_tokens_backward(Tensor grad, Tensor index, SymInt num_tokens) -> Tensor", tags);
+  m.def("scatter_tokens(Tensor x, Tensor index, Tensor src) -> Tensor", tags);
+  m.def("scatter_tokens_backward(Tensor grad, Tensor index) -> (Tensor, Tensor)", tags);
+  m.def("topk_tokens(Tensor x, Tensor score, int k, *, int keep_first=0) -> (Tensor, Tensor)",
+        tags);
+  m.def("policy_softmax(Tensor logits, Tensor policy, float eps=1e-06) -> Tensor", tags);
+  m.def(
+      "policy_softmax_backward(Tensor grad, Tensor logits, Tensor policy, float eps) "
+      "-> (Tensor, Tensor)",
+      tags);
+}
+
+#ifndef TOKENMIX_CUDA_ARCHS
+#define TOKENMIX_CUDA_ARCHS ""
+#endif
+#ifndef TOKENMIX_VERSION
+#define TOKENMIX_VERSION "0.0.0"
+#endif
+
+static struct PyModuleDef tokenmix_module = {PyModuleDef_HEAD_INIT, "_C",
+                                             "tokenmix compiled operators", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&tokenmix_module);
+  if (mod == nullptr) {
+    return nullptr;
+  }
+#if defined(TOKENMIX_WITH_CUDA)
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(mod, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddStringConstant(mod, "cuda_archs", TOKENMIX_CUDA_ARCHS) < 0 ||
+      PyModule_AddStringConstant(mod, "version", TOKENMIX_VERSION) < 0 ||
+      PyModule_AddStringConstant(mod, "cpu_capability", tokenmix::cpu_capability_name()) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}

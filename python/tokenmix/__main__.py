@@ -1,0 +1,87 @@
+"""Command line: ``python -m tokenmix info | bench | demo``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+import tokenmix
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def cmd_info(_args=None) -> int:
+    i = tokenmix.info()
+    build = "CPU + CUDA" if i["cuda_compiled"] else "CPU only"
+    print(f"tokenmix {i['tokenmix']}  ({build} build)")
+    print(f"torch    {i['torch']}  (CUDA {i['torch_cuda'] or 'none'})")
+    print(f"cpu      kernels: {i['cpu_capability']}")
+    if i["cuda_compiled"]:
+        print(f"cuda     archs: {', '.join('sm_' + a for a in i['cuda_archs'])}; "
+              f"device: {i['cuda_device'] or 'none visible'}")
+    else:
+        print("cuda     not compiled (rebuild with a CUDA build of torch and nvcc, TOKENMIX_CUDA=ON)")
+    print(f"\n{'op':<18}{'family':<10}{'cpu':<6}{'cuda':<6}{'backward':<9}")
+    for op, d in i["ops"].items():
+        yes = lambda b: "yes" if b else "-"  # noqa: E731
+        print(f"{op:<18}{d['family']:<10}{yes(d['cpu']):<6}{yes(d['cuda']):<6}{yes(d['autograd']):<9}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from tokenmix import bench
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not tokenmix.info()["cuda_compiled"]:
+        print("this tokenmix build has no CUDA kernels", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    cases = bench.select_cases(args.ops, device.type)
+    result = bench.run(cases, device, dtype, reps=args.reps, compile_ref=not args.no_compile,
+                       progress=not args.quiet)
+    print(bench.format_table(result))
+    if args.out:
+        bench.write_json(result, args.out)
+        png = os.path.splitext(args.out)[0] + ".png"
+        wrote = bench.write_chart(result, png)
+        print(f"\nwrote {args.out}" + (f" and {png}" if wrote else " (no chart: matplotlib missing)"))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    cmd_info()
+    device = "cuda" if torch.cuda.is_available() and tokenmix.info()["cuda_compiled"] else "cpu"
+    print(f"\nquick benchmark on {device} (fused vs eager vs torch.compile, median of {args.reps} runs):")
+    ns = argparse.Namespace(device=device, dtype="float32", ops=[], reps=args.reps, out=None,
+                            no_compile=args.no_compile, quiet=False)
+    return cmd_bench(ns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokenmix", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="version, torch, compiled backends and per-op kernels")
+    b = sub.add_parser("bench", help="fused vs eager vs torch.compile(eager) at backbone shapes")
+    b.add_argument("ops", nargs="*", help="ops or families to run (default: all)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    b.add_argument("--reps", type=int, default=40, help="timed rounds per variant")
+    b.add_argument("--out", help="write JSON here (and a PNG chart beside it)")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = sub.add_parser("demo", help="info, then a quick bench of every op (what `make demo` runs)")
+    d.add_argument("--reps", type=int, default=15)
+    d.add_argument("--no-compile", action="store_true")
+    args = p.parse_args(argv)
+    return {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Benchmark harness: fused op vs eager reference vs torch.compile(reference), in one process.
+
+Every case is timed forward (under no_grad) and forward+backward. The variants of a case run
+interleaved, round after round, and each reports its median, so slow drifts of the machine hit all
+variants alike; ratios measured in one run are what we compare across machines. Memory-bound
+cases also report achieved GB/s against a plain tensor copy of the same bytes timed in that run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+import tokenmix
+
+
+@dataclass
+class Case:
+    """One benchmarked shape of one op.
+
+    make(device, dtype) returns (inputs, tensors_needing_grad); fused/eager take *inputs and return
+    a tensor (or a tuple whose first element is differentiated). bytes_fwd / bytes_bwd: the
+    minimum memory traffic of each pass, for the bandwidth figure (0 = not memory-bound).
+    """
+
+    op: str
+    name: str
+    make: Callable[[torch.device, torch.dtype], tuple[list, list]]
+    fused: Callable
+    eager: Callable
+    bytes_fwd: Callable[[torch.dtype], int] = lambda dt: 0
+    bytes_bwd: Callable[[torch.dtype], int] = lambda dt: 0
+    backward: bool = True
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    mode: str  # "fwd" or "fwd+bwd"
+    fused_ms: float
+    eager_ms: float
+    compiled_ms: float | None
+    speedup_vs_eager: float
+    speedup_vs_compiled: float | None
+    max_abs_err: float
+    gbps: float | None = None
+    pct_of_copy: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timer(fn: Callable, device: torch.device) -> float:
+    """Seconds for one call (CUDA: events on the current stream)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(fns: dict[str, Callable], device: torch.device, reps: int,
+                     warmup: int = 3, inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn; one call of each per round, rounds interleaved.
+    `inner` calls are timed together (per-call time reported) when one call is too short to time."""
+    def many(f):
+        def run():
+            for _ in range(inner):
+                f()
+        return run
+
+    loops = {k: many(f) for k, f in fns.items()}
+    for _ in range(warmup):
+        for f in loops.values():
+            f()
+    _sync(device)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in loops.items():
+            samples[k].append(_timer(f, device) / inner)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, reps: int) -> float:
+    """GB/s of dst.copy_(src) over nbytes (read + write counted), in this process."""
+    n = max(1, nbytes // 2)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    inner = 1 if device.type == "cuda" or n > (1 << 22) else 8
+    t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, reps, inner=inner)["copy"]
+    return 2 * n / t / 1e9
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = max(1, total), 0, enabled and total > 0
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 28
+        filled = int(width * self.done / self.total)
+        elapsed = time.perf_counter() - self.t0
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{elapsed:5.0f}s {label[:48]:<48}")
+        sys.stderr.flush()
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+
+
+def _max_err(fused_out, exact_out) -> float:
+    f, e = _first(fused_out), _first(exact_out)
+    return (f.double() - e.double().to(f.device)).abs().max().item() if f.numel() else 0.0
+
+
+def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
+             compile_ref: bool, copy_gbps: float | None) -> list[Row]:
+    inputs, needs_grad = case.make(device, dtype)
+    exact_inputs = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                    for t in inputs]
+    with torch.no_grad():
+        err = _max_err(case.fused(*inputs), case.eager(*exact_inputs))
+    variants = {"fused": case.fused, "eager": case.eager}
+    if compile_ref:
+        variants["compiled"] = torch.compile(case.eager, dynamic=False)
+
+    rows = []
+    inner = 1 if device.type == "cuda" else 3
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+        return run
+
+    t = time_interleaved({k: fwd(f) for k, f in variants.items()}, device, reps, inner=inner)
+    rows.append(_row(case, "fwd", t, err, case.bytes_fwd(dtype), copy_gbps))
+    if case.backward:
+        grad_inputs = [t.detach().requires_grad_() if any(t is n for n in needs_grad) else t
+                       for t in inputs]
+        leaves = [t for t in grad_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        out = _first(case.eager(*grad_inputs))
+        grad_out = torch.randn_like(out)
+
+        def fwd_bwd(fn):
+            def run():
+                o = _first(fn(*grad_inputs))
+                torch.autograd.backward(o, grad_out, inputs=leaves)
+            return run
+
+        t = time_interleaved({k: fwd_bwd(f) for k, f in variants.items()}, device, reps, inner=inner)
+        nbytes = case.bytes_fwd(dtype) + case.bytes_bwd(dtype)
+        rows.append(_row(case, "fwd+bwd", t, err, nbytes, copy_gbps))
+    return rows
+
+
+def _row(case: Case, mode: str, t: dict[str, float], err: float, nbytes: int,
+         copy_gbps: float | None) -> Row:
+    compiled = t.get("compiled")
+    row = Row(op=case.op, case=case.name, mode=mode, fused_ms=t["fused"] * 1e3,
+              eager_ms=t["eager"] * 1e3, compiled_ms=compiled * 1e3 if compiled else None,
+              speedup_vs_eager=t["eager"] / t["fused"],
+              speedup_vs_compiled=compiled / t["fused"] if compiled else None, max_abs_err=err)
+    if nbytes and copy_gbps:
+        row.gbps = nbytes / t["fused"] / 1e9
+        row.pct_of_copy = 100.0 * row.gbps / copy_gbps
+    return row
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_commit() -> str | None:
+    try:
+        root = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: int = 30,
+        compile_ref: bool = True, progress: bool = True) -> dict:
+    """Run every case; return the JSON-ready result (metadata + rows)."""
+    rows: list[Row] = []
+    biggest = max([c.bytes_fwd(dtype) + c.bytes_bwd(dtype) for c in cases] + [0])
+    copy_gbps = copy_bandwidth(max(biggest, 1 << 20), device, max(5, reps // 2)) if biggest else None
+    bar = Progress(len(cases), progress)
+    for case in cases:
+        rows.extend(run_case(case, device, dtype, reps, compile_ref, copy_gbps))
+        bar.step(f"{case.op} {case.name}")
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "torch": torch.__version__,
+        "tokenmix": tokenmix.__version__,
+        "cpu_capability": tokenmix.info()["cpu_capability"],
+        "commit": git_commit(),
+        "date": _dt.date.today().isoformat(),
+        "reps": reps,
+        "copy_gbps": copy_gbps,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_table(result: dict) -> str:
+    head = (f"{'op':<16}{'case':<26}{'pass':<9}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}"
+            f"{'x eager':>9}{'x compile':>10}{'GB/s':>8}{'% copy':>8}{'max err':>10}")
+    lines = [f"device: {result['device']} ({result['device_type']}, {result['dtype']}, "
+             f"torch {result['torch']}, tokenmix {result['tokenmix']}, commit {result['commit']})",
+             head, "-" * len(head)]
+    for r in result["rows"]:
+        comp = f"{r['compiled_ms']:.3f}" if r["compiled_ms"] else "-"
+        xcomp = f"{r['speedup_vs_compiled']:.2f}" if r["speedup_vs_compiled"] else "-"
+        gbps = f"{r['gbps']:.1f}" if r["gbps"] else "-"
+        pct = f"{r['pct_of_copy']:.0f}%" if r["pct_of_copy"] else "-"
+        lines.append(f"{r['op']:<16}{r['case']:<26}{r['mode']:<9}{r['fused_ms']:>10.3f}"
+                     f"{r['eager_ms']:>10.3f}{comp:>11}{r['speedup_vs_eager']:>9.2f}{xcomp:>10}"
+                     f"{gbps:>8}{pct:>8}{r['max_abs_err']:>10.1e}")
+    if result.get("copy_gbps"):
+        lines.append(f"copy bandwidth measured in this run: {result['copy_gbps']:.1f} GB/s")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+
+def write_chart(result: dict, path: str) -> bool:
+    """Speedup bars per case and pass; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["rows"]
+    labels = [f"{r['op']}\n{r['case']}\n{r['mode']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
+    w = 0.4
+    ax.bar([i - w / 2 for i in x], [r["speedup_vs_eager"] for r in rows], w, label="vs eager")
+    ax.bar([i + w / 2 for i in x], [r["speedup_vs_compiled"] or 0 for r in rows], w,
+           label="vs torch.compile(eager)")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("speedup of the fused op (x)")
+    ax.set_title(f"tokenmix {result['tokenmix']} on {result['device']} ({result['dtype']}), "
+                 f"{result['date']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

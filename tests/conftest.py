@@ -1,0 +1,153 @@
+"""Shared test harness: devices, dtypes, tolerances and the checks every op family reuses.
+
+Accuracy rule (DESIGN.md): a fused op is compared with its eager oracle *and* with the oracle run in
+fp64. Its error against fp64 may be at most TOL_FACTOR times what the eager oracle itself loses in
+the same dtype, with a floor (atol + rtol * max|exact|) for cases where eager is exact by luck.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import pytest
+import torch
+
+import tokenmix  # noqa: F401  (registers the ops)
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda,
+                                           pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]),
+]
+
+# Per device: the dtypes every op supports there (API.md).
+DTYPES = {
+    "cpu": [torch.float32, torch.bfloat16, torch.float64],
+    "cuda": [torch.float32, torch.float16, torch.bfloat16],
+}
+
+# (rtol, atol) floors per dtype, and how much worse than eager a fused op may be.
+TOL_FLOOR = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-6, 1e-6),
+    torch.float16: (2e-3, 1e-4),
+    torch.bfloat16: (1.6e-2, 1e-3),
+}
+TOL_FACTOR = 2.0
+
+
+def device_dtype_params() -> list:
+    """(device, dtype) pairs: every supported dtype on every device, CUDA ones marked."""
+    out = []
+    for dev in DEVICES:
+        name = dev.values[0]
+        for dt in DTYPES[name]:
+            out.append(pytest.param(name, dt, id=f"{name}-{str(dt).split('.')[-1]}", marks=dev.marks))
+    return out
+
+
+def assert_close_to_exact(actual: torch.Tensor, eager: torch.Tensor | None, exact: torch.Tensor,
+                          dtype: torch.dtype, what: str) -> None:
+    """|actual - exact| <= max(TOL_FACTOR * |eager - exact|, floor), elementwise maxima."""
+    assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    exact = exact.double().cpu()
+    err = (actual.double().cpu() - exact).abs().nan_to_num(nan=float("inf")).max().item() if exact.numel() else 0.0
+    rtol, atol = TOL_FLOOR[dtype]
+    scale = exact.abs().max().item() if exact.numel() else 0.0
+    bound = atol + rtol * scale
+    eager_err = None
+    if eager is not None and exact.numel():
+        eager_err = (eager.double().cpu() - exact).abs().max().item()
+        bound = max(bound, TOL_FACTOR * eager_err)
+    assert err <= bound, f"{what} ({dtype}): max error {err:.3e} > bound {bound:.3e} (eager error {eager_err})"
+
+
+def _clone_inputs(inputs: Sequence, dtype: torch.dtype | None, requires_grad: bool) -> list:
+    out = []
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            u = t.detach().to(dtype) if dtype is not None else t.detach().clone()
+            out.append(u.requires_grad_(requires_grad))
+        else:
+            out.append(t)
+    return out
+
+
+def _run(fn: Callable, inputs: list, grad_outs: list | None):
+    outs = fn(*inputs)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    float_outs = [o for o in outs if o.is_floating_point()]
+    grads = []
+    diff_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if grad_outs is not None and diff_inputs:
+        gos = [g.to(o.dtype) for g, o in zip(grad_outs, float_outs)]
+        grads = torch.autograd.grad(float_outs, diff_inputs, gos, allow_unused=True)
+    return outs, list(grads)
+
+
+def check_against_oracle(fused: Callable, oracle: Callable, inputs: Sequence, dtype: torch.dtype,
+                         seed: int = 0) -> None:
+    """Forward outputs and the gradient of every floating input of `fused` (run in `dtype`) vs
+    the oracle run in `dtype` (eager) and in fp64 (exact). Integer outputs must match exactly."""
+    exact_in = _clone_inputs(inputs, torch.float64, True)
+    exact_outs, _ = _run(oracle, exact_in, None)
+    gen = torch.Generator().manual_seed(seed)
+    grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)
+                 for o in exact_outs if o.is_floating_point()]
+    exact_outs, exact_grads = _run(oracle, _clone_inputs(inputs, torch.float64, True), grad_outs)
+    eager_outs, eager_grads = _run(oracle, _clone_inputs(inputs, dtype, True), grad_outs)
+    fused_outs, fused_grads = _run(fused, _clone_inputs(inputs, dtype, True), grad_outs)
+    assert len(fused_outs) == len(exact_outs)
+    for i, (f, e, x) in enumerate(zip(fused_outs, eager_outs, exact_outs)):
+        if x.is_floating_point():
+            assert f.dtype == dtype, f"output {i}: dtype {f.dtype} != {dtype}"
+            assert_close_to_exact(f, e, x, dtype, f"output {i}")
+        else:
+            assert f.dtype == x.dtype and torch.equal(f.cpu(), x.cpu()), f"output {i} differs"
+    for i, (f, e, x) in enumerate(zip(fused_grads, eager_grads, exact_grads)):
+        if x is None:
+            assert f is None or not f.abs().any(), f"grad {i}: fused has a gradient the oracle lacks"
+            continue
+        assert f is not None, f"grad {i}: missing"
+        assert f.dtype == dtype, f"grad {i}: dtype {f.dtype} != {dtype}"
+        assert_close_to_exact(f, e, x, dtype, f"grad of input {i}")
+
+
+def check_gradcheck(fn: Callable, inputs: Sequence) -> None:
+    """fp64 torch.autograd.gradcheck on every floating input."""
+    ins = _clone_inputs(inputs, torch.float64, True)
+    assert torch.autograd.gradcheck(fn, tuple(ins), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=False)
+
+
+def check_opcheck(op, args: Sequence, kwargs: dict | None = None) -> None:
+    """torch.library.opcheck: schema, autograd registration, fake tensor, AOT dispatch."""
+    torch.library.opcheck(op, tuple(args), kwargs or {}, raise_exception=True)
+
+
+def check_compiles(fn: Callable, inputs: Sequence, backend: str = "aot_eager") -> None:
+    """torch.compile(fullgraph=True) traces fn with no graph break and matches eager, forward and
+    backward."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    a = _clone_inputs(inputs, None, True)
+    b = _clone_inputs(inputs, None, True)
+    out_e = fn(*a)
+    out_c = compiled(*b)
+    out_e = list(out_e) if isinstance(out_e, (tuple, list)) else [out_e]
+    out_c = list(out_c) if isinstance(out_c, (tuple, list)) else [out_c]
+    for e, c in zip(out_e, out_c):
+        torch.testing.assert_close(c, e)
+    fe = [o for o in out_e if o.is_floating_point()]
+    fc = [o for o in out_c if o.is_floating_point()]
+    sum(o.float().sum() for o in fe).backward()
+    sum(o.float().sum() for o in fc).backward()
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            torch.testing.assert_close(y.grad, x.grad)
+
+
+def check_raises(exc: type, match: str, fn: Callable, *args, **kwargs) -> None:
+    """fn(*args) raises `exc` whose message contains `match` (the argument's name)."""
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)

@@ -1,0 +1,33 @@
+"""Small sample inputs per op, shared by test_opcheck.py and test_compile.py. Each later op family
+adds its entries here."""
+from __future__ import annotations
+
+import torch
+
+
+def _tokens(B, N, C, device, dtype, gen):
+    return torch.randn(B, N, C, generator=gen, dtype=dtype).to(device)
+
+
+def gather_samples(device: str, dtype: torch.dtype = torch.float32):
+    """(name, op, args, kwargs) for every op of the gather family."""
+    gen = torch.Generator().manual_seed(0)
+    B, N, C, K = 3, 11, 8, 5
+    x = _tokens(B, N, C, device, dtype, gen)
+    dup = torch.randint(0, N, (B, K), generator=gen).to(device)
+    uniq = torch.stack([torch.randperm(N, generator=gen)[:K] for _ in range(B)]).to(device)
+    src = _tokens(B, K, C, device, dtype, gen)
+    score = torch.randn(B, N - 1, generator=gen, dtype=dtype).to(device)
+    logits = torch.randn(B, 2, N, N, generator=gen, dtype=dtype).to(device)
+    policy = torch.rand(B, N, generator=gen, dtype=dtype).to(device)
+    ops = torch.ops.tokenmix
+    return [
+        ("gather_tokens", ops.gather_tokens.default, (x, dup), {}),
+        ("scatter_tokens", ops.scatter_tokens.default, (x, uniq, src), {}),
+        ("topk_tokens", ops.topk_tokens.default, (x, score, 4), {"keep_first": 1}),
+        ("policy_softmax", ops.policy_softmax.default, (logits, policy, 1e-6), {}),
+    ]
+
+
+def all_samples(device: str, dtype: torch.dtype = torch.float32):
+    return gather_samples(device, dtype)

@@ -1,0 +1,17 @@
+"""torch.library.opcheck on every op: schema, autograd registration, fake kernel, AOT dispatch."""
+import pytest
+import torch
+
+from conftest import DEVICES, check_opcheck
+from samples import all_samples
+
+CASES = [(name, i) for i, (name, *_ ) in enumerate(all_samples("cpu"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,i", CASES, ids=[c[0] for c in CASES])
+def test_opcheck(device, name, i):
+    _, op, args, kwargs = all_samples(device)[i]
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    check_opcheck(op, args, kwargs)
