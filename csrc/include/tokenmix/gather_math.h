@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "tokenmix/macros.h"
 
@@ -42,18 +43,31 @@ TM_HOST_DEVICE RowSource row_source(RowMode mode, int32_t count) {
   }
 }
 
-// topk_tokens' order: descending score, NaN above every number, ties (and NaNs) by lower position.
-// It is a strict total order on (score, position) pairs, so the CPU partial sort and the CUDA rank
-// count (rank = number of candidates that rank before this one) select the same tokens in the same
-// order.
-template <typename A>
-TM_HOST_DEVICE bool ranks_before(A sa, int64_t pa, A sb, int64_t pb) {
-  const bool a_nan = sa != sa;
-  const bool b_nan = sb != sb;
-  if (a_nan || b_nan) {
-    return (a_nan && b_nan) ? pa < pb : a_nan;
+// topk_tokens' order: descending score, NaN above every number, ties (and NaNs, and -0 with +0)
+// by lower position. rank_key() maps a score to an integer whose ascending order is that order,
+// so (key, position) pairs compare as plain integers: a strict total order with which the CPU
+// partial sort and the CUDA rank count (rank = number of candidates ordered before this one)
+// select the same tokens in the same order. Every supported dtype converts to double exactly.
+TM_HOST_DEVICE uint64_t rank_key(double score) {
+  if (score != score) {
+    return 0;
   }
-  return sa > sb || (sa == sb && pa < pb);
+  if (score == 0.0) {
+    score = 0.0;
+  }
+#if defined(__CUDA_ARCH__)
+  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(score));
+#else
+  uint64_t bits;
+  std::memcpy(&bits, &score, sizeof(bits));
+#endif
+  constexpr uint64_t kSign = uint64_t{1} << 63;
+  const uint64_t ascending = (bits & kSign) ? ~bits : (bits | kSign);
+  return ~ascending;  // never 0: that would be the pattern of a NaN
+}
+
+TM_HOST_DEVICE bool ranks_before(uint64_t key_a, int64_t pos_a, uint64_t key_b, int64_t pos_b) {
+  return key_a < key_b || (key_a == key_b && pos_a < pos_b);
 }
 
 // policy_softmax, one row i of logits l[0..N) with policy P[0..N):

@@ -126,21 +126,25 @@ void topk_index(const at::Tensor& score, int64_t k, int64_t keep_first, at::Tens
   const int64_t B = score.size(0), M = score.size(1), L = keep_first + k;
   const int64_t sb = score.stride(0), sm = score.stride(1);
   int64_t* out = index.mutable_data_ptr<int64_t>();
+  struct Entry {
+    uint64_t key;
+    int64_t pos;
+    bool operator<(const Entry& o) const { return ranks_before(key, pos, o.key, o.pos); }
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, score.scalar_type(), "topk_index", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* s = score.const_data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> pos(M);
+      std::vector<Entry> entries(M);
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* row = s + b * sb;
-        std::iota(pos.begin(), pos.end(), int64_t{0});
-        std::partial_sort(pos.begin(), pos.begin() + k, pos.end(), [&](int64_t p, int64_t q) {
-          return ranks_before(static_cast<opmath_t>(row[p * sm]), p,
-                              static_cast<opmath_t>(row[q * sm]), q);
-        });
+        for (int64_t q = 0; q < M; ++q) {
+          entries[q] = {rank_key(static_cast<double>(row[q * sm])), q};
+        }
+        std::nth_element(entries.begin(), entries.begin() + k, entries.end());
+        std::sort(entries.begin(), entries.begin() + k);
         int64_t* o = out + b * L;
         for (int64_t t = 0; t < keep_first; ++t) o[t] = t;
-        for (int64_t t = 0; t < k; ++t) o[keep_first + t] = keep_first + pos[t];
+        for (int64_t t = 0; t < k; ++t) o[keep_first + t] = keep_first + entries[t].pos;
       }
     });
   });

@@ -225,7 +225,6 @@ __global__ void build_inverse_kernel(InverseParams p) {
 
 template <typename T>
 __global__ void topk_index_kernel(TopkParams p) {
-  using A = typename AccOf<T>::type;
   const T* score = static_cast<const T*>(p.score);
   const int64_t L = p.keep_first + p.k;
   for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
@@ -233,10 +232,10 @@ __global__ void topk_index_kernel(TopkParams p) {
     int64_t* out = p.index + b * L;
     for (int64_t t = threadIdx.x; t < p.keep_first; t += blockDim.x) out[t] = t;
     for (int64_t pos = threadIdx.x; pos < p.M; pos += blockDim.x) {
-      const A sp = to_acc(s[pos]);
+      const uint64_t key = rank_key(to_acc(s[pos]));
       int64_t rank = 0;
       for (int64_t q = 0; q < p.M && rank < p.k; ++q) {
-        rank += ranks_before(to_acc(s[q]), q, sp, pos) ? 1 : 0;
+        rank += ranks_before(rank_key(to_acc(s[q])), q, key, pos) ? 1 : 0;
       }
       if (rank < p.k) out[p.keep_first + rank] = p.keep_first + pos;
     }

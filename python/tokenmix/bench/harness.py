@@ -54,6 +54,7 @@ class Row:
     speedup_vs_compiled: float | None
     max_abs_err: float
     gbps: float | None = None
+    copy_gbps: float | None = None
     pct_of_copy: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -103,14 +104,12 @@ def time_interleaved(fns: dict[str, Callable], device: torch.device, reps: int,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def copy_bandwidth(nbytes: int, device: torch.device, reps: int) -> float:
-    """GB/s of dst.copy_(src) over nbytes (read + write counted), in this process."""
-    n = max(1, nbytes // 2)
-    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+def copy_of(nbytes: int, device: torch.device) -> Callable:
+    """A tensor copy moving nbytes (half read, half written): the bandwidth yardstick of a
+    memory-bound op with that much minimum traffic, timed beside it."""
+    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    inner = 1 if device.type == "cuda" or n > (1 << 22) else 8
-    t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, reps, inner=inner)["copy"]
-    return 2 * n / t / 1e9
+    return lambda: dst.copy_(src)
 
 
 class Progress:
@@ -140,7 +139,7 @@ def _max_err(fused_out, exact_out) -> float:
 
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
-             compile_ref: bool, copy_gbps: float | None) -> list[Row]:
+             compile_ref: bool) -> list[Row]:
     inputs, needs_grad = case.make(device, dtype)
     exact_inputs = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                     for t in inputs]
@@ -159,8 +158,13 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
                 fn(*inputs)
         return run
 
-    t = time_interleaved({k: fwd(f) for k, f in variants.items()}, device, reps, inner=inner)
-    rows.append(_row(case, "fwd", t, err, case.bytes_fwd(dtype), copy_gbps))
+    def timed(make_run, nbytes):
+        fns = {k: make_run(f) for k, f in variants.items()}
+        if nbytes:
+            fns["copy"] = copy_of(nbytes, device)
+        return time_interleaved(fns, device, reps, inner=inner)
+
+    rows.append(_row(case, "fwd", timed(fwd, case.bytes_fwd(dtype)), err, case.bytes_fwd(dtype)))
     if case.backward:
         grad_inputs = [t.detach().requires_grad_() if any(t is n for n in needs_grad) else t
                        for t in inputs]
@@ -174,22 +178,21 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
                 torch.autograd.backward(o, grad_out, inputs=leaves)
             return run
 
-        t = time_interleaved({k: fwd_bwd(f) for k, f in variants.items()}, device, reps, inner=inner)
         nbytes = case.bytes_fwd(dtype) + case.bytes_bwd(dtype)
-        rows.append(_row(case, "fwd+bwd", t, err, nbytes, copy_gbps))
+        rows.append(_row(case, "fwd+bwd", timed(fwd_bwd, nbytes), err, nbytes))
     return rows
 
 
-def _row(case: Case, mode: str, t: dict[str, float], err: float, nbytes: int,
-         copy_gbps: float | None) -> Row:
+def _row(case: Case, mode: str, t: dict[str, float], err: float, nbytes: int) -> Row:
     compiled = t.get("compiled")
     row = Row(op=case.op, case=case.name, mode=mode, fused_ms=t["fused"] * 1e3,
               eager_ms=t["eager"] * 1e3, compiled_ms=compiled * 1e3 if compiled else None,
               speedup_vs_eager=t["eager"] / t["fused"],
               speedup_vs_compiled=compiled / t["fused"] if compiled else None, max_abs_err=err)
-    if nbytes and copy_gbps:
+    if nbytes:
         row.gbps = nbytes / t["fused"] / 1e9
-        row.pct_of_copy = 100.0 * row.gbps / copy_gbps
+        row.copy_gbps = nbytes / t["copy"] / 1e9
+        row.pct_of_copy = 100.0 * t["copy"] / t["fused"]
     return row
 
 
@@ -224,11 +227,9 @@ def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: i
         compile_ref: bool = True, progress: bool = True) -> dict:
     """Run every case; return the JSON-ready result (metadata + rows)."""
     rows: list[Row] = []
-    biggest = max([c.bytes_fwd(dtype) + c.bytes_bwd(dtype) for c in cases] + [0])
-    copy_gbps = copy_bandwidth(max(biggest, 1 << 20), device, max(5, reps // 2)) if biggest else None
     bar = Progress(len(cases), progress)
     for case in cases:
-        rows.extend(run_case(case, device, dtype, reps, compile_ref, copy_gbps))
+        rows.extend(run_case(case, device, dtype, reps, compile_ref))
         bar.step(f"{case.op} {case.name}")
     return {
         "device": device_name(device),
@@ -241,13 +242,12 @@ def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: i
         "commit": git_commit(),
         "date": _dt.date.today().isoformat(),
         "reps": reps,
-        "copy_gbps": copy_gbps,
         "rows": [asdict(r) for r in rows],
     }
 
 
 def format_table(result: dict) -> str:
-    head = (f"{'op':<16}{'case':<26}{'pass':<9}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}"
+    head = (f"{'op':<16}{'case':<34}{'pass':<9}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}"
             f"{'x eager':>9}{'x compile':>10}{'GB/s':>8}{'% copy':>8}{'max err':>10}")
     lines = [f"device: {result['device']} ({result['device_type']}, {result['dtype']}, "
              f"torch {result['torch']}, tokenmix {result['tokenmix']}, commit {result['commit']})",
@@ -257,11 +257,11 @@ def format_table(result: dict) -> str:
         xcomp = f"{r['speedup_vs_compiled']:.2f}" if r["speedup_vs_compiled"] else "-"
         gbps = f"{r['gbps']:.1f}" if r["gbps"] else "-"
         pct = f"{r['pct_of_copy']:.0f}%" if r["pct_of_copy"] else "-"
-        lines.append(f"{r['op']:<16}{r['case']:<26}{r['mode']:<9}{r['fused_ms']:>10.3f}"
+        lines.append(f"{r['op']:<16}{r['case']:<34}{r['mode']:<9}{r['fused_ms']:>10.3f}"
                      f"{r['eager_ms']:>10.3f}{comp:>11}{r['speedup_vs_eager']:>9.2f}{xcomp:>10}"
                      f"{gbps:>8}{pct:>8}{r['max_abs_err']:>10.1e}")
-    if result.get("copy_gbps"):
-        lines.append(f"copy bandwidth measured in this run: {result['copy_gbps']:.1f} GB/s")
+    lines.append("GB/s: the op's minimum memory traffic over its time; % copy: that against a tensor "
+                 "copy of the same bytes timed in the same rounds.")
     return "\n".join(lines)
 
 
