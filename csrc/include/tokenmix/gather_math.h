@@ -14,7 +14,7 @@ namespace gather {
 //   count[b, n] = #{k : index[b, k] == n},  first[b, n] = min{k : index[b, k] == n}.
 // The CPU builds it with one serial pass per batch row, CUDA with atomicAdd/atomicMin; both are
 // order-independent, so the two maps are bit-identical and so is everything computed from them.
-// kNoEntry is the byte pattern 0x7f repeated, so a plain memset initialises `first`.
+// kNoEntry is larger than any valid k.
 constexpr int32_t kNoEntry = 0x7f7f7f7f;
 
 // How one output row [b, n, :] of a [B, N, C] result is produced from the inverse map.

@@ -97,9 +97,7 @@ struct CudaBackend {
   }
   static Inverse inverse(const at::Tensor& index, int64_t N) {
     const auto opts = index.options().dtype(at::kInt);
-    Inverse inv{at::zeros({index.size(0), N}, opts), at::empty({index.size(0), N}, opts)};
-    // 0x7f7f7f7f == kNoEntry in every int32 of `first`.
-    inv.first.view(at::kByte).fill_(0x7f);
+    Inverse inv{at::zeros({index.size(0), N}, opts), at::full({index.size(0), N}, kNoEntry, opts)};
     const InverseParams p{index.const_data_ptr<int64_t>(), inv.count.mutable_data_ptr<int32_t>(),
                           inv.first.mutable_data_ptr<int32_t>(), index.size(0), N, index.size(1)};
     check_launch(build_inverse_cuda(p, current_stream()), "build_inverse");
