@@ -43,3 +43,11 @@ def test_bench_rejects_unknown_op():
     proc = subprocess.run([sys.executable, "-m", "tokenmix", "bench", "no_such_op", "--reps", "1"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "unknown op" in proc.stderr
+
+
+def test_readme_performance_table_is_generated_from_results():
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "readme_table.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, "README.md's performance table is stale: run benchmarks/readme_table.py"

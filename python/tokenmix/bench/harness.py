@@ -281,7 +281,7 @@ def write_chart(result: dict, path: str) -> bool:
     except ImportError:
         return False
     rows = result["rows"]
-    labels = [f"{r['op']}\n{r['case']}\n{r['mode']}" for r in rows]
+    labels = [f"{r['op']}\n{r['mode']}" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
     w = 0.4
@@ -294,7 +294,9 @@ def write_chart(result: dict, path: str) -> bool:
     ax.set_title(f"tokenmix {result['tokenmix']} on {result['device']} ({result['dtype']}), "
                  f"{result['date']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    cases = sorted({f"{r['op']}: {r['case']}" for r in rows})
+    fig.text(0.01, 0.01, "; ".join(cases), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
