@@ -21,6 +21,21 @@ TORCH_LIBRARY(tokenmix, m) {
       "policy_softmax_backward(Tensor grad, Tensor logits, Tensor policy, float eps) "
       "-> (Tensor, Tensor)",
       tags);
+  // Windowed attention (Swin, GC ViT, HAT-Net), csrc/ops/window_attention. The public op returns
+  // the output; _fwd also returns the row log-sum-exp that backward recomputes P from.
+  m.def(
+      "window_attention(Tensor q, Tensor k, Tensor v, int[2] window_size, int[2] shift_size=[0, 0], "
+      "Tensor? bias_table=None, float? scale=None) -> Tensor",
+      tags);
+  m.def(
+      "window_attention_fwd(Tensor q, Tensor k, Tensor v, int[2] window_size, int[2] shift_size, "
+      "Tensor? bias_table, float? scale) -> (Tensor, Tensor)",
+      tags);
+  m.def(
+      "window_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor lse, "
+      "int[2] window_size, int[2] shift_size, Tensor? bias_table, float? scale) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      tags);
 }
 
 #ifndef TOKENMIX_CUDA_ARCHS

@@ -29,5 +29,18 @@ def gather_samples(device: str, dtype: torch.dtype = torch.float32):
     ]
 
 
+def window_attention_samples(device: str, dtype: torch.dtype = torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    B, H, W, heads, d = 2, 8, 8, 2, 8
+    q, k, v = (torch.randn(B, H, W, heads, d, generator=gen, dtype=dtype).to(device) for _ in range(3))
+    qg = torch.randn(B, 4, 4, heads, d, generator=gen, dtype=dtype).to(device)
+    table = torch.randn(49, heads, generator=gen, dtype=dtype).to(device)
+    op = torch.ops.tokenmix.window_attention.default
+    return [
+        ("window_attention_shifted", op, (q, k, v, [4, 4], [2, 2], table, None), {}),
+        ("window_attention_global_q", op, (qg, k, v, [4, 4], [0, 0], table, 0.3), {}),
+    ]
+
+
 def all_samples(device: str, dtype: torch.dtype = torch.float32):
-    return gather_samples(device, dtype)
+    return gather_samples(device, dtype) + window_attention_samples(device, dtype)

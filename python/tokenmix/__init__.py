@@ -21,6 +21,7 @@ OPS: dict[str, str] = {
     "scatter_tokens": "gather",
     "topk_tokens": "gather",
     "policy_softmax": "gather",
+    "window_attention": "window_attention",
 }
 
 

@@ -1,0 +1,375 @@
+// CPU kernels of windowed attention (Swin W-MSA / SW-MSA, GC ViT global query, HAT-Net local).
+//
+// Fuses roll + pad + window partition + scaled QK^T + relative position bias + region mask +
+// softmax + PV + window reverse + crop + reverse roll: one task per (image, window), heads inside,
+// tokens read from and written to their original map positions through window_math.h. Per head,
+// the window's Q (pre-scaled), K^T and V are gathered into small padded buffers in cache and every
+// product is a register-blocked vector x matrix loop (vec_mat). No [T, T] matrix leaves the task.
+// Forward saves the row log-sum-exp; backward recomputes P from it.
+//
+// Backward is deterministic: dq/dk/dv rows belong to exactly one window; the bias-table gradient
+// (and the global query's, summed over its image's windows) is accumulated per task in a fixed
+// order and the per-task partials are summed in task order. Tasks never depend on thread count.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "window_attention_cpu.h"
+
+namespace tokenmix {
+namespace window {
+namespace {
+
+template <typename A>
+using Vec = at::vec::Vectorized<A>;
+
+int64_t round_up(int64_t n, int64_t m) {
+  return (n + m - 1) / m * m;
+}
+
+// out[0, npad) = sum_{c < m} a[c] * M[c * ld + (0, npad)], npad a multiple of the vector width.
+template <typename A>
+void vec_mat(const A* a, int64_t m, const A* M, int64_t ld, int64_t npad, A* out) {
+  constexpr int64_t W = Vec<A>::size();
+  int64_t n0 = 0;
+  for (; n0 + 4 * W <= npad; n0 += 4 * W) {
+    Vec<A> acc0(A(0)), acc1(A(0)), acc2(A(0)), acc3(A(0));
+    for (int64_t c = 0; c < m; ++c) {
+      const Vec<A> va(a[c]);
+      const A* row = M + c * ld + n0;
+      acc0 = at::vec::fmadd(va, Vec<A>::loadu(row), acc0);
+      acc1 = at::vec::fmadd(va, Vec<A>::loadu(row + W), acc1);
+      acc2 = at::vec::fmadd(va, Vec<A>::loadu(row + 2 * W), acc2);
+      acc3 = at::vec::fmadd(va, Vec<A>::loadu(row + 3 * W), acc3);
+    }
+    acc0.store(out + n0);
+    acc1.store(out + n0 + W);
+    acc2.store(out + n0 + 2 * W);
+    acc3.store(out + n0 + 3 * W);
+  }
+  for (; n0 < npad; n0 += W) {
+    Vec<A> acc(A(0));
+    for (int64_t c = 0; c < m; ++c) {
+      acc = at::vec::fmadd(Vec<A>(a[c]), Vec<A>::loadu(M + c * ld + n0), acc);
+    }
+    acc.store(out + n0);
+  }
+}
+
+template <typename A>
+A vec_max(const A* x, int64_t npad) {
+  constexpr int64_t W = Vec<A>::size();
+  Vec<A> m(-std::numeric_limits<A>::infinity());
+  for (int64_t j = 0; j < npad; j += W) m = at::vec::maximum(m, Vec<A>::loadu(x + j));
+  return at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return at::vec::maximum(a, b); }, m);
+}
+
+// x[j] = exp(x[j] - shift); returns the sum.
+template <typename A>
+A vec_exp_sum(A* x, A shift, int64_t npad) {
+  constexpr int64_t W = Vec<A>::size();
+  const Vec<A> vs(shift);
+  Vec<A> acc(A(0));
+  for (int64_t j = 0; j < npad; j += W) {
+    const Vec<A> e = (Vec<A>::loadu(x + j) - vs).exp();
+    e.store(x + j);
+    acc = acc + e;
+  }
+  return at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return a + b; }, acc);
+}
+
+template <typename A>
+void vec_add(A* x, const A* y, int64_t npad) {
+  constexpr int64_t W = Vec<A>::size();
+  for (int64_t j = 0; j < npad; j += W) (Vec<A>::loadu(x + j) + Vec<A>::loadu(y + j)).store(x + j);
+}
+
+template <typename scalar_t, typename A>
+void load_row(const scalar_t* src, int64_t d, A mul, A* dst) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<A>(src[c]) * mul;
+}
+
+template <typename scalar_t, typename A>
+void store_row(const A* src, int64_t d, A mul, scalar_t* dst) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(src[c] * mul);
+}
+
+// Element offsets of a [B, H, W, heads, d] (or window-shaped) tensor with unit last stride.
+struct Strides {
+  int64_t b, y, x, h;
+  explicit Strides(const at::Tensor& t) : b(t.stride(0)), y(t.stride(1)), x(t.stride(2)), h(t.stride(3)) {}
+  int64_t at(int64_t bb, int64_t yy, int64_t xx, int64_t hh) const { return bb * b + yy * y + xx * x + hh * h; }
+};
+
+// Where the tokens of one window live: original coordinates, existence and Swin region.
+struct WindowTokens {
+  std::vector<int64_t> y, x;
+  std::vector<uint8_t> exists;
+  std::vector<int> region;
+  bool masked = false;  // some query/key pair is excluded (partial window or several regions)
+
+  void build(const Geometry& g, int64_t win) {
+    const int64_t T = g.tokens();
+    y.resize(T);
+    x.resize(T);
+    exists.resize(T);
+    region.resize(T);
+    masked = false;
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t sy, sx;
+      exists[t] = shifted_coords(g, win, t, &sy, &sx);
+      y[t] = exists[t] ? original_row(g, sy) : 0;
+      x[t] = exists[t] ? original_col(g, sx) : 0;
+      region[t] = exists[t] ? window::region(g, sy, sx) : -1;
+      masked = masked || !exists[t] || region[t] != region[0];
+    }
+  }
+};
+
+// Per-call constants: padded sizes, the relative index and each head's [T, Tpad] bias matrix.
+template <typename A>
+struct Setup {
+  int64_t T, Tpad, d, dpad, heads;
+  std::vector<int64_t> rel;  // [T * T]
+  std::vector<A> bias;       // [heads, T, Tpad], zero when there is no table
+};
+
+template <typename scalar_t, typename A>
+Setup<A> make_setup(const Problem& p) {
+  const Geometry& g = p.geo;
+  constexpr int64_t W = Vec<A>::size();
+  Setup<A> s;
+  s.T = g.tokens();
+  s.Tpad = round_up(s.T, W);
+  s.heads = p.k.size(3);
+  s.d = p.k.size(4);
+  s.dpad = round_up(s.d, W);
+  s.rel.resize(s.T * s.T);
+  for (int64_t i = 0; i < s.T; ++i)
+    for (int64_t j = 0; j < s.T; ++j) s.rel[i * s.T + j] = relative_index(g, i, j);
+  s.bias.assign(s.heads * s.T * s.Tpad, A(0));
+  if (p.bias_table.defined()) {
+    const at::Tensor table = p.bias_table.contiguous();
+    const scalar_t* tb = table.const_data_ptr<scalar_t>();
+    for (int64_t h = 0; h < s.heads; ++h)
+      for (int64_t i = 0; i < s.T; ++i)
+        for (int64_t j = 0; j < s.T; ++j)
+          s.bias[(h * s.T + i) * s.Tpad + j] = static_cast<A>(tb[s.rel[i * s.T + j] * s.heads + h]);
+  }
+  return s;
+}
+
+// Scores of query row i against every key of the window: row[j] = q_i . k_j + bias, -inf at
+// masked keys and at the padding j >= T.
+template <typename A>
+void score_row(const Setup<A>& s, const WindowTokens& w, int64_t h, int64_t i, const A* Qs,
+               const A* Kt, A* row) {
+  vec_mat(Qs + i * s.dpad, s.d, Kt, s.Tpad, s.Tpad, row);
+  vec_add(row, s.bias.data() + (h * s.T + i) * s.Tpad, s.Tpad);
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  if (w.masked) {
+    for (int64_t j = 0; j < s.T; ++j) {
+      if (!w.exists[j] || w.region[j] != w.region[i]) row[j] = kNegInf;
+    }
+  }
+  for (int64_t j = s.T; j < s.Tpad; ++j) row[j] = kNegInf;
+}
+
+// The window's operands of one head in task-local buffers: Qs = scale * q [T, dpad],
+// Kt = k^T [d, Tpad], V [T, dpad]; when `for_backward`, also K [T, dpad] and Vt [d, Tpad].
+// Missing tokens (partial windows) and paddings are zeros.
+template <typename scalar_t, typename A>
+struct Operands {
+  std::vector<A> Qs, Kt, V, K, Vt;
+
+  void gather(const Problem& p, const Setup<A>& s, const WindowTokens& w, int64_t b, int64_t h,
+              bool for_backward) {
+    const Strides sq(p.q), sk(p.k), sv(p.v);
+    const scalar_t* q = p.q.const_data_ptr<scalar_t>();
+    const scalar_t* k = p.k.const_data_ptr<scalar_t>();
+    const scalar_t* v = p.v.const_data_ptr<scalar_t>();
+    const A scale = static_cast<A>(p.scale);
+    Qs.assign(s.T * s.dpad, A(0));
+    Kt.assign(s.d * s.Tpad, A(0));
+    V.assign(s.T * s.dpad, A(0));
+    if (for_backward) {
+      K.assign(s.T * s.dpad, A(0));
+      Vt.assign(s.d * s.Tpad, A(0));
+    }
+    const int64_t ww = p.geo.ww;
+    for (int64_t t = 0; t < s.T; ++t) {
+      if (p.global_q) {
+        load_row(q + sq.at(b, t / ww, t % ww, h), s.d, scale, Qs.data() + t * s.dpad);
+      }
+      if (!w.exists[t]) continue;
+      if (!p.global_q) {
+        load_row(q + sq.at(b, w.y[t], w.x[t], h), s.d, scale, Qs.data() + t * s.dpad);
+      }
+      const scalar_t* kr = k + sk.at(b, w.y[t], w.x[t], h);
+      const scalar_t* vr = v + sv.at(b, w.y[t], w.x[t], h);
+      load_row(vr, s.d, A(1), V.data() + t * s.dpad);
+      for (int64_t c = 0; c < s.d; ++c) Kt[c * s.Tpad + t] = static_cast<A>(kr[c]);
+      if (for_backward) {
+        load_row(kr, s.d, A(1), K.data() + t * s.dpad);
+        for (int64_t c = 0; c < s.d; ++c) Vt[c * s.Tpad + t] = static_cast<A>(vr[c]);
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+void forward_typed(const Problem& p, at::Tensor& out, at::Tensor& lse_t) {
+  using A = at::opmath_type<scalar_t>;
+  const Geometry& g = p.geo;
+  const Setup<A> s = make_setup<scalar_t, A>(p);
+  const int64_t B = p.k.size(0), nW = g.windows();
+  const Strides so(out);
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  A* lse = lse_t.mutable_data_ptr<A>();
+  at::parallel_for(0, B * nW, 1, [&](int64_t begin, int64_t end) {
+    WindowTokens w;
+    Operands<scalar_t, A> ops;
+    std::vector<A> row(s.Tpad), acc(s.dpad);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nW, win = task % nW;
+      w.build(g, win);
+      for (int64_t h = 0; h < s.heads; ++h) {
+        ops.gather(p, s, w, b, h, false);
+        for (int64_t i = 0; i < s.T; ++i) {
+          if (!w.exists[i]) continue;
+          score_row(s, w, h, i, ops.Qs.data(), ops.Kt.data(), row.data());
+          const A m = vec_max(row.data(), s.Tpad);
+          const A sum = vec_exp_sum(row.data(), m, s.Tpad);
+          vec_mat(row.data(), s.T, ops.V.data(), s.dpad, s.dpad, acc.data());
+          store_row(acc.data(), s.d, A(1) / sum, o + so.at(b, w.y[i], w.x[i], h));
+          lse[(task * s.T + i) * s.heads + h] = m + std::log(sum);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& lse_t,
+                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
+  using A = at::opmath_type<scalar_t>;
+  const Geometry& g = p.geo;
+  const Setup<A> s = make_setup<scalar_t, A>(p);
+  const int64_t B = p.k.size(0), nW = g.windows(), table = g.table_size();
+  // A task is one window, or, for a global query, all windows of one image (its gradient is a
+  // sum over them, accumulated in window order inside the task).
+  const int64_t per_task = p.global_q ? nW : 1;
+  const int64_t tasks = B * nW / per_task;
+  const bool has_bias = p.bias_table.defined();
+  std::vector<A> dbias_part(has_bias ? tasks * s.heads * table : 0, A(0));
+  const Strides sg(grad), sq(dq), sk(dk), sv(dv);
+  const scalar_t* go = grad.const_data_ptr<scalar_t>();
+  const A* lse = lse_t.const_data_ptr<A>();
+  scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
+  scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
+  scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
+  const A scale = static_cast<A>(p.scale);
+
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    WindowTokens w;
+    Operands<scalar_t, A> ops;
+    std::vector<A> dO(s.T * s.dpad), P(s.Tpad), dP(s.Tpad), Pt(s.T * s.Tpad), dSt(s.T * s.Tpad);
+    std::vector<A> acc(s.dpad), dq_global;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task * per_task / nW;
+      if (p.global_q) dq_global.assign(s.heads * s.T * s.dpad, A(0));
+      for (int64_t win = task * per_task % nW, n = 0; n < per_task; ++n, ++win) {
+        w.build(g, win);
+        const int64_t lse_base = (b * nW + win) * s.T;
+        for (int64_t h = 0; h < s.heads; ++h) {
+          ops.gather(p, s, w, b, h, true);
+          std::fill(dO.begin(), dO.end(), A(0));
+          std::fill(Pt.begin(), Pt.end(), A(0));
+          std::fill(dSt.begin(), dSt.end(), A(0));
+          for (int64_t i = 0; i < s.T; ++i) {
+            if (w.exists[i]) load_row(go + sg.at(b, w.y[i], w.x[i], h), s.d, A(1), dO.data() + i * s.dpad);
+          }
+          A* db = has_bias ? dbias_part.data() + (task * s.heads + h) * table : nullptr;
+          for (int64_t i = 0; i < s.T; ++i) {
+            if (!w.exists[i]) continue;
+            score_row(s, w, h, i, ops.Qs.data(), ops.Kt.data(), P.data());
+            vec_exp_sum(P.data(), lse[(lse_base + i) * s.heads + h], s.Tpad);
+            vec_mat(dO.data() + i * s.dpad, s.d, ops.Vt.data(), s.Tpad, s.Tpad, dP.data());
+            A D(0);
+            for (int64_t j = 0; j < s.T; ++j) D += P[j] * dP[j];
+            for (int64_t j = 0; j < s.T; ++j) {
+              dP[j] = P[j] * (dP[j] - D);  // dS
+              Pt[j * s.Tpad + i] = P[j];
+              dSt[j * s.Tpad + i] = dP[j];
+            }
+            for (int64_t j = s.T; j < s.Tpad; ++j) dP[j] = A(0);
+            if (db != nullptr) {
+              const int64_t* rel = s.rel.data() + i * s.T;
+              for (int64_t j = 0; j < s.T; ++j) db[rel[j]] += dP[j];
+            }
+            vec_mat(dP.data(), s.T, ops.K.data(), s.dpad, s.dpad, acc.data());
+            if (p.global_q) {
+              A* gq = dq_global.data() + (h * s.T + i) * s.dpad;
+              for (int64_t c = 0; c < s.d; ++c) gq[c] += acc[c];
+            } else {
+              store_row(acc.data(), s.d, scale, dqp + sq.at(b, w.y[i], w.x[i], h));
+            }
+          }
+          for (int64_t j = 0; j < s.T; ++j) {
+            if (!w.exists[j]) continue;
+            vec_mat(Pt.data() + j * s.Tpad, s.T, dO.data(), s.dpad, s.dpad, acc.data());
+            store_row(acc.data(), s.d, A(1), dvp + sv.at(b, w.y[j], w.x[j], h));
+            vec_mat(dSt.data() + j * s.Tpad, s.T, ops.Qs.data(), s.dpad, s.dpad, acc.data());
+            store_row(acc.data(), s.d, A(1), dkp + sk.at(b, w.y[j], w.x[j], h));
+          }
+        }
+      }
+      if (p.global_q) {
+        for (int64_t h = 0; h < s.heads; ++h)
+          for (int64_t t = 0; t < s.T; ++t)
+            store_row(dq_global.data() + (h * s.T + t) * s.dpad, s.d, scale,
+                      dqp + sq.at(b, t / g.ww, t % g.ww, h));
+      }
+    }
+  });
+
+  if (has_bias) {
+    scalar_t* out = dbias.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < table; ++r) {
+      for (int64_t h = 0; h < s.heads; ++h) {
+        A sum(0);
+        for (int64_t t = 0; t < tasks; ++t) sum += dbias_part[(t * s.heads + h) * table + r];
+        out[r * s.heads + h] = static_cast<scalar_t>(sum);
+      }
+    }
+  }
+}
+
+void forward(const Problem& p, at::Tensor& out, at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.k.scalar_type(), "window_attention",
+                                  [&] { forward_typed<scalar_t>(p, out, lse); });
+}
+
+void backward(const Problem& p, const at::Tensor& grad, const at::Tensor& lse, at::Tensor& dq,
+              at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.k.scalar_type(),
+                                  "window_attention_backward",
+                                  [&] { backward_typed<scalar_t>(p, grad, lse, dq, dk, dv, dbias); });
+}
+
+}  // namespace
+
+const CpuKernels& TM_CPU_KERNELS(window_attention)() {
+  static const CpuKernels kernels{&forward, &backward};
+  return kernels;
+}
+
+}  // namespace window
+}  // namespace tokenmix

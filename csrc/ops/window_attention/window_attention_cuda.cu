@@ -1,0 +1,407 @@
+// CUDA kernels of windowed attention (Swin W-MSA / SW-MSA, GC ViT global query, HAT-Net local).
+//
+// One block of 4 warps per (image, window, head). The window's Q (pre-scaled), K, V (and dO in
+// backward) are loaded from their original map positions (window_math.h: shift, partial border
+// windows) into shared memory in the accumulation type, rows padded to d + 1 so that lanes reading
+// different tokens hit different banks. A window is small (<= 256 tokens, head_dim <= 128): each
+// lane keeps up to 8 scores of a query row in registers, the whole row's softmax is two warp
+// reductions, and nothing of size T x T reaches global memory.
+//
+// Forward: a warp per query row: scores + bias + region mask, softmax, P V; saves the row's
+//   log-sum-exp.
+// Backward: phase 1, a warp per query row: P from the saved log-sum-exp, dP = dO V^T,
+//   D = rowsum(P * dP), dS = P (dP - D), dQ = scale dS K, bias gradient into a per-warp table;
+//   phase 2, a warp per key row: P and dS of its column recomputed, dV = P^T dO, dK = dS^T Qs.
+//   The per-warp bias tables are summed in warp order per block, and per-block partials (and the
+//   global query's per-window dQ) by separate kernels in a fixed order: deterministic.
+// Limits: tokens per window <= 256, head_dim <= 128, shared memory within the device's opt-in
+// limit (checked by the launcher with window_attention_smem_bytes).
+
+#include <cstdint>
+
+#include "tokenmix/cuda_common.cuh"
+#include "window_attention_params.h"
+
+namespace tokenmix {
+namespace window {
+namespace {
+
+using namespace cu;
+
+constexpr int kWarps = 4;
+constexpr int kBlock = kWarps * kWarp;
+constexpr int kKeysPerLane = kMaxWindowTokens / kWarp;
+constexpr int kChansPerLane = kMaxHeadDim / kWarp;
+
+int64_t acc_bytes(DType t) {
+  return t == DType::Float64 ? 8 : 4;
+}
+
+// Shared-memory layout of one block (accumulation-type arrays first, then int arrays).
+template <typename A>
+struct Smem {
+  A *Qs, *Ks, *Vs, *dOs;  // [T, d + 1]
+  A *D, *lse;             // [T] (backward)
+  A *rowP, *rowS;         // [kWarps, T]
+  A* tables;              // [kWarps, table] (backward)
+  int *ty, *tx, *treg;    // original row/col, Swin region (-1: outside the map)
+
+  __device__ Smem(unsigned char* raw, int64_t T, int64_t ld, int64_t table, bool backward) {
+    A* a = reinterpret_cast<A*>(raw);
+    Qs = a;
+    Ks = Qs + T * ld;
+    Vs = Ks + T * ld;
+    rowP = Vs + T * ld;
+    rowS = rowP + kWarps * T;
+    a = rowS + kWarps * T;
+    if (backward) {
+      dOs = a;
+      D = dOs + T * ld;
+      lse = D + T;
+      tables = lse + T;
+      a = tables + kWarps * table;
+    } else {
+      dOs = D = lse = tables = nullptr;
+    }
+    ty = reinterpret_cast<int*>(a);
+    tx = ty + T;
+    treg = tx + T;
+  }
+};
+
+__device__ __forceinline__ int64_t map_offset(const WindowParams& p, int64_t b, int64_t y,
+                                              int64_t x, int64_t h) {
+  return (((b * p.geo.H + y) * p.geo.W + x) * p.heads + h) * p.d;
+}
+
+__device__ __forceinline__ int64_t strided(const Strides4& s, int64_t b, int64_t y, int64_t x,
+                                           int64_t h) {
+  return b * s.b + y * s.y + x * s.x + h * s.h;
+}
+
+// Window tokens' coordinates, then Q (scaled), K, V and optionally dO, into shared memory.
+template <typename T, typename A>
+__device__ void load_window(const WindowParams& p, int64_t b, int64_t win, int64_t h,
+                            Smem<A>& s) {
+  const Geometry& g = p.geo;
+  const int64_t Tn = g.tokens(), d = p.d, ld = d + 1;
+  for (int64_t t = threadIdx.x; t < Tn; t += blockDim.x) {
+    int64_t sy, sx;
+    const bool exists = shifted_coords(g, win, t, &sy, &sx);
+    s.ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
+    s.tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
+    s.treg[t] = exists ? region(g, sy, sx) : -1;
+  }
+  __syncthreads();
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* grad = static_cast<const T*>(p.grad);
+  const A scale = static_cast<A>(p.scale);
+  for (int64_t e = threadIdx.x; e < Tn * d; e += blockDim.x) {
+    const int64_t t = e / d, c = e - t * d;
+    const bool exists = s.treg[t] >= 0;
+    const int64_t y = s.ty[t], x = s.tx[t];
+    A qv = 0, kv = 0, vv = 0, gv = 0;
+    if (p.global_q) {
+      qv = to_acc(q[strided(p.q_strides, b, t / g.ww, t % g.ww, h) + c]) * scale;
+    }
+    if (exists) {
+      if (!p.global_q) qv = to_acc(q[strided(p.q_strides, b, y, x, h) + c]) * scale;
+      kv = to_acc(k[strided(p.k_strides, b, y, x, h) + c]);
+      vv = to_acc(v[strided(p.v_strides, b, y, x, h) + c]);
+      if (s.dOs != nullptr) gv = to_acc(grad[map_offset(p, b, y, x, h) + c]);
+    }
+    s.Qs[t * ld + c] = qv;
+    s.Ks[t * ld + c] = kv;
+    s.Vs[t * ld + c] = vv;
+    if (s.dOs != nullptr) s.dOs[t * ld + c] = gv;
+  }
+}
+
+// Score of query i and key j (scaled dot product + bias); -inf when j is masked for i.
+template <typename T, typename A>
+__device__ __forceinline__ A score(const WindowParams& p, const Smem<A>& s, int64_t h, int64_t i,
+                                   int64_t j) {
+  if (s.treg[j] != s.treg[i]) return neg_inf<A>();
+  const int64_t ld = p.d + 1;
+  A acc = 0;
+  for (int64_t c = 0; c < p.d; ++c) acc += s.Qs[i * ld + c] * s.Ks[j * ld + c];
+  if (p.bias_table != nullptr) {
+    acc += to_acc(static_cast<const T*>(p.bias_table)[relative_index(p.geo, i, j) * p.heads + h]);
+  }
+  return acc;
+}
+
+template <typename A>
+__device__ __forceinline__ A dot_rows(const A* a, const A* b, int64_t d) {
+  A acc = 0;
+  for (int64_t c = 0; c < d; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
+// out[c] = sum_j w[j] * M[j * ld + c] for the lane's channels c = lane + 32 u.
+template <typename A>
+__device__ __forceinline__ void weighted_rows(const A* w, const A* M, int64_t Tn, int64_t ld,
+                                              int64_t d, int lane, A (&out)[kChansPerLane]) {
+#pragma unroll
+  for (int u = 0; u < kChansPerLane; ++u) out[u] = 0;
+  for (int64_t j = 0; j < Tn; ++j) {
+    const A wj = w[j];
+#pragma unroll
+    for (int u = 0; u < kChansPerLane; ++u) {
+      const int64_t c = lane + kWarp * u;
+      if (c < d) out[u] += wj * M[j * ld + c];
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
+  using A = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Geometry& g = p.geo;
+  const int64_t Tn = g.tokens(), d = p.d, nW = g.windows();
+  Smem<A> s(smem_raw, Tn, d + 1, g.table_size(), false);
+  const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
+  const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
+  load_window<T, A>(p, b, win, h, s);
+  __syncthreads();
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  A* row = s.rowP + warp * Tn;
+  T* out = static_cast<T*>(p.out);
+  A* lse = static_cast<A*>(p.lse);
+  for (int64_t i = warp; i < Tn; i += kWarps) {
+    if (s.treg[i] < 0) continue;
+    A sc[kKeysPerLane];
+    A m = neg_inf<A>();
+#pragma unroll
+    for (int u = 0; u < kKeysPerLane; ++u) {
+      const int64_t j = lane + kWarp * u;
+      sc[u] = j < Tn ? score<T, A>(p, s, h, i, j) : neg_inf<A>();
+      m = max_nan(m, sc[u]);
+    }
+    m = warp_max(m);
+    A sum = 0;
+#pragma unroll
+    for (int u = 0; u < kKeysPerLane; ++u) {
+      sc[u] = acc_exp(sc[u] - m);
+      sum += sc[u];
+    }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int u = 0; u < kKeysPerLane; ++u) {
+      const int64_t j = lane + kWarp * u;
+      if (j < Tn) row[j] = sc[u] / sum;
+    }
+    __syncwarp();
+    A o[kChansPerLane];
+    weighted_rows(row, s.Vs, Tn, d + 1, d, lane, o);
+    const int64_t base = map_offset(p, b, s.ty[i], s.tx[i], h);
+#pragma unroll
+    for (int u = 0; u < kChansPerLane; ++u) {
+      const int64_t c = lane + kWarp * u;
+      if (c < d) out[base + c] = from_acc<T>(o[u]);
+    }
+    if (lane == 0) lse[((b * nW + win) * Tn + i) * p.heads + h] = m + acc_log(sum);
+    __syncwarp();
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
+  using A = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Geometry& g = p.geo;
+  const int64_t Tn = g.tokens(), d = p.d, ld = d + 1, nW = g.windows(), table = g.table_size();
+  Smem<A> s(smem_raw, Tn, ld, table, true);
+  const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
+  const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
+  const A* lse = static_cast<const A*>(p.lse);
+  for (int64_t e = threadIdx.x; e < kWarps * table; e += blockDim.x) s.tables[e] = 0;
+  for (int64_t t = threadIdx.x; t < Tn; t += blockDim.x) {
+    s.lse[t] = lse[((b * nW + win) * Tn + t) * p.heads + h];
+  }
+  load_window<T, A>(p, b, win, h, s);
+  __syncthreads();
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const A scale = static_cast<A>(p.scale);
+  A* rowP = s.rowP + warp * Tn;
+  A* rowS = s.rowS + warp * Tn;
+  A* tab = s.tables + warp * table;
+  T* dq = static_cast<T*>(p.dq);
+  T* dk = static_cast<T*>(p.dk);
+  T* dv = static_cast<T*>(p.dv);
+  A* dq_partial = static_cast<A*>(p.dq_partial);
+
+  // Phase 1: query rows.
+  for (int64_t i = warp; i < Tn; i += kWarps) {
+    if (s.treg[i] < 0) continue;
+    A pr[kKeysPerLane], dp[kKeysPerLane];
+    A dsum = 0;
+#pragma unroll
+    for (int u = 0; u < kKeysPerLane; ++u) {
+      const int64_t j = lane + kWarp * u;
+      pr[u] = 0;
+      dp[u] = 0;
+      if (j < Tn) {
+        pr[u] = acc_exp(score<T, A>(p, s, h, i, j) - s.lse[i]);
+        dp[u] = dot_rows(s.dOs + i * ld, s.Vs + j * ld, d);
+        dsum += pr[u] * dp[u];
+      }
+    }
+    const A D = warp_sum(dsum);
+    if (lane == 0) s.D[i] = D;
+#pragma unroll
+    for (int u = 0; u < kKeysPerLane; ++u) {
+      const int64_t j = lane + kWarp * u;
+      if (j < Tn) {
+        const A ds = pr[u] * (dp[u] - D);
+        rowS[j] = ds;
+        // Distinct keys of one row have distinct relative positions: no two lanes collide.
+        tab[relative_index(g, i, j)] += ds;
+      }
+    }
+    __syncwarp();
+    A o[kChansPerLane];
+    weighted_rows(rowS, s.Ks, Tn, ld, d, lane, o);
+#pragma unroll
+    for (int u = 0; u < kChansPerLane; ++u) {
+      const int64_t c = lane + kWarp * u;
+      if (c >= d) continue;
+      if (p.global_q) {
+        dq_partial[(((b * nW + win) * Tn + i) * p.heads + h) * d + c] = o[u] * scale;
+      } else {
+        dq[map_offset(p, b, s.ty[i], s.tx[i], h) + c] = from_acc<T>(o[u] * scale);
+      }
+    }
+    __syncwarp();
+  }
+  __syncthreads();
+
+  // Phase 2: key rows.
+  for (int64_t j = warp; j < Tn; j += kWarps) {
+    if (s.treg[j] < 0) continue;
+#pragma unroll
+    for (int u = 0; u < kKeysPerLane; ++u) {
+      const int64_t i = lane + kWarp * u;
+      if (i >= Tn) continue;
+      A pij = 0, dsij = 0;
+      if (s.treg[i] == s.treg[j]) {
+        pij = acc_exp(score<T, A>(p, s, h, i, j) - s.lse[i]);
+        dsij = pij * (dot_rows(s.dOs + i * ld, s.Vs + j * ld, d) - s.D[i]);
+      }
+      rowP[i] = pij;
+      rowS[i] = dsij;
+    }
+    __syncwarp();
+    A gv[kChansPerLane], gk[kChansPerLane];
+    weighted_rows(rowP, s.dOs, Tn, ld, d, lane, gv);
+    weighted_rows(rowS, s.Qs, Tn, ld, d, lane, gk);
+    const int64_t base = map_offset(p, b, s.ty[j], s.tx[j], h);
+#pragma unroll
+    for (int u = 0; u < kChansPerLane; ++u) {
+      const int64_t c = lane + kWarp * u;
+      if (c < d) {
+        dv[base + c] = from_acc<T>(gv[u]);
+        dk[base + c] = from_acc<T>(gk[u]);
+      }
+    }
+    __syncwarp();
+  }
+
+  if (p.dbias_partial != nullptr) {
+    __syncthreads();
+    A* part = static_cast<A*>(p.dbias_partial) + task * table;
+    for (int64_t r = threadIdx.x; r < table; r += blockDim.x) {
+      A sum = 0;
+      for (int w = 0; w < kWarps; ++w) sum += s.tables[w * table + r];
+      part[r] = sum;
+    }
+  }
+}
+
+// dbias[r, h] = sum over (image, window) blocks, in block order.
+template <typename T>
+__global__ void dbias_reduce_kernel(WindowParams p) {
+  using A = typename AccOf<T>::type;
+  const int64_t table = p.geo.table_size(), blocks = p.B * p.geo.windows();
+  const A* part = static_cast<const A*>(p.dbias_partial);
+  T* dbias = static_cast<T*>(p.dbias);
+  for (int64_t e = global_thread(); e < table * p.heads; e += thread_count()) {
+    const int64_t r = e / p.heads, h = e % p.heads;
+    A sum = 0;
+    for (int64_t bw = 0; bw < blocks; ++bw) sum += part[(bw * p.heads + h) * table + r];
+    dbias[e] = from_acc<T>(sum);
+  }
+}
+
+// Global query: dq[b, t, h, :] = sum over the image's windows, in window order.
+template <typename T>
+__global__ void dq_reduce_kernel(WindowParams p) {
+  using A = typename AccOf<T>::type;
+  const int64_t Tn = p.geo.tokens(), nW = p.geo.windows();
+  const int64_t per_image = Tn * p.heads * p.d;
+  const A* part = static_cast<const A*>(p.dq_partial);
+  T* dq = static_cast<T*>(p.dq);
+  for (int64_t e = global_thread(); e < p.B * per_image; e += thread_count()) {
+    const int64_t b = e / per_image, rest = e % per_image;
+    A sum = 0;
+    for (int64_t w = 0; w < nW; ++w) sum += part[(b * nW + w) * per_image + rest];
+    dq[e] = from_acc<T>(sum);
+  }
+}
+
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, const WindowParams& p, int64_t smem, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = p.B * p.geo.windows() * p.heads;
+  kernel<<<static_cast<unsigned>(blocks), kBlock, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t window_attention_smem_bytes(const WindowParams& p, bool backward) {
+  const int64_t T = p.geo.tokens(), ld = p.d + 1;
+  int64_t acc_elems = 3 * T * ld + 2 * kWarps * T;
+  if (backward) acc_elems += T * ld + 2 * T + kWarps * p.geo.table_size();
+  return acc_elems * acc_bytes(p.dtype) + 3 * T * static_cast<int64_t>(sizeof(int));
+}
+
+cudaError_t window_attention_forward_cuda(const WindowParams& p, cudaStream_t stream) {
+  const int64_t smem = window_attention_smem_bytes(p, false);
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    err = launch(forward_kernel<T>, p, smem, stream);
+  });
+  return err;
+}
+
+cudaError_t window_attention_backward_cuda(const WindowParams& p, cudaStream_t stream) {
+  const int64_t smem = window_attention_smem_bytes(p, true);
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    err = launch(backward_kernel<T>, p, smem, stream);
+    if (err != cudaSuccess) return;
+    if (p.dbias_partial != nullptr) {
+      const int64_t n = p.geo.table_size() * p.heads;
+      dbias_reduce_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(p);
+    }
+    if (p.global_q) {
+      const int64_t n = p.B * p.geo.tokens() * p.heads * p.d;
+      dq_reduce_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(p);
+    }
+    err = cudaGetLastError();
+  });
+  return err;
+}
+
+}  // namespace window
+}  // namespace tokenmix

@@ -1,0 +1,78 @@
+"""Windowed attention (Swin W-MSA / SW-MSA, GC ViT global query, HAT-Net local windows) as one
+fused op with a backward pass on CPU and CUDA."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["window_attention"]
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(v: IntPair) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
+
+
+def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: IntPair, shift_size: IntPair = 0,
+                     bias_table: Tensor | None = None, scale: float | None = None) -> Tensor:
+    r"""Multi-head attention inside non-overlapping (optionally shifted) windows.
+
+    For every window :math:`\mathcal{W}` (``wh x ww`` tokens), head and query token :math:`i`:
+
+    .. math::
+        \mathrm{out}_i = \sum_{j \in \mathcal{W}} \mathrm{softmax}_j\bigl(
+            s\, q_i \cdot k_j + B[\mathrm{rel}(i, j)] + M_{ij}\bigr)\, v_j
+
+    with :math:`s` = ``scale`` (default ``head_dim ** -0.5``), :math:`B` = ``bias_table`` indexed by
+    Swin's relative position index ``(dy + wh - 1) * (2 ww - 1) + (dx + ww - 1)``, and
+    :math:`M_{ij} = -\infty` where keys are excluded (Swin's shifted-window regions, keys outside
+    the map). Roll, pad, partition and reverse happen as index math inside the kernel.
+
+    Args:
+        q: ``[B, H, W, heads, d]``, or ``[B, wh, ww, heads, d]``: one window of global queries per
+            image shared by all its windows (GC ViT); its gradient sums over them.
+        k, v: ``[B, H, W, heads, d]``. Any strides with a unit last stride are read without a
+            copy, e.g. ``qkv.view(B, H, W, 3, heads, d).unbind(3)``.
+        window_size: ``wh`` or ``(wh, ww)``, at most the map size.
+        shift_size: ``s`` or ``(sh, sw)``, each in ``[0, window)``: Swin's cyclic shift by
+            ``(-sh, -sw)`` with its region mask, and the reverse shift. Needs ``H % wh == 0`` and
+            ``W % ww == 0``. Without shift, windows at the bottom/right border may be partial:
+            keys outside the map do not exist for them.
+        bias_table: ``[(2wh - 1) * (2ww - 1), heads]``, receives a gradient.
+        scale: multiplies ``q . k`` (default ``d ** -0.5``).
+
+    Returns:
+        ``[B, H, W, heads, d]``, contiguous (``.view(B, H, W, heads * d)`` is free).
+    """
+    return torch.ops.tokenmix.window_attention(q, k, v, _pair(window_size), _pair(shift_size),
+                                               bias_table, scale)
+
+
+def _lse_shape(k: Tensor, window_size: Sequence[int]) -> tuple:
+    B, H, W, heads, _ = k.shape
+    wh, ww = window_size
+    windows = ((H + wh - 1) // wh) * ((W + ww - 1) // ww)
+    return (B, windows, wh * ww, heads)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("tokenmix::window_attention")
+def _(q, k, v, window_size, shift_size=(0, 0), bias_table=None, scale=None):
+    return k.new_empty(k.shape)
+
+
+@torch.library.register_fake("tokenmix::window_attention_fwd")
+def _(q, k, v, window_size, shift_size, bias_table, scale):
+    return k.new_empty(k.shape), k.new_empty(_lse_shape(k, window_size), dtype=_acc(k.dtype))
+
+
+@torch.library.register_fake("tokenmix::window_attention_backward")
+def _(grad, q, k, v, lse, window_size, shift_size, bias_table, scale):
+    dbias = k.new_empty(bias_table.shape) if bias_table is not None else k.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
