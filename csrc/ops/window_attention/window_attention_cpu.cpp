@@ -34,33 +34,67 @@ int64_t round_up(int64_t n, int64_t m) {
   return (n + m - 1) / m * m;
 }
 
-// out[0, npad) = sum_{c < m} a[c] * M[c * ld + (0, npad)], npad a multiple of the vector width.
-template <typename A>
-void vec_mat(const A* a, int64_t m, const A* M, int64_t ld, int64_t npad, A* out) {
+// Register-blocked row x matrix products. One call computes R (1 or 2) output rows
+// out_r[0, NB W) = sum_{c < m} a_r[c] * M[c * ld + (0, NB W)]; two rows share every load of M and
+// give the FMA units 2 NB independent chains.
+template <typename A, int R, int NB>
+inline void vec_mat_block(const A* a0, const A* a1, int64_t m, const A* M, int64_t ld, A* o0,
+                          A* o1) {
   constexpr int64_t W = Vec<A>::size();
+  Vec<A> acc0[NB], acc1[NB];
+  for (int nb = 0; nb < NB; ++nb) {
+    acc0[nb] = Vec<A>(A(0));
+    acc1[nb] = Vec<A>(A(0));
+  }
+  for (int64_t c = 0; c < m; ++c) {
+    const A* row = M + c * ld;
+    const Vec<A> b0(a0[c]);
+    const Vec<A> b1(R == 2 ? a1[c] : A(0));
+    for (int nb = 0; nb < NB; ++nb) {
+      const Vec<A> mv = Vec<A>::loadu(row + nb * W);
+      acc0[nb] = at::vec::fmadd(b0, mv, acc0[nb]);
+      if (R == 2) acc1[nb] = at::vec::fmadd(b1, mv, acc1[nb]);
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb) {
+    acc0[nb].store(o0 + nb * W);
+    if (R == 2) acc1[nb].store(o1 + nb * W);
+  }
+}
+
+// R rows over all of [0, npad), npad a multiple of the vector width.
+template <typename A, int R>
+void vec_mat_rows(const A* a0, const A* a1, int64_t m, const A* M, int64_t ld, int64_t npad, A* o0,
+                  A* o1) {
+  constexpr int64_t W = Vec<A>::size();
+  constexpr int kMax = R == 1 ? 8 : 4;
   int64_t n0 = 0;
-  for (; n0 + 4 * W <= npad; n0 += 4 * W) {
-    Vec<A> acc0(A(0)), acc1(A(0)), acc2(A(0)), acc3(A(0));
-    for (int64_t c = 0; c < m; ++c) {
-      const Vec<A> va(a[c]);
-      const A* row = M + c * ld + n0;
-      acc0 = at::vec::fmadd(va, Vec<A>::loadu(row), acc0);
-      acc1 = at::vec::fmadd(va, Vec<A>::loadu(row + W), acc1);
-      acc2 = at::vec::fmadd(va, Vec<A>::loadu(row + 2 * W), acc2);
-      acc3 = at::vec::fmadd(va, Vec<A>::loadu(row + 3 * W), acc3);
-    }
-    acc0.store(out + n0);
-    acc1.store(out + n0 + W);
-    acc2.store(out + n0 + 2 * W);
-    acc3.store(out + n0 + 3 * W);
+  for (; n0 + kMax * W <= npad; n0 += kMax * W) {
+    vec_mat_block<A, R, kMax>(a0, a1, m, M + n0, ld, o0 + n0, o1 + n0);
   }
-  for (; n0 < npad; n0 += W) {
-    Vec<A> acc(A(0));
-    for (int64_t c = 0; c < m; ++c) {
-      acc = at::vec::fmadd(Vec<A>(a[c]), Vec<A>::loadu(M + c * ld + n0), acc);
-    }
-    acc.store(out + n0);
+  switch ((npad - n0) / W) {
+#define TM_TAIL(nb) \
+  case nb:          \
+    vec_mat_block<A, R, (nb < kMax ? nb : 1)>(a0, a1, m, M + n0, ld, o0 + n0, o1 + n0); \
+    break;
+    TM_TAIL(1) TM_TAIL(2) TM_TAIL(3) TM_TAIL(4) TM_TAIL(5) TM_TAIL(6) TM_TAIL(7)
+#undef TM_TAIL
+    default:
+      break;
   }
+}
+
+// out[r, 0:npad) = a[r, 0:m) . M for r < rows (row strides lda, ldo): a small GEMM, two rows at
+// a time.
+template <typename A>
+void mat_mat(const A* a, int64_t lda, int64_t rows, int64_t m, const A* M, int64_t ld,
+             int64_t npad, A* out, int64_t ldo) {
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    vec_mat_rows<A, 2>(a + r * lda, a + (r + 1) * lda, m, M, ld, npad, out + r * ldo,
+                       out + (r + 1) * ldo);
+  }
+  if (r < rows) vec_mat_rows<A, 1>(a + r * lda, nullptr, m, M, ld, npad, out + r * ldo, nullptr);
 }
 
 template <typename A>
@@ -78,7 +112,7 @@ A vec_exp_sum(A* x, A shift, int64_t npad) {
   const Vec<A> vs(shift);
   Vec<A> acc(A(0));
   for (int64_t j = 0; j < npad; j += W) {
-    const Vec<A> e = (Vec<A>::loadu(x + j) - vs).exp();
+    const Vec<A> e = (Vec<A>::loadu(x + j) - vs).exp_u20();
     e.store(x + j);
     acc = acc + e;
   }
@@ -166,28 +200,42 @@ Setup<A> make_setup(const Problem& p) {
   return s;
 }
 
-// Scores of query row i against every key of the window: row[j] = q_i . k_j + bias, -inf at
-// masked keys and at the padding j >= T.
+// Scores of every query row against every key: S[i, j] = qs_i . k_j + bias, -inf at masked keys
+// and at the padding j >= T. S is [T, Tpad].
 template <typename A>
-void score_row(const Setup<A>& s, const WindowTokens& w, int64_t h, int64_t i, const A* Qs,
-               const A* Kt, A* row) {
-  vec_mat(Qs + i * s.dpad, s.d, Kt, s.Tpad, s.Tpad, row);
-  vec_add(row, s.bias.data() + (h * s.T + i) * s.Tpad, s.Tpad);
+void score_matrix(const Setup<A>& s, const WindowTokens& w, int64_t h, const A* Qs, const A* Kt,
+                  A* S) {
+  mat_mat(Qs, s.dpad, s.T, s.d, Kt, s.Tpad, s.Tpad, S, s.Tpad);
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  if (w.masked) {
-    for (int64_t j = 0; j < s.T; ++j) {
-      if (!w.exists[j] || w.region[j] != w.region[i]) row[j] = kNegInf;
+  for (int64_t i = 0; i < s.T; ++i) {
+    A* row = S + i * s.Tpad;
+    vec_add(row, s.bias.data() + (h * s.T + i) * s.Tpad, s.Tpad);
+    if (w.masked) {
+      for (int64_t j = 0; j < s.T; ++j) {
+        if (!w.exists[j] || w.region[j] != w.region[i]) row[j] = kNegInf;
+      }
     }
+    for (int64_t j = s.T; j < s.Tpad; ++j) row[j] = kNegInf;
   }
-  for (int64_t j = s.T; j < s.Tpad; ++j) row[j] = kNegInf;
 }
 
 // The window's operands of one head in task-local buffers: Qs = scale * q [T, dpad],
 // Kt = k^T [d, Tpad], V [T, dpad]; when `for_backward`, also K [T, dpad] and Vt [d, Tpad].
-// Missing tokens (partial windows) and paddings are zeros.
+// Missing tokens (partial windows) and paddings are zeros: clear() once per window, since every
+// head overwrites exactly the same entries.
 template <typename scalar_t, typename A>
 struct Operands {
   std::vector<A> Qs, Kt, V, K, Vt;
+
+  void clear(const Setup<A>& s, bool for_backward) {
+    Qs.assign(s.T * s.dpad, A(0));
+    Kt.assign(s.d * s.Tpad, A(0));
+    V.assign(s.T * s.dpad, A(0));
+    if (for_backward) {
+      K.assign(s.T * s.dpad, A(0));
+      Vt.assign(s.d * s.Tpad, A(0));
+    }
+  }
 
   void gather(const Problem& p, const Setup<A>& s, const WindowTokens& w, int64_t b, int64_t h,
               bool for_backward) {
@@ -196,13 +244,6 @@ struct Operands {
     const scalar_t* k = p.k.const_data_ptr<scalar_t>();
     const scalar_t* v = p.v.const_data_ptr<scalar_t>();
     const A scale = static_cast<A>(p.scale);
-    Qs.assign(s.T * s.dpad, A(0));
-    Kt.assign(s.d * s.Tpad, A(0));
-    V.assign(s.T * s.dpad, A(0));
-    if (for_backward) {
-      K.assign(s.T * s.dpad, A(0));
-      Vt.assign(s.d * s.Tpad, A(0));
-    }
     const int64_t ww = p.geo.ww;
     for (int64_t t = 0; t < s.T; ++t) {
       if (p.global_q) {
@@ -236,20 +277,30 @@ void forward_typed(const Problem& p, at::Tensor& out, at::Tensor& lse_t) {
   at::parallel_for(0, B * nW, 1, [&](int64_t begin, int64_t end) {
     WindowTokens w;
     Operands<scalar_t, A> ops;
-    std::vector<A> row(s.Tpad), acc(s.dpad);
+    std::vector<A> S(s.T * s.Tpad), O(s.T * s.dpad), inv_sum(s.T);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nW, win = task % nW;
       w.build(g, win);
+      ops.clear(s, false);
       for (int64_t h = 0; h < s.heads; ++h) {
         ops.gather(p, s, w, b, h, false);
+        score_matrix(s, w, h, ops.Qs.data(), ops.Kt.data(), S.data());
         for (int64_t i = 0; i < s.T; ++i) {
-          if (!w.exists[i]) continue;
-          score_row(s, w, h, i, ops.Qs.data(), ops.Kt.data(), row.data());
-          const A m = vec_max(row.data(), s.Tpad);
-          const A sum = vec_exp_sum(row.data(), m, s.Tpad);
-          vec_mat(row.data(), s.T, ops.V.data(), s.dpad, s.dpad, acc.data());
-          store_row(acc.data(), s.d, A(1) / sum, o + so.at(b, w.y[i], w.x[i], h));
+          A* row = S.data() + i * s.Tpad;
+          if (!w.exists[i]) {
+            std::fill(row, row + s.Tpad, A(0));
+            inv_sum[i] = A(0);
+            lse[(task * s.T + i) * s.heads + h] = A(0);
+            continue;
+          }
+          const A m = vec_max(row, s.Tpad);
+          const A sum = vec_exp_sum(row, m, s.Tpad);
+          inv_sum[i] = A(1) / sum;
           lse[(task * s.T + i) * s.heads + h] = m + std::log(sum);
+        }
+        mat_mat(S.data(), s.Tpad, s.T, s.T, ops.V.data(), s.dpad, s.dpad, O.data(), s.dpad);
+        for (int64_t i = 0; i < s.T; ++i) {
+          if (w.exists[i]) store_row(O.data() + i * s.dpad, s.d, inv_sum[i], o + so.at(b, w.y[i], w.x[i], h));
         }
       }
     }
@@ -280,54 +331,66 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     WindowTokens w;
     Operands<scalar_t, A> ops;
-    std::vector<A> dO(s.T * s.dpad), P(s.Tpad), dP(s.Tpad), Pt(s.T * s.Tpad), dSt(s.T * s.Tpad);
-    std::vector<A> acc(s.dpad), dq_global;
+    const int64_t TT = s.T * s.Tpad;
+    std::vector<A> dO(s.T * s.dpad), P(TT), dP(TT), Pt(TT), dSt(TT), G(s.T * s.dpad), dq_global;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task * per_task / nW;
       if (p.global_q) dq_global.assign(s.heads * s.T * s.dpad, A(0));
       for (int64_t win = task * per_task % nW, n = 0; n < per_task; ++n, ++win) {
         w.build(g, win);
+        ops.clear(s, true);
         const int64_t lse_base = (b * nW + win) * s.T;
         for (int64_t h = 0; h < s.heads; ++h) {
           ops.gather(p, s, w, b, h, true);
           std::fill(dO.begin(), dO.end(), A(0));
-          std::fill(Pt.begin(), Pt.end(), A(0));
-          std::fill(dSt.begin(), dSt.end(), A(0));
           for (int64_t i = 0; i < s.T; ++i) {
             if (w.exists[i]) load_row(go + sg.at(b, w.y[i], w.x[i], h), s.d, A(1), dO.data() + i * s.dpad);
           }
+          // P = exp(S - lse), dP = dO V^T; missing query rows get P = 0 and drop out.
+          score_matrix(s, w, h, ops.Qs.data(), ops.Kt.data(), P.data());
+          mat_mat(dO.data(), s.dpad, s.T, s.d, ops.Vt.data(), s.Tpad, s.Tpad, dP.data(), s.Tpad);
           A* db = has_bias ? dbias_part.data() + (task * s.heads + h) * table : nullptr;
           for (int64_t i = 0; i < s.T; ++i) {
-            if (!w.exists[i]) continue;
-            score_row(s, w, h, i, ops.Qs.data(), ops.Kt.data(), P.data());
-            vec_exp_sum(P.data(), lse[(lse_base + i) * s.heads + h], s.Tpad);
-            vec_mat(dO.data() + i * s.dpad, s.d, ops.Vt.data(), s.Tpad, s.Tpad, dP.data());
-            A D(0);
-            for (int64_t j = 0; j < s.T; ++j) D += P[j] * dP[j];
-            for (int64_t j = 0; j < s.T; ++j) {
-              dP[j] = P[j] * (dP[j] - D);  // dS
-              Pt[j * s.Tpad + i] = P[j];
-              dSt[j * s.Tpad + i] = dP[j];
-            }
-            for (int64_t j = s.T; j < s.Tpad; ++j) dP[j] = A(0);
-            if (db != nullptr) {
-              const int64_t* rel = s.rel.data() + i * s.T;
-              for (int64_t j = 0; j < s.T; ++j) db[rel[j]] += dP[j];
-            }
-            vec_mat(dP.data(), s.T, ops.K.data(), s.dpad, s.dpad, acc.data());
-            if (p.global_q) {
-              A* gq = dq_global.data() + (h * s.T + i) * s.dpad;
-              for (int64_t c = 0; c < s.d; ++c) gq[c] += acc[c];
+            A* pr = P.data() + i * s.Tpad;
+            A* dr = dP.data() + i * s.Tpad;
+            if (!w.exists[i]) {
+              std::fill(pr, pr + s.Tpad, A(0));
+              std::fill(dr, dr + s.Tpad, A(0));
             } else {
-              store_row(acc.data(), s.d, scale, dqp + sq.at(b, w.y[i], w.x[i], h));
+              vec_exp_sum(pr, lse[(lse_base + i) * s.heads + h], s.Tpad);
+              A D(0);
+              for (int64_t j = 0; j < s.T; ++j) D += pr[j] * dr[j];
+              for (int64_t j = 0; j < s.T; ++j) dr[j] = pr[j] * (dr[j] - D);  // dS
+              if (db != nullptr) {
+                const int64_t* rel = s.rel.data() + i * s.T;
+                for (int64_t j = 0; j < s.T; ++j) db[rel[j]] += dr[j];
+              }
+            }
+            for (int64_t j = 0; j < s.T; ++j) {
+              Pt[j * s.Tpad + i] = pr[j];
+              dSt[j * s.Tpad + i] = dr[j];
             }
           }
+          // dQ = scale dS K (rows of missing queries are zero and never stored).
+          mat_mat(dP.data(), s.Tpad, s.T, s.T, ops.K.data(), s.dpad, s.dpad, G.data(), s.dpad);
+          for (int64_t i = 0; i < s.T; ++i) {
+            if (!w.exists[i]) continue;
+            const A* gr = G.data() + i * s.dpad;
+            if (p.global_q) {
+              A* gq = dq_global.data() + (h * s.T + i) * s.dpad;
+              for (int64_t c = 0; c < s.d; ++c) gq[c] += gr[c];
+            } else {
+              store_row(gr, s.d, scale, dqp + sq.at(b, w.y[i], w.x[i], h));
+            }
+          }
+          // dV = P^T dO, dK = dS^T Qs.
+          mat_mat(Pt.data(), s.Tpad, s.T, s.T, dO.data(), s.dpad, s.dpad, G.data(), s.dpad);
           for (int64_t j = 0; j < s.T; ++j) {
-            if (!w.exists[j]) continue;
-            vec_mat(Pt.data() + j * s.Tpad, s.T, dO.data(), s.dpad, s.dpad, acc.data());
-            store_row(acc.data(), s.d, A(1), dvp + sv.at(b, w.y[j], w.x[j], h));
-            vec_mat(dSt.data() + j * s.Tpad, s.T, ops.Qs.data(), s.dpad, s.dpad, acc.data());
-            store_row(acc.data(), s.d, A(1), dkp + sk.at(b, w.y[j], w.x[j], h));
+            if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dvp + sv.at(b, w.y[j], w.x[j], h));
+          }
+          mat_mat(dSt.data(), s.Tpad, s.T, s.T, ops.Qs.data(), s.dpad, s.dpad, G.data(), s.dpad);
+          for (int64_t j = 0; j < s.T; ++j) {
+            if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dkp + sk.at(b, w.y[j], w.x[j], h));
           }
         }
       }

@@ -2,17 +2,18 @@
 (``python -m tokenmix bench``)."""
 from __future__ import annotations
 
-from tokenmix.bench import gather
+import tokenmix
+from tokenmix.bench import gather, window_attention
 from tokenmix.bench.harness import Case, format_table, run, write_chart, write_json
 
-# Per family: cases(batch) -> list[Case]; the CPU benchmark uses the small batch, CUDA the large.
-FAMILIES = {"gather": gather.cases}
-BATCH = {"cpu": 8, "cuda": 64}
+# Per family: cases(batch) -> list[Case], and the batch each device runs them at.
+FAMILIES = {"gather": gather.cases, "window_attention": window_attention.cases}
+BATCH = {"gather": {"cpu": 8, "cuda": 64}, "window_attention": {"cpu": 4, "cuda": 64}}
 
 
 def select_cases(ops: list[str] | None, device_type: str) -> list[Case]:
     """Cases of the named ops (or families); every op when `ops` is empty."""
-    all_cases = [c for fam in FAMILIES.values() for c in fam(BATCH[device_type])]
+    all_cases = [c for fam, build in FAMILIES.items() for c in build(BATCH[fam][device_type])]
     if not ops:
         return all_cases
     wanted = set(ops)
@@ -20,8 +21,11 @@ def select_cases(ops: list[str] | None, device_type: str) -> list[Case]:
     unknown = wanted - known
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {sorted(known)}")
-    return [c for fam, build in FAMILIES.items() for c in build(BATCH[device_type])
-            if c.op in wanted or fam in wanted]
+    return [c for c in all_cases if c.op in wanted or _family(c.op) in wanted]
+
+
+def _family(op: str) -> str:
+    return tokenmix.OPS.get(op, op)
 
 
 __all__ = ["Case", "FAMILIES", "select_cases", "run", "format_table", "write_json", "write_chart"]

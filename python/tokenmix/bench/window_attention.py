@@ -1,0 +1,81 @@
+"""Benchmark cases of windowed attention at Swin-T shapes, against timm's eager path (roll,
+partition, attention with relative position bias and shift mask, reverse, roll) in its two
+flavours: explicit softmax and torch's scaled_dot_product_attention."""
+from __future__ import annotations
+
+import torch
+
+import tokenmix.ops as tm
+from tokenmix.bench.harness import Case
+from tokenmix.reference.window_attention import region_labels, relative_position_index
+
+
+def _timm_mask(H, W, window, shift, device, dtype):
+    """timm's SW-MSA mask: -100 between tokens of different regions, [nW, T, T]."""
+    lab = region_labels(H, W, (window, window), (shift, shift), device)
+    win = lab.view(H // window, window, W // window, window).transpose(1, 2).reshape(-1, window * window)
+    diff = win[:, None, :] - win[:, :, None]
+    return torch.zeros(diff.shape, dtype=dtype, device=device).masked_fill(diff != 0, -100.0)
+
+
+def timm_window_attention(qkv, table, idx, mask, heads, window, shift, sdpa=False):
+    """timm SwinTransformerBlock._attn + WindowAttention.forward, minus the two Linear layers:
+    qkv [B, H, W, 3C] -> [B, H, W, C]. idx (relative position index) and mask (shift mask) are
+    the buffers timm precomputes at construction."""
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    d = C // heads
+    T = window * window
+    if shift:
+        qkv = torch.roll(qkv, (-shift, -shift), (1, 2))
+    x = qkv.view(B, H // window, window, W // window, window, C3).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(-1, T, C3)
+    q, k, v = x.reshape(-1, T, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = table[idx.view(-1)].view(T, T, -1).permute(2, 0, 1).unsqueeze(0)
+    nw = (H // window) * (W // window)
+    if sdpa:
+        attn_mask = bias
+        if mask is not None:
+            attn_mask = attn_mask + mask.view(1, nw, 1, T, T).expand(B, -1, heads, -1, -1).reshape(-1, heads, T, T)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    else:
+        attn = (q * d ** -0.5) @ k.transpose(-2, -1) + bias
+        if mask is not None:
+            attn = (attn.view(-1, nw, heads, T, T) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, T, T)
+        o = attn.softmax(-1) @ v
+    o = o.transpose(1, 2).reshape(-1, window, window, C)
+    o = o.view(B, H // window, W // window, window, window, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+    if shift:
+        o = torch.roll(o, (shift, shift), (1, 2))
+    return o
+
+
+def fused_window_attention(qkv, table, idx, mask, heads, window, shift):
+    B, H, W, C3 = qkv.shape
+    q, k, v = qkv.view(B, H, W, 3, heads, C3 // (3 * heads)).unbind(3)
+    out = tm.window_attention(q, k, v, window_size=window, shift_size=shift, bias_table=table)
+    return out.view(B, H, W, C3 // 3)
+
+
+def cases(batch: int) -> list[Case]:
+    out = []
+    for stage, (H, heads, shift) in {"Swin-T stage 1": (56, 3, 3), "Swin-T stage 3": (14, 12, 3)}.items():
+        window, d = 7, 32
+
+        def make(device, dtype, H=H, heads=heads):
+            gen = torch.Generator().manual_seed(0)
+            qkv = torch.randn(batch, H, H, 3 * heads * d, generator=gen).to(device, dtype)
+            table = (0.02 * torch.randn(169, heads, generator=gen)).to(device, dtype)
+            idx = relative_position_index(window, window, device)
+            mask = _timm_mask(H, H, window, shift, device, dtype) if shift else None
+            return [qkv, table, idx, mask], [qkv, table]
+
+        name = f"{stage} B={batch} {H}x{H} {heads}x{d} w7 s{shift}"
+        kw = dict(heads=heads, window=window, shift=shift)
+        out.append(Case("window_attention", name, make,
+                        lambda *a, kw=kw: fused_window_attention(*a, **kw),
+                        lambda *a, kw=kw: timm_window_attention(*a, **kw)))
+        out.append(Case("window_attention", name + " vs SDPA", make,
+                        lambda *a, kw=kw: fused_window_attention(*a, **kw),
+                        lambda *a, kw=kw: timm_window_attention(*a, sdpa=True, **kw)))
+    return out
