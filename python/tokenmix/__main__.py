@@ -43,7 +43,7 @@ def cmd_bench(args) -> int:
         print("this tokenmix build has no CUDA kernels", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
-    cases = bench.select_cases(args.ops, device.type)
+    cases = bench.select_cases(args.ops, device.type, quick=getattr(args, "quick", False))
     result = bench.run(cases, device, dtype, reps=args.reps, compile_ref=not args.no_compile,
                        progress=not args.quiet)
     print(bench.format_table(result))
@@ -58,9 +58,10 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     cmd_info()
     device = "cuda" if torch.cuda.is_available() and tokenmix.info()["cuda_compiled"] else "cpu"
-    print(f"\nquick benchmark on {device} (fused vs eager vs torch.compile, median of {args.reps} runs):")
+    print(f"\nquick benchmark on {device} (fused vs eager vs torch.compile, median of {args.reps} runs; "
+          "whole-model cases: python -m tokenmix bench):")
     ns = argparse.Namespace(device=device, dtype="float32", ops=[], reps=args.reps, out=None,
-                            no_compile=args.no_compile, quiet=False)
+                            no_compile=args.no_compile, quiet=False, quick=True)
     return cmd_bench(ns)
 
 

@@ -2,7 +2,6 @@
 (``python -m tokenmix bench``)."""
 from __future__ import annotations
 
-import tokenmix
 from tokenmix.bench import gather, window_attention
 from tokenmix.bench.harness import Case, format_table, run, write_chart, write_json
 
@@ -11,21 +10,19 @@ FAMILIES = {"gather": gather.cases, "window_attention": window_attention.cases}
 BATCH = {"gather": {"cpu": 8, "cuda": 64}, "window_attention": {"cpu": 4, "cuda": 64}}
 
 
-def select_cases(ops: list[str] | None, device_type: str) -> list[Case]:
-    """Cases of the named ops (or families); every op when `ops` is empty."""
-    all_cases = [c for fam, build in FAMILIES.items() for c in build(BATCH[fam][device_type])]
+def select_cases(ops: list[str] | None, device_type: str, quick: bool = False) -> list[Case]:
+    """Cases of the named ops (or families); every op when `ops` is empty. `quick` leaves out the
+    whole-model cases."""
+    tagged = [(fam, c) for fam, build in FAMILIES.items() for c in build(BATCH[fam][device_type])
+              if not (quick and c.heavy)]
     if not ops:
-        return all_cases
+        return [c for _, c in tagged]
     wanted = set(ops)
-    known = {c.op for c in all_cases} | set(FAMILIES)
+    known = {c.op for _, c in tagged} | set(FAMILIES)
     unknown = wanted - known
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; choose from {sorted(known)}")
-    return [c for c in all_cases if c.op in wanted or _family(c.op) in wanted]
-
-
-def _family(op: str) -> str:
-    return tokenmix.OPS.get(op, op)
+    return [c for fam, c in tagged if c.op in wanted or fam in wanted]
 
 
 __all__ = ["Case", "FAMILIES", "select_cases", "run", "format_table", "write_json", "write_chart"]

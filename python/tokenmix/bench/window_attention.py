@@ -57,8 +57,33 @@ def fused_window_attention(qkv, table, idx, mask, heads, window, shift):
     return out.view(B, H, W, C3 // 3)
 
 
+def swin_model_case(batch: int) -> Case | None:
+    """Whole swin_tiny_patch4_window7_224 forward, accelerated vs original (needs timm)."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    import copy
+
+    import tokenmix
+
+    models = {}
+
+    def make(device, dtype):
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        base = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval().to(device, dtype)
+        models["base"], models["fused"] = base, tokenmix.accelerate(copy.deepcopy(base))
+        return [torch.randn(batch, 3, 224, 224, generator=gen).to(device, dtype)], []
+
+    return Case("swin_tiny (model)", f"swin_tiny_patch4_window7_224 B={batch} 224", make,
+                lambda x: models["fused"](x), lambda x: models["base"](x), backward=False,
+                exact=lambda x: models["base"](x), heavy=True)
+
+
 def cases(batch: int) -> list[Case]:
-    out = []
+    model = swin_model_case(batch)
+    out = [model] if model is not None else []
     for stage, (H, heads, shift) in {"Swin-T stage 1": (56, 3, 3), "Swin-T stage 3": (14, 12, 3)}.items():
         window, d = 7, 32
 
