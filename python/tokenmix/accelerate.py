@@ -80,18 +80,16 @@ def _accelerate_gcvit(block) -> str | None:
 
 
 def _handlers():
-    handlers = []
-    try:
-        from timm.models.swin_transformer import SwinTransformerBlock
-        handlers.append((SwinTransformerBlock, "Swin v1 window attention", _accelerate_swin))
-    except ImportError:
-        pass
+    """(block class, description, handler) for each supported family timm provides here. timm
+    can fail to import with errors other than ImportError (a torchvision built for another
+    torch); then nothing is supported."""
     try:
         from timm.models.gcvit import GlobalContextVitBlock
-        handlers.append((GlobalContextVitBlock, "GC ViT window attention", _accelerate_gcvit))
-    except ImportError:
-        pass
-    return handlers
+        from timm.models.swin_transformer import SwinTransformerBlock
+    except Exception:
+        return []
+    return [(SwinTransformerBlock, "Swin v1 window attention", _accelerate_swin),
+            (GlobalContextVitBlock, "GC ViT window attention", _accelerate_gcvit)]
 
 
 def accelerate(model: nn.Module, verbose: bool = False) -> nn.Module:
@@ -114,7 +112,7 @@ def accelerate(model: nn.Module, verbose: bool = False) -> nn.Module:
                 report.append(Replacement(name, kind, why is None, why or "fused"))
                 break
     if not handlers:
-        report.append(Replacement("", "timm", False, "timm is not installed"))
+        report.append(Replacement("", "timm", False, "timm is not importable"))
     elif not report:
         report.append(Replacement("", type(model).__name__, False, "no supported blocks found"))
     model.tokenmix_report = report

@@ -61,7 +61,7 @@ def swin_model_case(batch: int) -> Case | None:
     """Whole swin_tiny_patch4_window7_224 forward, accelerated vs original (needs timm)."""
     try:
         import timm
-    except ImportError:
+    except Exception:  # not installed, or broken by a mismatched torchvision
         return None
     import copy
 
