@@ -61,6 +61,15 @@ def test_global_query(device, dtype, B, H, W):
     run_case(device, dtype, B, H, W, 2, 16, 7, 0, global_q=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,W,window,shift,glob", [(13, 11, 7, 0, True),      # global q, partial windows
+                                                   (14, 14, (7, 7), (0, 3), False),  # shift in one dim
+                                                   (7, 7, 7, 3, False),       # one window, shifted
+                                                   (7, 9, (7, 3), (3, 1), False)])
+def test_edge_geometries(device, H, W, window, shift, glob):
+    run_case(device, torch.float32, 2, H, W, 2, 8, window, shift, global_q=glob)
+
+
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_no_bias_local_windows(device, dtype):
     """HAT-Net's local step: plain window attention, no bias."""

@@ -162,7 +162,8 @@ struct CudaBackend {
       w.dbias = dbias.mutable_data_ptr();
     }
     if (p.global_q) {
-      dq_part = at::empty({B, nW, T, w.heads, w.d}, acc);
+      // Zeroed: rows of window tokens outside the map (partial windows) are never written.
+      dq_part = at::zeros({B, nW, T, w.heads, w.d}, acc);
       w.dq_partial = dq_part.mutable_data_ptr();
     }
     w.grad = grad.const_data_ptr();
