@@ -36,6 +36,17 @@ TORCH_LIBRARY(tokenmix, m) {
       "int[2] window_size, int[2] shift_size, Tensor? bias_table, float? scale) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
       tags);
+  // Deformable convolution (LIT, DCNv1/v2), csrc/ops/deform_conv2d. torchvision's signature.
+  m.def(
+      "deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? bias=None, "
+      "int[2] stride=[1, 1], int[2] padding=[0, 0], int[2] dilation=[1, 1], Tensor? mask=None) "
+      "-> Tensor",
+      tags);
+  m.def(
+      "deform_conv2d_backward(Tensor grad, Tensor input, Tensor offset, Tensor weight, "
+      "Tensor? mask, int[2] stride, int[2] padding, int[2] dilation, bool bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      tags);
 }
 
 #ifndef TOKENMIX_CUDA_ARCHS

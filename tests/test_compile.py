@@ -16,7 +16,10 @@ def _as_fn(op, kwargs):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,i", CASES, ids=[c[0] for c in CASES])
 def test_compile_fullgraph(device, name, i):
-    _, op, args, kwargs = all_samples(device)[i]
+    found = [c for c in all_samples(device) if c[0] == name]
+    if not found:
+        pytest.skip(f"{name} has no {device} kernel yet")
+    _, op, args, kwargs = found[0]
     check_compiles(_as_fn(op, kwargs), args)
 
 

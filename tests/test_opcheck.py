@@ -11,7 +11,10 @@ CASES = [(name, i) for i, (name, *_ ) in enumerate(all_samples("cpu"))]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,i", CASES, ids=[c[0] for c in CASES])
 def test_opcheck(device, name, i):
-    _, op, args, kwargs = all_samples(device)[i]
+    found = [c for c in all_samples(device) if c[0] == name]
+    if not found:
+        pytest.skip(f"{name} has no {device} kernel yet")
+    _, op, args, kwargs = found[0]
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in args)
     check_opcheck(op, args, kwargs)

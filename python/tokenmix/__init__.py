@@ -23,6 +23,7 @@ OPS: dict[str, str] = {
     "topk_tokens": "gather",
     "policy_softmax": "gather",
     "window_attention": "window_attention",
+    "deform_conv2d": "deform_conv2d",
 }
 
 

@@ -44,6 +44,12 @@ class Case:
     exact: Callable | None = None
     # Whole-model cases: slow to compile, left out of the quick demo.
     heavy: bool = False
+    # What torch.compile is applied to (default: `eager`), e.g. the tokenmix oracle when `eager`
+    # is another library's kernel.
+    compile_target: Callable | None = None
+    # A lower bound timed beside the others (e.g. the plain convolution a deformable one
+    # generalises); reported as fused time / floor time.
+    floor: Callable | None = None
 
 
 @dataclass
@@ -154,7 +160,9 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
         err = _max_err(case.fused(*inputs), exact)
     variants = {"fused": case.fused, "eager": case.eager}
     if compile_ref:
-        variants["compiled"] = torch.compile(case.eager, dynamic=False)
+        variants["compiled"] = torch.compile(case.compile_target or case.eager, dynamic=False)
+    if case.floor is not None:
+        variants["floor"] = case.floor
 
     rows = []
     inner = 1 if device.type == "cuda" else 3
@@ -196,6 +204,9 @@ def _row(case: Case, mode: str, t: dict[str, float], err: float, nbytes: int) ->
               eager_ms=t["eager"] * 1e3, compiled_ms=compiled * 1e3 if compiled else None,
               speedup_vs_eager=t["eager"] / t["fused"],
               speedup_vs_compiled=compiled / t["fused"] if compiled else None, max_abs_err=err)
+    if "floor" in t:
+        row.extra["floor_ms"] = t["floor"] * 1e3
+        row.extra["fused_over_floor"] = t["fused"] / t["floor"]
     if nbytes:
         row.gbps = nbytes / t["fused"] / 1e9
         row.copy_gbps = nbytes / t["copy"] / 1e9
@@ -266,7 +277,9 @@ def format_table(result: dict) -> str:
         pct = f"{r['pct_of_copy']:.0f}%" if r["pct_of_copy"] else "-"
         lines.append(f"{r['op']:<18}{r['case']:<44}{r['mode']:<9}{r['fused_ms']:>10.3f}"
                      f"{r['eager_ms']:>10.3f}{comp:>11}{r['speedup_vs_eager']:>9.2f}{xcomp:>10}"
-                     f"{gbps:>8}{pct:>8}{r['max_abs_err']:>10.1e}")
+                     f"{gbps:>8}{pct:>8}{r['max_abs_err']:>10.1e}"
+                     + (f"   fused/floor {r['extra']['fused_over_floor']:.2f}"
+                        if r.get("extra", {}).get("fused_over_floor") else ""))
     lines.append("GB/s: the op's minimum memory traffic over its time; % copy: that against a tensor "
                  "copy of the same bytes timed in the same rounds.")
     return "\n".join(lines)

@@ -1,0 +1,70 @@
+// Sampling math of deformable convolution (torchvision.ops.deform_conv2d semantics), shared by the
+// CPU and CUDA kernels. No torch headers.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "tokenmix/macros.h"
+
+namespace tokenmix {
+namespace deform {
+
+// input [B, Cin, H, W] -> output [B, Cout, Ho, Wo]; kernel kh x kw with stride, padding, dilation.
+struct Geometry {
+  int64_t H, W, Ho, Wo;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+
+  TM_HOST_DEVICE int64_t taps() const { return kh * kw; }
+  // Sampling position of tap t of output pixel (oy, ox) before its learned offset.
+  TM_HOST_DEVICE int64_t base_y(int64_t oy, int64_t t) const { return oy * sh - ph + (t / kw) * dh; }
+  TM_HOST_DEVICE int64_t base_x(int64_t ox, int64_t t) const { return ox * sw - pw + (t % kw) * dw; }
+};
+
+// The four neighbours of a fractional position (y, x): flat indices y * W + x and bilinear
+// weights, a weight of 0 (and index 0) for neighbours outside the map. With `outer_check`, a point
+// at or beyond one pixel outside the map has all weights 0 (torchvision's forward rule); without
+// it, only the neighbours' own validity counts (torchvision's offset-gradient rule).
+template <typename A>
+struct Corners {
+  int64_t idx[4];  // (y0, x0), (y0, x1), (y1, x0), (y1, x1)
+  A w[4];
+  A ly, lx;        // fractional parts
+  bool valid[4];
+};
+
+template <typename A>
+TM_HOST_DEVICE Corners<A> corners(A y, A x, int64_t H, int64_t W, bool outer_check) {
+  Corners<A> c;
+#if defined(__CUDA_ARCH__)
+  const A yf = floor(y), xf = floor(x);
+#else
+  const A yf = std::floor(y), xf = std::floor(x);
+#endif
+  const int64_t y0 = static_cast<int64_t>(yf), x0 = static_cast<int64_t>(xf);
+  c.ly = y - yf;
+  c.lx = x - xf;
+  const bool inside = !outer_check || (y > A(-1) && y < A(H) && x > A(-1) && x < A(W));
+  const A wy[2] = {A(1) - c.ly, c.ly};
+  const A wx[2] = {A(1) - c.lx, c.lx};
+  for (int k = 0; k < 4; ++k) {
+    const int64_t yy = y0 + k / 2, xx = x0 + k % 2;
+    c.valid[k] = inside && yy >= 0 && yy < H && xx >= 0 && xx < W;
+    c.idx[k] = c.valid[k] ? yy * W + xx : 0;
+    c.w[k] = c.valid[k] ? wy[k / 2] * wx[k % 2] : A(0);
+  }
+  return c;
+}
+
+// d(bilinear value)/dy and /dx from the four neighbour values (0 where invalid).
+template <typename A>
+TM_HOST_DEVICE A grad_y(const A v[4], A lx) {
+  return (A(1) - lx) * (v[2] - v[0]) + lx * (v[3] - v[1]);
+}
+template <typename A>
+TM_HOST_DEVICE A grad_x(const A v[4], A ly) {
+  return (A(1) - ly) * (v[1] - v[0]) + ly * (v[3] - v[2]);
+}
+
+}  // namespace deform
+}  // namespace tokenmix

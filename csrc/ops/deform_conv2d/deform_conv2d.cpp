@@ -1,0 +1,204 @@
+// Deformable convolution (DCNv1/v2 as torchvision.ops.deform_conv2d, used by LIT's token
+// merging): argument checks, C++ autograd and the dispatcher registrations. Schemas live in
+// csrc/tokenmix.cpp. CPU kernels only so far: the CUDA kernels are not written yet.
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "deform_conv2d_cpu.h"
+#include "tokenmix/checks.h"
+
+namespace tokenmix {
+namespace deform {
+namespace {
+
+constexpr const char* kOp = "deform_conv2d";
+
+std::pair<int64_t, int64_t> pair_arg(const char* name, at::IntArrayRef v) {
+  TORCH_CHECK_VALUE(v.size() == 2, "tokenmix.", kOp, ": ", name, " must have 2 entries, got ",
+                    v.size());
+  return {v[0], v[1]};
+}
+
+Problem make_problem(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation,
+                     const std::optional<at::Tensor>& mask) {
+  check_rank(kOp, "input", input, 4, "[B, C_in, H, W]");
+  check_floating(kOp, "input", input);
+  check_rank(kOp, "offset", offset, 4, "[B, 2 * offset_groups * kh * kw, H_out, W_out]");
+  check_rank(kOp, "weight", weight, 4, "[C_out, C_in / groups, kh, kw]");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"offset", &offset},
+                                {"weight", &weight}}) {
+    check_same_dtype(kOp, name, *t, "input", input);
+    check_same_device(kOp, name, *t, "input", input);
+  }
+  const auto [sh, sw] = pair_arg("stride", stride);
+  const auto [ph, pw] = pair_arg("padding", padding);
+  const auto [dh, dw] = pair_arg("dilation", dilation);
+  TORCH_CHECK_VALUE(sh > 0 && sw > 0, "tokenmix.", kOp, ": stride must be positive, got (", sh,
+                    ", ", sw, ")");
+  TORCH_CHECK_VALUE(dh > 0 && dw > 0, "tokenmix.", kOp, ": dilation must be positive, got (", dh,
+                    ", ", dw, ")");
+  TORCH_CHECK_VALUE(ph >= 0 && pw >= 0, "tokenmix.", kOp, ": padding must be >= 0, got (", ph,
+                    ", ", pw, ")");
+  const int64_t B = input.size(0), Cin = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t Cout = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK_VALUE(kh > 0 && kw > 0 && weight.size(1) > 0, "tokenmix.", kOp,
+                    ": weight must have a non-empty kernel, got ", shape_str(weight));
+  const int64_t Ho = (H + 2 * ph - (dh * (kh - 1) + 1)) / sh + 1;
+  const int64_t Wo = (W + 2 * pw - (dw * (kw - 1) + 1)) / sw + 1;
+  TORCH_CHECK_VALUE(Ho > 0 && Wo > 0, "tokenmix.", kOp, ": the output size (", Ho, ", ", Wo,
+                    ") is not positive for input (", H, ", ", W, "), kernel (", kh, ", ", kw,
+                    "), stride (", sh, ", ", sw, "), padding (", ph, ", ", pw, "), dilation (", dh,
+                    ", ", dw, ")");
+  TORCH_CHECK_VALUE(Cin % weight.size(1) == 0, "tokenmix.", kOp, ": input channels ", Cin,
+                    " must be a multiple of weight.size(1) = ", weight.size(1));
+  const int64_t groups = Cin / weight.size(1);
+  TORCH_CHECK_VALUE(Cout % groups == 0, "tokenmix.", kOp, ": weight.size(0) = ", Cout,
+                    " must be a multiple of the ", groups, " weight groups");
+  const int64_t kk = kh * kw;
+  TORCH_CHECK_VALUE(offset.size(1) > 0 && offset.size(1) % (2 * kk) == 0, "tokenmix.", kOp,
+                    ": offset must have 2 * offset_groups * kh * kw channels (a multiple of ",
+                    2 * kk, "), got ", offset.size(1));
+  const int64_t G = offset.size(1) / (2 * kk);
+  TORCH_CHECK_VALUE(Cin % G == 0, "tokenmix.", kOp, ": input channels ", Cin,
+                    " must be divisible by the ", G, " offset groups");
+  check_size(kOp, "offset", offset, 0, B, "input.size(0)");
+  check_size(kOp, "offset", offset, 2, Ho, "H_out");
+  check_size(kOp, "offset", offset, 3, Wo, "W_out");
+
+  Problem p;
+  p.input = input.contiguous();
+  p.offset = offset.contiguous();
+  p.weight = weight.contiguous();
+  if (bias.has_value() && bias->defined()) {
+    check_rank(kOp, "bias", *bias, 1, "[C_out]");
+    check_same_dtype(kOp, "bias", *bias, "input", input);
+    check_same_device(kOp, "bias", *bias, "input", input);
+    check_size(kOp, "bias", *bias, 0, Cout, "weight.size(0)");
+    p.bias = bias->contiguous();
+  }
+  if (mask.has_value() && mask->defined()) {
+    check_rank(kOp, "mask", *mask, 4, "[B, offset_groups * kh * kw, H_out, W_out]");
+    check_same_dtype(kOp, "mask", *mask, "input", input);
+    check_same_device(kOp, "mask", *mask, "input", input);
+    check_size(kOp, "mask", *mask, 0, B, "input.size(0)");
+    check_size(kOp, "mask", *mask, 1, G * kk, "offset_groups * kh * kw");
+    check_size(kOp, "mask", *mask, 2, Ho, "H_out");
+    check_size(kOp, "mask", *mask, 3, Wo, "W_out");
+    p.mask = mask->contiguous();
+  }
+  p.geo = Geometry{H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw};
+  p.groups = groups;
+  p.offset_groups = G;
+  return p;
+}
+
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation,
+                       const std::optional<at::Tensor>& mask) {
+  const Problem p = make_problem(input, offset, weight, bias, stride, padding, dilation, mask);
+  at::Tensor out = at::empty({input.size(0), weight.size(0), p.geo.Ho, p.geo.Wo}, input.options());
+  if (out.numel() > 0) {
+    if (p.input.numel() > 0) {
+      deform_conv2d_cpu_kernels().forward(p, out);
+    } else {
+      out.copy_(p.bias.defined() ? p.bias.view({1, -1, 1, 1}).expand_as(out) : at::zeros_like(out));
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& offset,
+    const at::Tensor& weight, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool has_bias) {
+  const Problem p = make_problem(input, offset, weight, std::nullopt, stride, padding, dilation, mask);
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == input.size(0) && grad.size(1) == weight.size(0) &&
+                        grad.size(2) == p.geo.Ho && grad.size(3) == p.geo.Wo,
+                    "tokenmix.deform_conv2d_backward: grad must have shape [", input.size(0), ", ",
+                    weight.size(0), ", ", p.geo.Ho, ", ", p.geo.Wo, "], got ", shape_str(grad));
+  at::Tensor gi = at::empty(input.sizes(), input.options());
+  at::Tensor go = at::empty(offset.sizes(), offset.options());
+  at::Tensor gw = at::empty(weight.sizes(), weight.options());
+  at::Tensor gb = has_bias ? at::empty({weight.size(0)}, weight.options()) : at::empty({0}, weight.options());
+  at::Tensor gm = p.mask.defined() ? at::empty(p.mask.sizes(), p.mask.options()) : at::empty({0}, input.options());
+  if (input.numel() == 0 || grad.numel() == 0) {
+    gi.zero_();
+    go.zero_();
+    gw.zero_();
+    gb.zero_();
+    gm.zero_();
+    if (has_bias && grad.numel() > 0) gb.copy_(grad.sum({0, 2, 3}));
+    return {gi, go, gw, gb, gm};
+  }
+  at::Tensor gb_arg = has_bias ? gb : at::Tensor();
+  at::Tensor gm_arg = p.mask.defined() ? gm : at::Tensor();
+  deform_conv2d_cpu_kernels().backward(p, grad.contiguous(), gi, go, gw, gb_arg, gm_arg);
+  return {gi, go, gw, gb, gm};
+}
+
+// ---- autograd ---------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class DeformConv2dFn : public torch::autograd::Function<DeformConv2dFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& offset,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, const std::optional<at::Tensor>& mask) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tokenmix::deform_conv2d", "")
+                         .typed<decltype(forward_cpu)>();
+    const at::Tensor m = mask.has_value() ? *mask : at::Tensor();
+    ctx->save_for_backward({input, offset, weight, m});
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    return op.call(input, offset, weight, bias, stride, padding, dilation, mask);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tokenmix::deform_conv2d_backward", "")
+                         .typed<decltype(backward_cpu)>();
+    const auto s = ctx->get_saved_variables();
+    const std::optional<at::Tensor> mask = s[3].defined() ? std::optional<at::Tensor>(s[3]) : std::nullopt;
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    auto [gi, go, gw, gb, gm] =
+        op.call(grads[0], s[0], s[1], s[2], mask, ctx->saved_data["stride"].toIntVector(),
+                ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
+                has_bias);
+    return {gi, go, gw, has_bias ? gb : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            mask.has_value() ? gm : at::Tensor()};
+  }
+};
+
+at::Tensor deform_conv2d_autograd(const at::Tensor& input, const at::Tensor& offset,
+                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, const std::optional<at::Tensor>& mask) {
+  return DeformConv2dFn::apply(input, offset, weight, bias, stride, padding, dilation, mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {
+  m.impl("deform_conv2d", &forward_cpu);
+  m.impl("deform_conv2d_backward", &backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
+  m.impl("deform_conv2d", &deform_conv2d_autograd);
+}
+
+}  // namespace deform
+}  // namespace tokenmix
