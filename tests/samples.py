@@ -43,14 +43,12 @@ def window_attention_samples(device: str, dtype: torch.dtype = torch.float32):
 
 
 def deform_conv2d_samples(device: str, dtype: torch.dtype = torch.float32):
-    if device != "cpu":  # CUDA kernels not written yet
-        return []
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 6, 6, generator=gen, dtype=dtype)
-    off = torch.randn(2, 2 * 2 * 9, 6, 6, generator=gen, dtype=dtype)
-    w = torch.randn(4, 2, 3, 3, generator=gen, dtype=dtype)
-    b = torch.randn(4, generator=gen, dtype=dtype)
-    m = torch.rand(2, 2 * 9, 6, 6, generator=gen, dtype=dtype)
+    x = torch.randn(2, 4, 6, 6, generator=gen, dtype=dtype).to(device)
+    off = torch.randn(2, 2 * 2 * 9, 6, 6, generator=gen, dtype=dtype).to(device)
+    w = torch.randn(4, 2, 3, 3, generator=gen, dtype=dtype).to(device)
+    b = torch.randn(4, generator=gen, dtype=dtype).to(device)
+    m = torch.rand(2, 2 * 9, 6, 6, generator=gen, dtype=dtype).to(device)
     op = torch.ops.tokenmix.deform_conv2d.default
     return [("deform_conv2d", op, (x, off, w, b, [1, 1], [1, 1], [1, 1], m), {})]
 

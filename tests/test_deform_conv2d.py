@@ -1,6 +1,6 @@
 """Deformable convolution (API.md section 4): outputs and every gradient vs the eager oracle and
 torchvision, awkward offsets, both LIT and DCNv2 geometries, LIT's module and its keys, and every
-argument check. The CUDA kernels are not written yet: CUDA inputs must raise."""
+argument check."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,6 @@ except Exception:  # not installed, or built for another torch
     tv_deform_conv2d = None
 
 GEN = torch.Generator().manual_seed(11)
-CPU_ONLY = [d for d in DEVICES if d.values[0] == "cpu"]
 
 # (B, Cin, H, W, Cout, k, stride, padding, dilation, offset_groups, groups, mask)
 GEOMETRIES = [
@@ -43,7 +42,7 @@ def _call(fn, s, p, d):
     return lambda x, off, w, b, *m: fn(x, off, w, b, stride=s, padding=p, dilation=d, mask=m[0] if m else None)
 
 
-@pytest.mark.parametrize("device,dtype", [c for c in device_dtype_params() if c.values[0] == "cpu"])
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("geo", GEOMETRIES)
 def test_deform_conv2d(device, dtype, geo):
     x, off, w, b, m = make(*geo)
@@ -69,17 +68,17 @@ def test_matches_torchvision(geo):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("device", CPU_ONLY)
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_offsets_equal_conv2d(device):
-    x, off, w, b, _ = make(2, 8, 12, 10, 6, 3, 1, 1, 2, 2, 1, False)
+    x, off, w, b = (t.to(device) for t in make(2, 8, 12, 10, 6, 3, 1, 1, 2, 2, 1, False)[:4])
     out = tm.deform_conv2d(x, torch.zeros_like(off), w, b, padding=1, dilation=2)
     torch.testing.assert_close(out, F.conv2d(x, w, b, padding=1, dilation=2))
 
 
-@pytest.mark.parametrize("device", CPU_ONLY)
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device):
     for geo in [(1, 2, 5, 4, 2, 2, 2, 0, 1, 1, 1, True), (2, 4, 4, 4, 2, 3, 1, 1, 1, 2, 2, True)]:
-        x, off, w, b, m = make(*geo, scale=1.3)
+        x, off, w, b, m = (t.to(device) for t in make(*geo, scale=1.3))
         s, p, d = geo[6], geo[7], geo[8]
         check_gradcheck(_call(tm.deform_conv2d, s, p, d), [x, off, w, b, m])
 
@@ -153,7 +152,7 @@ def test_bad_inputs():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_not_implemented_yet():
-    x, off, w, b, _ = (t.float().cuda() for t in make(1, 4, 8, 8, 4, 2, 2, 0, 1, 1, 1, False))
-    with pytest.raises(NotImplementedError):
-        tm.deform_conv2d(x, off, w, b, stride=2)
+def test_bad_device_cpu_vs_cuda():
+    x, off, w, b, _ = (t.float() for t in make(1, 4, 8, 8, 4, 2, 2, 0, 1, 1, 1, False))
+    check_raises(ValueError, r"offset must be on the device of input", tm.deform_conv2d, x.cuda(), off, w.cuda(),
+                 b.cuda(), stride=2)

@@ -1,6 +1,6 @@
 // Deformable convolution (DCNv1/v2 as torchvision.ops.deform_conv2d, used by LIT's token
-// merging): argument checks, C++ autograd and the dispatcher registrations. Schemas live in
-// csrc/tokenmix.cpp. CPU kernels only so far: the CUDA kernels are not written yet.
+// merging): argument checks, the CPU and CUDA backends, C++ autograd and the dispatcher
+// registrations. Schemas live in csrc/tokenmix.cpp.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -9,6 +9,11 @@
 
 #include "deform_conv2d_cpu.h"
 #include "tokenmix/checks.h"
+
+#if defined(TOKENMIX_WITH_CUDA)
+#include "deform_conv2d_params.h"
+#include "tokenmix/cuda_launch.h"
+#endif
 
 namespace tokenmix {
 namespace deform {
@@ -97,15 +102,108 @@ Problem make_problem(const at::Tensor& input, const at::Tensor& offset, const at
   return p;
 }
 
-at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                       at::IntArrayRef padding, at::IntArrayRef dilation,
-                       const std::optional<at::Tensor>& mask) {
+// ---- backends ---------------------------------------------------------------------------------
+
+struct CpuBackend {
+  static void forward(const Problem& p, at::Tensor& out) {
+    deform_conv2d_cpu_kernels().forward(p, out);
+  }
+  static void backward(const Problem& p, const at::Tensor& grad, at::Tensor& gi, at::Tensor& go,
+                       at::Tensor& gw, at::Tensor& gb, at::Tensor& gm) {
+    deform_conv2d_cpu_kernels().backward(p, grad, gi, go, gw, gb, gm);
+  }
+};
+
+#if defined(TOKENMIX_WITH_CUDA)
+// Sampling kernels around cuBLAS GEMMs, over chunks of images whose column buffer stays under
+// kWorkspaceBytes.
+struct CudaBackend {
+  static constexpr int64_t kWorkspaceBytes = int64_t{256} << 20;
+
+  static DeformParams params(const Problem& p) {
+    DeformParams d{};
+    d.input = p.input.const_data_ptr();
+    d.offset = p.offset.const_data_ptr();
+    d.mask = p.mask.defined() ? p.mask.const_data_ptr() : nullptr;
+    d.geo = p.geo;
+    d.Cin = p.input.size(1);
+    d.G = p.offset_groups;
+    d.dtype = to_dtype(p.input.scalar_type());
+    return d;
+  }
+  static int64_t chunk(const Problem& p) {
+    const int64_t per_image = p.input.size(1) * p.geo.taps() * p.geo.Ho * p.geo.Wo *
+                              p.input.element_size();
+    return std::max<int64_t>(1, std::min<int64_t>(p.input.size(0), kWorkspaceBytes / per_image));
+  }
+  // weight as [1, groups, Cout_g, Cin_g * kk], the layout the column rows (c * kk + tap) match.
+  static at::Tensor weight4(const Problem& p) {
+    return p.weight.reshape({1, p.groups, p.weight.size(0) / p.groups, -1});
+  }
+  static at::Tensor im2col(const Problem& p, DeformParams& d, int64_t b0, int64_t nb) {
+    const int64_t Kg = p.weight.size(1) * p.geo.taps();
+    at::Tensor cols = at::empty({nb, p.groups, Kg, p.geo.Ho * p.geo.Wo}, p.input.options());
+    d.b0 = b0;
+    d.nb = nb;
+    d.cols = cols.mutable_data_ptr();
+    check_launch(deform_im2col_cuda(d, current_stream()), "deform_im2col");
+    return cols;
+  }
+  static void forward(const Problem& p, at::Tensor& out) {
+    DeformParams d = params(p);
+    const int64_t B = p.input.size(0), step = chunk(p), groups = p.groups;
+    const int64_t Cout = p.weight.size(0), P = p.geo.Ho * p.geo.Wo;
+    const at::Tensor w4 = weight4(p);
+    for (int64_t b0 = 0; b0 < B; b0 += step) {
+      const int64_t nb = std::min(step, B - b0);
+      const at::Tensor cols = im2col(p, d, b0, nb);
+      out.narrow(0, b0, nb).view({nb, groups, Cout / groups, P}).copy_(at::matmul(w4, cols));
+    }
+    if (p.bias.defined()) out.add_(p.bias.view({1, -1, 1, 1}));
+  }
+  static void backward(const Problem& p, const at::Tensor& grad, at::Tensor& gi, at::Tensor& go,
+                       at::Tensor& gw, at::Tensor& gb, at::Tensor& gm) {
+    DeformParams d = params(p);
+    const int64_t B = p.input.size(0), step = chunk(p), groups = p.groups;
+    const int64_t Cout = p.weight.size(0), P = p.geo.Ho * p.geo.Wo;
+    const auto acc = p.input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor gi_acc = at::zeros(p.input.sizes(), p.input.options().dtype(acc));
+    at::Tensor gw_acc = at::zeros({groups, Cout / groups, p.weight.size(1) * p.geo.taps()},
+                                  p.input.options().dtype(acc));
+    const at::Tensor w4t = weight4(p).transpose(-1, -2);
+    d.grad_input = gi_acc.mutable_data_ptr();
+    d.grad_offset = go.mutable_data_ptr();
+    d.grad_mask = gm.defined() ? gm.mutable_data_ptr() : nullptr;
+    for (int64_t b0 = 0; b0 < B; b0 += step) {
+      const int64_t nb = std::min(step, B - b0);
+      const at::Tensor cols = im2col(p, d, b0, nb);
+      const at::Tensor g = grad.narrow(0, b0, nb).view({nb, groups, Cout / groups, P});
+      const at::Tensor gcols = at::matmul(w4t, g).contiguous();
+      gw_acc.add_(at::matmul(g, cols.transpose(-1, -2)).to(acc).sum(0));
+      d.grad_cols = gcols.const_data_ptr();
+      check_launch(deform_col2im_cuda(d, current_stream()), "deform_col2im");
+      check_launch(deform_col2im_coord_cuda(d, current_stream()), "deform_col2im_coord");
+    }
+    gi.copy_(gi_acc);
+    gw.copy_(gw_acc.view(gw.sizes()));
+    if (gb.defined()) gb.copy_(grad.sum({0, 2, 3}));
+  }
+};
+#endif
+
+// ---- ops --------------------------------------------------------------------------------------
+
+template <class Backend>
+at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                        const std::optional<at::Tensor>& mask) {
+  const c10::DeviceGuard guard(input.device());
   const Problem p = make_problem(input, offset, weight, bias, stride, padding, dilation, mask);
   at::Tensor out = at::empty({input.size(0), weight.size(0), p.geo.Ho, p.geo.Wo}, input.options());
   if (out.numel() > 0) {
     if (p.input.numel() > 0) {
-      deform_conv2d_cpu_kernels().forward(p, out);
+      Backend::forward(p, out);
     } else {
       out.copy_(p.bias.defined() ? p.bias.view({1, -1, 1, 1}).expand_as(out) : at::zeros_like(out));
     }
@@ -113,10 +211,12 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& offset,
     const at::Tensor& weight, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, bool has_bias) {
+  const c10::DeviceGuard guard(input.device());
   const Problem p = make_problem(input, offset, weight, std::nullopt, stride, padding, dilation, mask);
   TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == input.size(0) && grad.size(1) == weight.size(0) &&
                         grad.size(2) == p.geo.Ho && grad.size(3) == p.geo.Wo,
@@ -138,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   }
   at::Tensor gb_arg = has_bias ? gb : at::Tensor();
   at::Tensor gm_arg = p.mask.defined() ? gm : at::Tensor();
-  deform_conv2d_cpu_kernels().backward(p, grad.contiguous(), gi, go, gw, gb_arg, gm_arg);
+  Backend::backward(p, grad.contiguous(), gi, go, gw, gb_arg, gm_arg);
   return {gi, go, gw, gb, gm};
 }
 
@@ -156,7 +256,7 @@ class DeformConv2dFn : public torch::autograd::Function<DeformConv2dFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("tokenmix::deform_conv2d", "")
-                         .typed<decltype(forward_cpu)>();
+                         .typed<decltype(forward_impl<CpuBackend>)>();
     const at::Tensor m = mask.has_value() ? *mask : at::Tensor();
     ctx->save_for_backward({input, offset, weight, m});
     ctx->saved_data["stride"] = stride.vec();
@@ -169,7 +269,7 @@ class DeformConv2dFn : public torch::autograd::Function<DeformConv2dFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("tokenmix::deform_conv2d_backward", "")
-                         .typed<decltype(backward_cpu)>();
+                         .typed<decltype(backward_impl<CpuBackend>)>();
     const auto s = ctx->get_saved_variables();
     const std::optional<at::Tensor> mask = s[3].defined() ? std::optional<at::Tensor>(s[3]) : std::nullopt;
     const bool has_bias = ctx->saved_data["bias"].toBool();
@@ -192,9 +292,16 @@ at::Tensor deform_conv2d_autograd(const at::Tensor& input, const at::Tensor& off
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {
-  m.impl("deform_conv2d", &forward_cpu);
-  m.impl("deform_conv2d_backward", &backward_cpu);
+  m.impl("deform_conv2d", &forward_impl<CpuBackend>);
+  m.impl("deform_conv2d_backward", &backward_impl<CpuBackend>);
 }
+
+#if defined(TOKENMIX_WITH_CUDA)
+TORCH_LIBRARY_IMPL(tokenmix, CUDA, m) {
+  m.impl("deform_conv2d", &forward_impl<CudaBackend>);
+  m.impl("deform_conv2d_backward", &backward_impl<CudaBackend>);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
   m.impl("deform_conv2d", &deform_conv2d_autograd);
