@@ -145,7 +145,7 @@ struct CudaBackend {
     WindowParams w = params(p);
     check_limits(w, false);
     w.out = out.mutable_data_ptr();
-    w.lse = lse.mutable_data_ptr();
+    w.lse = lse.defined() ? lse.mutable_data_ptr() : nullptr;
     check_launch(window_attention_forward_cuda(w, current_stream()), "window_attention");
   }
   static void backward(const Problem& p, const at::Tensor& grad, const at::Tensor& lse,
@@ -178,17 +178,21 @@ struct CudaBackend {
 
 // ---- ops --------------------------------------------------------------------------------------
 
+// The output, and the row log-sum-exp when `with_lse` (only backward needs it).
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, at::IntArrayRef window_size,
-                                                at::IntArrayRef shift_size,
-                                                const std::optional<at::Tensor>& bias_table,
-                                                std::optional<double> scale) {
+std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, at::IntArrayRef window_size,
+                                               at::IntArrayRef shift_size,
+                                               const std::optional<at::Tensor>& bias_table,
+                                               std::optional<double> scale, bool with_lse) {
   const c10::DeviceGuard guard(k.device());
   const Problem p = make_problem(q, k, v, window_size, shift_size, bias_table, scale);
   at::Tensor out = at::empty(k.sizes(), k.options());
-  at::Tensor lse = at::empty({k.size(0), p.geo.windows(), p.geo.tokens(), k.size(3)},
-                             k.options().dtype(acc_type(k)));
+  at::Tensor lse;
+  if (with_lse) {
+    lse = at::empty({k.size(0), p.geo.windows(), p.geo.tokens(), k.size(3)},
+                    k.options().dtype(acc_type(k)));
+  }
   if (out.numel() > 0) {
     Backend::forward(p, out, lse);
   }
@@ -196,11 +200,21 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::T
 }
 
 template <class Backend>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, at::IntArrayRef window_size,
+                                                at::IntArrayRef shift_size,
+                                                const std::optional<at::Tensor>& bias_table,
+                                                std::optional<double> scale) {
+  return run_forward<Backend>(q, k, v, window_size, shift_size, bias_table, scale, true);
+}
+
+template <class Backend>
 at::Tensor window_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  at::IntArrayRef window_size, at::IntArrayRef shift_size,
                                  const std::optional<at::Tensor>& bias_table,
                                  std::optional<double> scale) {
-  return std::get<0>(forward_impl<Backend>(q, k, v, window_size, shift_size, bias_table, scale));
+  return std::get<0>(
+      run_forward<Backend>(q, k, v, window_size, shift_size, bias_table, scale, false));
 }
 
 template <class Backend>

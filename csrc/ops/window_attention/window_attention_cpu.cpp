@@ -273,7 +273,7 @@ void forward_typed(const Problem& p, at::Tensor& out, at::Tensor& lse_t) {
   const int64_t B = p.k.size(0), nW = g.windows();
   const Strides so(out);
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  A* lse = lse_t.mutable_data_ptr<A>();
+  A* lse = lse_t.defined() ? lse_t.mutable_data_ptr<A>() : nullptr;
   at::parallel_for(0, B * nW, 1, [&](int64_t begin, int64_t end) {
     WindowTokens w;
     Operands<scalar_t, A> ops;
@@ -290,13 +290,13 @@ void forward_typed(const Problem& p, at::Tensor& out, at::Tensor& lse_t) {
           if (!w.exists[i]) {
             std::fill(row, row + s.Tpad, A(0));
             inv_sum[i] = A(0);
-            lse[(task * s.T + i) * s.heads + h] = A(0);
+            if (lse != nullptr) lse[(task * s.T + i) * s.heads + h] = A(0);
             continue;
           }
           const A m = vec_max(row, s.Tpad);
           const A sum = vec_exp_sum(row, m, s.Tpad);
           inv_sum[i] = A(1) / sum;
-          lse[(task * s.T + i) * s.heads + h] = m + std::log(sum);
+          if (lse != nullptr) lse[(task * s.T + i) * s.heads + h] = m + std::log(sum);
         }
         mat_mat(S.data(), s.Tpad, s.T, s.T, ops.V.data(), s.dpad, s.dpad, O.data(), s.dpad);
         for (int64_t i = 0; i < s.T; ++i) {

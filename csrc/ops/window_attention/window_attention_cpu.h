@@ -20,7 +20,8 @@ struct Problem {
 };
 
 struct CpuKernels {
-  // out [B, H, W, heads, d] contiguous; lse [B, windows, tokens, heads] in the accumulation type.
+  // out [B, H, W, heads, d] contiguous; lse [B, windows, tokens, heads] in the accumulation type,
+  // or undefined when no backward will need it.
   void (*forward)(const Problem& p, at::Tensor& out, at::Tensor& lse);
   // grad [B, H, W, heads, d] contiguous. dq, dk, dv contiguous, shaped like q, k, v;
   // dbias [(2wh-1)(2ww-1), heads] when bias_table is defined.

@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
       const int64_t c = lane + kWarp * u;
       if (c < d) out[base + c] = from_acc<T>(o[u]);
     }
-    if (lane == 0) lse[((b * nW + win) * Tn + i) * p.heads + h] = m + acc_log(sum);
+    if (lane == 0 && lse != nullptr) lse[((b * nW + win) * Tn + i) * p.heads + h] = m + acc_log(sum);
     __syncwarp();
   }
 }

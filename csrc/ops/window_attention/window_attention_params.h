@@ -30,7 +30,7 @@ struct WindowParams {
   DType dtype;
 
   void* out;  // forward: [B, H, W, heads, d] contiguous
-  void* lse;  // [B, windows, tokens, heads], float (double for Float64)
+  void* lse;  // [B, windows, tokens, heads], float (double for Float64); forward: may be null
 
   const void* grad;  // backward: contiguous like out
   void* dq;          // contiguous like q
