@@ -219,25 +219,35 @@ void score_matrix(const Setup<A>& s, const WindowTokens& w, int64_t h, const A* 
   }
 }
 
-// The window's operands of one head in task-local buffers: Qs = scale * q [T, dpad],
-// Kt = k^T [d, Tpad], V [T, dpad]; when `for_backward`, also K [T, dpad] and Vt [d, Tpad].
-// Missing tokens (partial windows) and paddings are zeros: clear() once per window, since every
-// head overwrites exactly the same entries.
+// The window's operands, every head, in task-local buffers: per head h, Qs = scale * q
+// [T, dpad], Kt = k^T [d, Tpad], V [T, dpad]; when `for_backward`, also K [T, dpad] and
+// Vt [d, Tpad]. Each token's heads are read in one pass over its memory (q, k, v usually are
+// views of one packed qkv row). Missing tokens (partial windows) and paddings are zeros: clear()
+// once per window, since every gather overwrites exactly the same entries.
 template <typename scalar_t, typename A>
 struct Operands {
   std::vector<A> Qs, Kt, V, K, Vt;
+  int64_t row_stride = 0, t_stride = 0;  // per-head strides of the [T, dpad] / [d, Tpad] buffers
+
+  const A* qs(int64_t h) const { return Qs.data() + h * row_stride; }
+  const A* kt(int64_t h) const { return Kt.data() + h * t_stride; }
+  const A* v(int64_t h) const { return V.data() + h * row_stride; }
+  const A* k(int64_t h) const { return K.data() + h * row_stride; }
+  const A* vt(int64_t h) const { return Vt.data() + h * t_stride; }
 
   void clear(const Setup<A>& s, bool for_backward) {
-    Qs.assign(s.T * s.dpad, A(0));
-    Kt.assign(s.d * s.Tpad, A(0));
-    V.assign(s.T * s.dpad, A(0));
+    row_stride = s.T * s.dpad;
+    t_stride = s.d * s.Tpad;
+    Qs.assign(s.heads * row_stride, A(0));
+    Kt.assign(s.heads * t_stride, A(0));
+    V.assign(s.heads * row_stride, A(0));
     if (for_backward) {
-      K.assign(s.T * s.dpad, A(0));
-      Vt.assign(s.d * s.Tpad, A(0));
+      K.assign(s.heads * row_stride, A(0));
+      Vt.assign(s.heads * t_stride, A(0));
     }
   }
 
-  void gather(const Problem& p, const Setup<A>& s, const WindowTokens& w, int64_t b, int64_t h,
+  void gather(const Problem& p, const Setup<A>& s, const WindowTokens& w, int64_t b,
               bool for_backward) {
     const Strides sq(p.q), sk(p.k), sv(p.v);
     const scalar_t* q = p.q.const_data_ptr<scalar_t>();
@@ -246,20 +256,24 @@ struct Operands {
     const A scale = static_cast<A>(p.scale);
     const int64_t ww = p.geo.ww;
     for (int64_t t = 0; t < s.T; ++t) {
-      if (p.global_q) {
-        load_row(q + sq.at(b, t / ww, t % ww, h), s.d, scale, Qs.data() + t * s.dpad);
-      }
-      if (!w.exists[t]) continue;
-      if (!p.global_q) {
-        load_row(q + sq.at(b, w.y[t], w.x[t], h), s.d, scale, Qs.data() + t * s.dpad);
-      }
-      const scalar_t* kr = k + sk.at(b, w.y[t], w.x[t], h);
-      const scalar_t* vr = v + sv.at(b, w.y[t], w.x[t], h);
-      load_row(vr, s.d, A(1), V.data() + t * s.dpad);
-      for (int64_t c = 0; c < s.d; ++c) Kt[c * s.Tpad + t] = static_cast<A>(kr[c]);
-      if (for_backward) {
-        load_row(kr, s.d, A(1), K.data() + t * s.dpad);
-        for (int64_t c = 0; c < s.d; ++c) Vt[c * s.Tpad + t] = static_cast<A>(vr[c]);
+      for (int64_t h = 0; h < s.heads; ++h) {
+        A* qs_row = Qs.data() + h * row_stride + t * s.dpad;
+        if (p.global_q) {
+          load_row(q + sq.at(b, t / ww, t % ww, h), s.d, scale, qs_row);
+        } else if (w.exists[t]) {
+          load_row(q + sq.at(b, w.y[t], w.x[t], h), s.d, scale, qs_row);
+        }
+        if (!w.exists[t]) continue;
+        const scalar_t* kr = k + sk.at(b, w.y[t], w.x[t], h);
+        const scalar_t* vr = v + sv.at(b, w.y[t], w.x[t], h);
+        load_row(vr, s.d, A(1), V.data() + h * row_stride + t * s.dpad);
+        A* kt = Kt.data() + h * t_stride;
+        for (int64_t c = 0; c < s.d; ++c) kt[c * s.Tpad + t] = static_cast<A>(kr[c]);
+        if (for_backward) {
+          load_row(kr, s.d, A(1), K.data() + h * row_stride + t * s.dpad);
+          A* vt = Vt.data() + h * t_stride;
+          for (int64_t c = 0; c < s.d; ++c) vt[c * s.Tpad + t] = static_cast<A>(vr[c]);
+        }
       }
     }
   }
@@ -282,9 +296,9 @@ void forward_typed(const Problem& p, at::Tensor& out, at::Tensor& lse_t) {
       const int64_t b = task / nW, win = task % nW;
       w.build(g, win);
       ops.clear(s, false);
+      ops.gather(p, s, w, b, false);
       for (int64_t h = 0; h < s.heads; ++h) {
-        ops.gather(p, s, w, b, h, false);
-        score_matrix(s, w, h, ops.Qs.data(), ops.Kt.data(), S.data());
+        score_matrix(s, w, h, ops.qs(h), ops.kt(h), S.data());
         for (int64_t i = 0; i < s.T; ++i) {
           A* row = S.data() + i * s.Tpad;
           if (!w.exists[i]) {
@@ -298,7 +312,7 @@ void forward_typed(const Problem& p, at::Tensor& out, at::Tensor& lse_t) {
           inv_sum[i] = A(1) / sum;
           if (lse != nullptr) lse[(task * s.T + i) * s.heads + h] = m + std::log(sum);
         }
-        mat_mat(S.data(), s.Tpad, s.T, s.T, ops.V.data(), s.dpad, s.dpad, O.data(), s.dpad);
+        mat_mat(S.data(), s.Tpad, s.T, s.T, ops.v(h), s.dpad, s.dpad, O.data(), s.dpad);
         for (int64_t i = 0; i < s.T; ++i) {
           if (w.exists[i]) store_row(O.data() + i * s.dpad, s.d, inv_sum[i], o + so.at(b, w.y[i], w.x[i], h));
         }
@@ -339,16 +353,16 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
       for (int64_t win = task * per_task % nW, n = 0; n < per_task; ++n, ++win) {
         w.build(g, win);
         ops.clear(s, true);
+        ops.gather(p, s, w, b, true);
         const int64_t lse_base = (b * nW + win) * s.T;
         for (int64_t h = 0; h < s.heads; ++h) {
-          ops.gather(p, s, w, b, h, true);
           std::fill(dO.begin(), dO.end(), A(0));
           for (int64_t i = 0; i < s.T; ++i) {
             if (w.exists[i]) load_row(go + sg.at(b, w.y[i], w.x[i], h), s.d, A(1), dO.data() + i * s.dpad);
           }
           // P = exp(S - lse), dP = dO V^T; missing query rows get P = 0 and drop out.
-          score_matrix(s, w, h, ops.Qs.data(), ops.Kt.data(), P.data());
-          mat_mat(dO.data(), s.dpad, s.T, s.d, ops.Vt.data(), s.Tpad, s.Tpad, dP.data(), s.Tpad);
+          score_matrix(s, w, h, ops.qs(h), ops.kt(h), P.data());
+          mat_mat(dO.data(), s.dpad, s.T, s.d, ops.vt(h), s.Tpad, s.Tpad, dP.data(), s.Tpad);
           A* db = has_bias ? dbias_part.data() + (task * s.heads + h) * table : nullptr;
           for (int64_t i = 0; i < s.T; ++i) {
             A* pr = P.data() + i * s.Tpad;
@@ -372,7 +386,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
             }
           }
           // dQ = scale dS K (rows of missing queries are zero and never stored).
-          mat_mat(dP.data(), s.Tpad, s.T, s.T, ops.K.data(), s.dpad, s.dpad, G.data(), s.dpad);
+          mat_mat(dP.data(), s.Tpad, s.T, s.T, ops.k(h), s.dpad, s.dpad, G.data(), s.dpad);
           for (int64_t i = 0; i < s.T; ++i) {
             if (!w.exists[i]) continue;
             const A* gr = G.data() + i * s.dpad;
@@ -388,7 +402,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
           for (int64_t j = 0; j < s.T; ++j) {
             if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dvp + sv.at(b, w.y[j], w.x[j], h));
           }
-          mat_mat(dSt.data(), s.Tpad, s.T, s.T, ops.Qs.data(), s.dpad, s.dpad, G.data(), s.dpad);
+          mat_mat(dSt.data(), s.Tpad, s.T, s.T, ops.qs(h), s.dpad, s.dpad, G.data(), s.dpad);
           for (int64_t j = 0; j < s.T; ++j) {
             if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dkp + sk.at(b, w.y[j], w.x[j], h));
           }
