@@ -143,6 +143,21 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def saved_bytes(fn: Callable) -> int:
+    """Bytes autograd keeps for backward while fn() builds its graph (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def _max_err(fused_out, exact_out) -> float:
     f, e = _first(fused_out), _first(exact_out)
     return (f.double() - e.double().to(f.device)).abs().max().item() if f.numel() else 0.0
@@ -194,7 +209,12 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
             return run
 
         nbytes = case.bytes_fwd(dtype) + case.bytes_bwd(dtype)
-        rows.append(_row(case, "fwd+bwd", timed(fwd_bwd, nbytes), err, nbytes))
+        row = _row(case, "fwd+bwd", timed(fwd_bwd, nbytes), err, nbytes)
+        # What each variant keeps alive for backward (inputs that are leaves included).
+        for k in ("fused", "eager"):
+            fn = variants[k]
+            row.extra[f"saved_mb_{k}"] = saved_bytes(lambda: fn(*grad_inputs)) / 2**20
+        rows.append(row)
     return rows
 
 
@@ -279,7 +299,9 @@ def format_table(result: dict) -> str:
                      f"{r['eager_ms']:>10.3f}{comp:>11}{r['speedup_vs_eager']:>9.2f}{xcomp:>10}"
                      f"{gbps:>8}{pct:>8}{r['max_abs_err']:>10.1e}"
                      + (f"   fused/floor {r['extra']['fused_over_floor']:.2f}"
-                        if r.get("extra", {}).get("fused_over_floor") else ""))
+                        if r.get("extra", {}).get("fused_over_floor") else "")
+                     + (f"   saved for backward {r['extra']['saved_mb_fused']:.1f} MB vs eager "
+                        f"{r['extra']['saved_mb_eager']:.1f} MB" if "saved_mb_fused" in r.get("extra", {}) else ""))
     lines.append("GB/s: the op's minimum memory traffic over its time; % copy: that against a tensor "
                  "copy of the same bytes timed in the same rounds.")
     return "\n".join(lines)
