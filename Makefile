@@ -4,7 +4,8 @@
 #   make test       setup + the test suite (CUDA tests skip without a GPU)
 #   make demo       setup + `python -m tokenmix demo`
 #   make bench      setup + the CPU benchmark, written to benchmarks/results/
-#   make test-cpu-only   a build with TOKENMIX_CUDA=OFF, its info and the test suite
+#   make test-cpu-only   a build with TOKENMIX_CUDA=OFF, its info, the test suite, and the op tests
+#                        again on the baseline-ISA CPU kernels (TOKENMIX_CPU_CAPABILITY=default)
 #
 # Variables: PYTHON (interpreter that creates the venv), TORCH (the torch requirement; the CPU
 # build works too, e.g. TORCH="torch==2.13.0"), TOKENMIX_CUDA=AUTO|ON|OFF, TOKENMIX_CUDA_ARCHS.
@@ -44,6 +45,7 @@ test-cpu-only: $(STAMP)
 	$(PY) -m tokenmix info
 	$(PY) -c "import tokenmix, sys; sys.exit(1 if tokenmix.info()['cuda_compiled'] else 0)"
 	$(PY) -m pytest tests -q
+	TOKENMIX_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_gather.py tests/test_window_attention.py tests/test_deform_conv2d.py
 
 clean:
 	rm -rf build $(VENV)

@@ -67,4 +67,14 @@ at::Tensor with_unit_channel_stride(const at::Tensor& t) {
   return (t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) <= 1) ? t : t.contiguous();
 }
 
+std::pair<int64_t, int64_t> int_pair(const char* op, const char* name, at::IntArrayRef v) {
+  TORCH_CHECK_VALUE(v.size() == 2, "tokenmix.", op, ": ", name, " must have 2 entries (h, w), got ",
+                    v.size());
+  return {v[0], v[1]};
+}
+
+at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 }  // namespace tokenmix

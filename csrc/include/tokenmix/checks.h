@@ -31,4 +31,10 @@ void check_index_range(const char* op, const char* name, const at::Tensor& index
 // A view whose last dim has unit stride: returned as is, else made contiguous.
 at::Tensor with_unit_channel_stride(const at::Tensor& t);
 
+// An int[2] schema argument (h, w); raises if it does not have two entries.
+std::pair<int64_t, int64_t> int_pair(const char* op, const char* name, at::IntArrayRef v);
+
+// The type kernels accumulate in: float64 for float64 inputs, float32 for every other float.
+at::ScalarType acc_scalar_type(at::ScalarType t);
+
 }  // namespace tokenmix

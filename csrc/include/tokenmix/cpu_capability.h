@@ -16,3 +16,18 @@ const char* cpu_capability_name();
 #else
 #define TM_CPU_KERNELS(family) family##_cpu_kernels_default
 #endif
+
+// Declares a family's two capability builds of its kernel table and family##_cpu_kernels(), which
+// returns the build this processor runs. Use inside the family's namespace.
+#if defined(TOKENMIX_HAVE_AVX2_KERNELS)
+#define TM_DECLARE_CPU_KERNELS(family, Table)                                              \
+  const Table& family##_cpu_kernels_default();                                             \
+  const Table& family##_cpu_kernels_avx2();                                                \
+  inline const Table& family##_cpu_kernels() {                                             \
+    return cpu_use_avx2() ? family##_cpu_kernels_avx2() : family##_cpu_kernels_default(); \
+  }
+#else
+#define TM_DECLARE_CPU_KERNELS(family, Table)  \
+  const Table& family##_cpu_kernels_default(); \
+  inline const Table& family##_cpu_kernels() { return family##_cpu_kernels_default(); }
+#endif

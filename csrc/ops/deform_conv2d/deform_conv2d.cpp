@@ -9,6 +9,7 @@
 
 #include "deform_conv2d_cpu.h"
 #include "tokenmix/checks.h"
+#include "tokenmix/op_handle.h"
 
 #if defined(TOKENMIX_WITH_CUDA)
 #include "deform_conv2d_params.h"
@@ -20,12 +21,6 @@ namespace deform {
 namespace {
 
 constexpr const char* kOp = "deform_conv2d";
-
-std::pair<int64_t, int64_t> pair_arg(const char* name, at::IntArrayRef v) {
-  TORCH_CHECK_VALUE(v.size() == 2, "tokenmix.", kOp, ": ", name, " must have 2 entries, got ",
-                    v.size());
-  return {v[0], v[1]};
-}
 
 Problem make_problem(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -40,9 +35,9 @@ Problem make_problem(const at::Tensor& input, const at::Tensor& offset, const at
     check_same_dtype(kOp, name, *t, "input", input);
     check_same_device(kOp, name, *t, "input", input);
   }
-  const auto [sh, sw] = pair_arg("stride", stride);
-  const auto [ph, pw] = pair_arg("padding", padding);
-  const auto [dh, dw] = pair_arg("dilation", dilation);
+  const auto [sh, sw] = int_pair(kOp, "stride", stride);
+  const auto [ph, pw] = int_pair(kOp, "padding", padding);
+  const auto [dh, dw] = int_pair(kOp, "dilation", dilation);
   TORCH_CHECK_VALUE(sh > 0 && sw > 0, "tokenmix.", kOp, ": stride must be positive, got (", sh,
                     ", ", sw, ")");
   TORCH_CHECK_VALUE(dh > 0 && dw > 0, "tokenmix.", kOp, ": dilation must be positive, got (", dh,
@@ -166,7 +161,7 @@ struct CudaBackend {
     DeformParams d = params(p);
     const int64_t B = p.input.size(0), step = chunk(p), groups = p.groups;
     const int64_t Cout = p.weight.size(0), P = p.geo.Ho * p.geo.Wo;
-    const auto acc = p.input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto acc = acc_scalar_type(p.input.scalar_type());
     at::Tensor gi_acc = at::zeros(p.input.sizes(), p.input.options().dtype(acc));
     at::Tensor gw_acc = at::zeros({groups, Cout / groups, p.weight.size(1) * p.geo.taps()},
                                   p.input.options().dtype(acc));
@@ -254,9 +249,7 @@ class DeformConv2dFn : public torch::autograd::Function<DeformConv2dFn> {
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, const std::optional<at::Tensor>& mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("tokenmix::deform_conv2d", "")
-                         .typed<decltype(forward_impl<CpuBackend>)>();
+    static auto op = op_handle<decltype(forward_impl<CpuBackend>)>("tokenmix::deform_conv2d");
     const at::Tensor m = mask.has_value() ? *mask : at::Tensor();
     ctx->save_for_backward({input, offset, weight, m});
     ctx->saved_data["stride"] = stride.vec();
@@ -267,9 +260,8 @@ class DeformConv2dFn : public torch::autograd::Function<DeformConv2dFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("tokenmix::deform_conv2d_backward", "")
-                         .typed<decltype(backward_impl<CpuBackend>)>();
+    static auto op =
+        op_handle<decltype(backward_impl<CpuBackend>)>("tokenmix::deform_conv2d_backward");
     const auto s = ctx->get_saved_variables();
     const std::optional<at::Tensor> mask = s[3].defined() ? std::optional<at::Tensor>(s[3]) : std::nullopt;
     const bool has_bias = ctx->saved_data["bias"].toBool();

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "deform_conv2d_cpu.h"
+#include "tokenmix/checks.h"
 
 namespace tokenmix {
 namespace deform {
@@ -123,13 +124,9 @@ struct Sampler {
   }
 };
 
-at::ScalarType acc_scalar(at::ScalarType s) {
-  return s == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // weight [Cout, Cin_g, kh, kw] -> [groups, Cout_g, kk, Cin_g] in the accumulation type.
 at::Tensor weight_tap_major(const Problem& p, const Dims& d) {
-  return p.weight.to(acc_scalar(p.weight.scalar_type()))
+  return p.weight.to(acc_scalar_type(p.weight.scalar_type()))
       .view({d.groups, d.Cout_g, d.Cin_g, d.kk})
       .permute({0, 1, 3, 2})
       .contiguous();
@@ -141,13 +138,13 @@ void forward_typed(const Problem& p, at::Tensor& out) {
   const Dims d(p);
   const at::Tensor x_cl = p.input.permute({0, 2, 3, 1}).contiguous();
   const at::Tensor w2 = weight_tap_major(p, d).view({d.groups, d.Cout_g, d.Kg});
-  const at::Tensor bias = p.bias.defined() ? p.bias.to(acc_scalar(p.bias.scalar_type())) : at::Tensor();
+  const at::Tensor bias = p.bias.defined() ? p.bias.to(acc_scalar_type(p.bias.scalar_type())) : at::Tensor();
   const Sampler<scalar_t, A> sampler{p, d, x_cl.const_data_ptr<scalar_t>(),
                                      p.offset.const_data_ptr<scalar_t>(),
                                      p.mask.defined() ? p.mask.const_data_ptr<scalar_t>() : nullptr};
   const A* bp = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  const auto opts = at::TensorOptions().dtype(acc_scalar(out.scalar_type()));
+  const auto opts = at::TensorOptions().dtype(acc_scalar_type(out.scalar_type()));
 
   at::parallel_for(0, d.B * d.tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> cols(d.groups * kTile * d.Kg), tile_out(d.groups * kTile * d.Cout_g);
@@ -180,7 +177,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, at::Tensor& grad_i
   const Geometry& g = p.geo;
   const at::Tensor x_cl = p.input.permute({0, 2, 3, 1}).contiguous();
   const at::Tensor w2 = weight_tap_major(p, d).view({d.groups, d.Cout_g, d.Kg});
-  const auto opts = at::TensorOptions().dtype(acc_scalar(grad.scalar_type()));
+  const auto opts = at::TensorOptions().dtype(acc_scalar_type(grad.scalar_type()));
   // Per-image partial gradients of the weight and bias, summed in image order below.
   at::Tensor gw_part = at::zeros({d.B, d.groups, d.Cout_g, d.Kg}, opts);
   at::Tensor gb_part = at::zeros({d.B, d.Cout}, opts);

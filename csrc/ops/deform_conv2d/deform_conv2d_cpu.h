@@ -27,16 +27,7 @@ struct CpuKernels {
                    at::Tensor& grad_mask);
 };
 
-const CpuKernels& deform_conv2d_cpu_kernels_default();
-const CpuKernels& deform_conv2d_cpu_kernels_avx2();
-
-inline const CpuKernels& deform_conv2d_cpu_kernels() {
-#if defined(TOKENMIX_HAVE_AVX2_KERNELS)
-  return cpu_use_avx2() ? deform_conv2d_cpu_kernels_avx2() : deform_conv2d_cpu_kernels_default();
-#else
-  return deform_conv2d_cpu_kernels_default();
-#endif
-}
+TM_DECLARE_CPU_KERNELS(deform_conv2d, CpuKernels)
 
 }  // namespace deform
 }  // namespace tokenmix

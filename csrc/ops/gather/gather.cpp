@@ -11,6 +11,7 @@
 
 #include "gather_cpu.h"
 #include "tokenmix/checks.h"
+#include "tokenmix/op_handle.h"
 
 #if defined(TOKENMIX_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
@@ -145,7 +146,7 @@ struct CudaBackend {
                               at::Tensor& grad_policy) {
     const int64_t B = logits.size(0), H = logits.size(1), N = logits.size(2);
     const int64_t chunks = (N + kPolicyRowsPerChunk - 1) / kPolicyRowsPerChunk;
-    const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto acc = acc_scalar_type(logits.scalar_type());
     at::Tensor partial = at::empty({B, H, chunks, N}, logits.options().dtype(acc));
     PolicySoftmaxParams p{};
     p.logits = logits.const_data_ptr();
@@ -329,11 +330,6 @@ std::tuple<at::Tensor, at::Tensor> policy_softmax_backward_impl(const at::Tensor
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 class GatherTokensFn : public torch::autograd::Function<GatherTokensFn> {
  public:

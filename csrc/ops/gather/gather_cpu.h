@@ -25,16 +25,7 @@ struct CpuKernels {
                           at::Tensor& grad_policy);
 };
 
-const CpuKernels& gather_cpu_kernels_default();
-const CpuKernels& gather_cpu_kernels_avx2();
-
-inline const CpuKernels& gather_cpu_kernels() {
-#if defined(TOKENMIX_HAVE_AVX2_KERNELS)
-  return cpu_use_avx2() ? gather_cpu_kernels_avx2() : gather_cpu_kernels_default();
-#else
-  return gather_cpu_kernels_default();
-#endif
-}
+TM_DECLARE_CPU_KERNELS(gather, CpuKernels)
 
 }  // namespace gather
 }  // namespace tokenmix

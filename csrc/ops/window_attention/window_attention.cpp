@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "tokenmix/checks.h"
+#include "tokenmix/op_handle.h"
 #include "window_attention_cpu.h"
 
 #if defined(TOKENMIX_WITH_CUDA)
@@ -22,12 +23,6 @@ namespace window {
 namespace {
 
 constexpr const char* kOp = "window_attention";
-
-std::pair<int64_t, int64_t> pair_arg(const char* name, at::IntArrayRef v) {
-  TORCH_CHECK_VALUE(v.size() == 2, "tokenmix.", kOp, ": ", name, " must have 2 entries (h, w), got ",
-                    v.size());
-  return {v[0], v[1]};
-}
 
 // Checks every argument and builds the problem; q, k, v keep their strides when the last one is 1.
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -43,8 +38,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_same_dtype(kOp, "q", q, "k", k);
   check_same_device(kOp, "q", q, "k", k);
 
-  const auto [wh, ww] = pair_arg("window_size", window_size);
-  const auto [sh, sw] = pair_arg("shift_size", shift_size);
+  const auto [wh, ww] = int_pair(kOp, "window_size", window_size);
+  const auto [sh, sw] = int_pair(kOp, "shift_size", shift_size);
   const int64_t B = k.size(0), H = k.size(1), W = k.size(2), heads = k.size(3), d = k.size(4);
   TORCH_CHECK_VALUE(wh > 0 && ww > 0, "tokenmix.", kOp, ": window_size must be positive, got (",
                     wh, ", ", ww, ")");
@@ -87,10 +82,6 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     p.bias_table = t.contiguous();
   }
   return p;
-}
-
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // ---- backends ---------------------------------------------------------------------------------
@@ -153,7 +144,7 @@ struct CudaBackend {
     WindowParams w = params(p);
     check_limits(w, true);
     const int64_t B = w.B, nW = p.geo.windows(), T = p.geo.tokens();
-    const auto acc = p.k.options().dtype(acc_type(p.k));
+    const auto acc = p.k.options().dtype(acc_scalar_type(p.k.scalar_type()));
     // Per-(image, window, head) partials, summed in a fixed order by the reduction kernels.
     at::Tensor dbias_part, dq_part;
     if (p.bias_table.defined()) {
@@ -191,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Te
   at::Tensor lse;
   if (with_lse) {
     lse = at::empty({k.size(0), p.geo.windows(), p.geo.tokens(), k.size(3)},
-                    k.options().dtype(acc_type(k)));
+                    k.options().dtype(acc_scalar_type(k.scalar_type())));
   }
   if (out.numel() > 0) {
     Backend::forward(p, out, lse);
@@ -253,9 +244,8 @@ class WindowAttentionFn : public torch::autograd::Function<WindowAttentionFn> {
                             at::IntArrayRef shift_size, const std::optional<at::Tensor>& bias_table,
                             std::optional<double> scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("tokenmix::window_attention_fwd", "")
-                         .typed<decltype(forward_impl<CpuBackend>)>();
+    static auto op =
+        op_handle<decltype(forward_impl<CpuBackend>)>("tokenmix::window_attention_fwd");
     auto [out, lse] = op.call(q, k, v, window_size, shift_size, bias_table, scale);
     const at::Tensor table = bias_table.has_value() ? *bias_table : at::Tensor();
     ctx->save_for_backward({q, k, v, lse, table});
@@ -266,9 +256,8 @@ class WindowAttentionFn : public torch::autograd::Function<WindowAttentionFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("tokenmix::window_attention_backward", "")
-                         .typed<decltype(backward_impl<CpuBackend>)>();
+    static auto op =
+        op_handle<decltype(backward_impl<CpuBackend>)>("tokenmix::window_attention_backward");
     const auto saved = ctx->get_saved_variables();
     const std::optional<at::Tensor> table =
         saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;

@@ -29,16 +29,7 @@ struct CpuKernels {
                    at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias);
 };
 
-const CpuKernels& window_attention_cpu_kernels_default();
-const CpuKernels& window_attention_cpu_kernels_avx2();
-
-inline const CpuKernels& window_attention_cpu_kernels() {
-#if defined(TOKENMIX_HAVE_AVX2_KERNELS)
-  return cpu_use_avx2() ? window_attention_cpu_kernels_avx2() : window_attention_cpu_kernels_default();
-#else
-  return window_attention_cpu_kernels_default();
-#endif
-}
+TM_DECLARE_CPU_KERNELS(window_attention, CpuKernels)
 
 }  // namespace window
 }  // namespace tokenmix
