@@ -25,10 +25,10 @@ def cmd_info(_args=None) -> int:
               f"device: {i['cuda_device'] or 'none visible'}")
     else:
         print("cuda     not compiled (rebuild with a CUDA build of torch and nvcc, TOKENMIX_CUDA=ON)")
-    print(f"\n{'op':<18}{'family':<10}{'cpu':<6}{'cuda':<6}{'backward':<9}")
+    print(f"\n{'op':<18}{'family':<18}{'cpu':<6}{'cuda':<6}{'backward':<9}")
     for op, d in i["ops"].items():
         yes = lambda b: "yes" if b else "-"  # noqa: E731
-        print(f"{op:<18}{d['family']:<10}{yes(d['cpu']):<6}{yes(d['cuda']):<6}{yes(d['autograd']):<9}")
+        print(f"{op:<18}{d['family']:<18}{yes(d['cpu']):<6}{yes(d['cuda']):<6}{yes(d['autograd']):<9}")
     return 0
 
 
