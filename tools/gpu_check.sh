@@ -37,7 +37,15 @@ TOKENMIX_CUDA=ON TOKENMIX_CUDA_ARCHS="$arch" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc
 "$PY" -m tokenmix info >> "$OUT/machine.txt" 2>&1
 stamp "built"
 
-"$PY" -m pytest tests -ra -q -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
+# Every kernel once under memcheck first: an out-of-bounds access is named with its source line.
+if command -v compute-sanitizer > /dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" tools/cuda_smoke.py > "$OUT/tests.log" 2>&1 || status=1
+else
+  "$PY" tools/cuda_smoke.py > "$OUT/tests.log" 2>&1 || status=1
+fi
+stamp "smoke (memcheck): $(grep -c '^ok' "$OUT/tests.log") ok, $(grep -c '^FAIL' "$OUT/tests.log") failed, sanitizer: $(grep -m1 'ERROR SUMMARY' "$OUT/tests.log" || echo 'not run')"
+
+"$PY" -m pytest tests -ra -q -p no:cacheprovider >> "$OUT/tests.log" 2>&1 || status=1
 stamp "tests: $(tail -n 1 "$OUT/tests.log")"
 
 for dtype in float16 float32; do

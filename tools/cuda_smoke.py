@@ -1,0 +1,64 @@
+"""One small forward + backward of every op on CUDA, in every CUDA dtype, compared with the CPU
+result. Meant to run under `compute-sanitizer --tool memcheck` (tools/gpu_check.sh does), where
+an out-of-bounds access in any kernel is reported with its source line; also a quick sanity check
+on its own. Exits non-zero on a mismatch."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import tokenmix.ops as tm
+
+
+def cases():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, generator=g)
+
+    x, idx = r(3, 11, 8), torch.randint(0, 11, (3, 5), generator=g)
+    uniq = torch.stack([torch.randperm(11, generator=g)[:5] for _ in range(3)])
+    yield "gather_tokens", tm.gather_tokens, [x, idx]
+    yield "scatter_tokens", tm.scatter_tokens, [x, uniq, r(3, 5, 8)]
+    yield "topk_tokens", lambda a, s: tm.topk_tokens(a, s, 4, keep_first=1)[0], [x, r(3, 10)]
+    yield "policy_softmax", tm.policy_softmax, [r(2, 3, 9, 9), torch.rand(2, 9, generator=g)]
+    q, k, v = r(2, 14, 14, 2, 16), r(2, 14, 14, 2, 16), r(2, 14, 14, 2, 16)
+    yield "window_attention shifted", lambda q, k, v, t: tm.window_attention(
+        q, k, v, window_size=7, shift_size=3, bias_table=t), [q, k, v, r(169, 2)]
+    yield "window_attention partial", lambda q, k, v: tm.window_attention(
+        q, k, v, window_size=(4, 6)), [q[:, :13, :11], k[:, :13, :11], v[:, :13, :11]]
+    yield "window_attention global q", lambda q, k, v, t: tm.window_attention(
+        q, k, v, window_size=7, bias_table=t), [r(2, 7, 7, 2, 16), k, v, r(169, 2)]
+    off = 2 * r(2, 2 * 2 * 9, 6, 6)
+    yield "deform_conv2d", lambda a, o, w, b, m: tm.deform_conv2d(a, o, w, b, padding=1, mask=m), [
+        r(2, 4, 6, 6), off, r(4, 4, 3, 3), r(4), torch.rand(2, 2 * 9, 6, 6, generator=g)]
+
+
+def run(fn, inputs, device, dtype):
+    ins = [t.to(device, dtype).requires_grad_() if t.is_floating_point() else t.to(device) for t in inputs]
+    out = fn(*ins)
+    grads = torch.autograd.grad(out, [t for t in ins if t.requires_grad], torch.ones_like(out),
+                                allow_unused=True)
+    return [out] + [gr for gr in grads if gr is not None]
+
+
+def main() -> int:
+    failed = 0
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+    for name, fn, inputs in cases():
+        ref = run(fn, inputs, "cpu", torch.float64)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            got = run(fn, inputs, "cuda", dtype)
+            torch.cuda.synchronize()
+            err = max((a.double().cpu() - b).abs().max().item() / (1 + b.abs().max().item())
+                      for a, b in zip(got, ref))
+            ok = err <= tol[dtype]
+            failed += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {name:<28} {str(dtype):<16} rel err {err:.2e}")
+    print(f"{failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
