@@ -1,7 +1,6 @@
 """torch.compile(fullgraph=True) over every op with no graph break, forward and backward; the
 inductor backend on one representative case (its CPU codegen is slow on a 2-core machine)."""
 import pytest
-import torch
 
 from conftest import DEVICES, check_compiles
 from samples import all_samples

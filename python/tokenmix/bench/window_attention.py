@@ -87,7 +87,7 @@ def cases(batch: int) -> list[Case]:
     for stage, (H, heads, shift) in {"Swin-T stage 1": (56, 3, 3), "Swin-T stage 3": (14, 12, 3)}.items():
         window, d = 7, 32
 
-        def make(device, dtype, H=H, heads=heads):
+        def make(device, dtype, H=H, heads=heads, shift=shift, window=window, d=d):
             gen = torch.Generator().manual_seed(0)
             qkv = torch.randn(batch, H, H, 3 * heads * d, generator=gen).to(device, dtype)
             table = (0.02 * torch.randn(169, heads, generator=gen)).to(device, dtype)
