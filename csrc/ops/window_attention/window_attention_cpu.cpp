@@ -39,12 +39,12 @@ int64_t round_up(int64_t n, int64_t m) {
 // give the FMA units 2 NB independent chains.
 template <typename A, int R, int NB>
 inline void vec_mat_block(const A* a0, const A* a1, int64_t m, const A* M, int64_t ld, A* o0,
-                          A* o1) {
+                          A* o1, const A* i0, const A* i1) {
   constexpr int64_t W = Vec<A>::size();
   Vec<A> acc0[NB], acc1[NB];
   for (int nb = 0; nb < NB; ++nb) {
-    acc0[nb] = Vec<A>(A(0));
-    acc1[nb] = Vec<A>(A(0));
+    acc0[nb] = i0 != nullptr ? Vec<A>::loadu(i0 + nb * W) : Vec<A>(A(0));
+    acc1[nb] = (R == 2 && i1 != nullptr) ? Vec<A>::loadu(i1 + nb * W) : Vec<A>(A(0));
   }
   for (int64_t c = 0; c < m; ++c) {
     const A* row = M + c * ld;
@@ -62,20 +62,23 @@ inline void vec_mat_block(const A* a0, const A* a1, int64_t m, const A* M, int64
   }
 }
 
-// R rows over all of [0, npad), npad a multiple of the vector width.
+// R rows over all of [0, npad), npad a multiple of the vector width; the accumulators start from
+// the rows i0, i1 when given (e.g. an additive bias), else from zero.
 template <typename A, int R>
 void vec_mat_rows(const A* a0, const A* a1, int64_t m, const A* M, int64_t ld, int64_t npad, A* o0,
-                  A* o1) {
+                  A* o1, const A* i0, const A* i1) {
   constexpr int64_t W = Vec<A>::size();
   constexpr int kMax = R == 1 ? 8 : 4;
+  auto at = [](auto* p, int64_t n) { return p != nullptr ? p + n : p; };
   int64_t n0 = 0;
   for (; n0 + kMax * W <= npad; n0 += kMax * W) {
-    vec_mat_block<A, R, kMax>(a0, a1, m, M + n0, ld, o0 + n0, o1 + n0);
+    vec_mat_block<A, R, kMax>(a0, a1, m, M + n0, ld, o0 + n0, at(o1, n0), at(i0, n0), at(i1, n0));
   }
   switch ((npad - n0) / W) {
-#define TM_TAIL(nb) \
-  case nb:          \
-    vec_mat_block<A, R, (nb < kMax ? nb : 1)>(a0, a1, m, M + n0, ld, o0 + n0, o1 + n0); \
+#define TM_TAIL(nb)                                                                       \
+  case nb:                                                                                \
+    vec_mat_block<A, R, (nb < kMax ? nb : 1)>(a0, a1, m, M + n0, ld, o0 + n0, at(o1, n0), \
+                                              at(i0, n0), at(i1, n0));                    \
     break;
     TM_TAIL(1) TM_TAIL(2) TM_TAIL(3) TM_TAIL(4) TM_TAIL(5) TM_TAIL(6) TM_TAIL(7)
 #undef TM_TAIL
@@ -84,17 +87,20 @@ void vec_mat_rows(const A* a0, const A* a1, int64_t m, const A* M, int64_t ld, i
   }
 }
 
-// out[r, 0:npad) = a[r, 0:m) . M for r < rows (row strides lda, ldo): a small GEMM, two rows at
-// a time.
+// out[r, 0:npad) = init[r, 0:npad) + a[r, 0:m) . M for r < rows (row strides lda, ldo, the same
+// ldo for init, which may be null for zero): a small GEMM, two rows at a time.
 template <typename A>
 void mat_mat(const A* a, int64_t lda, int64_t rows, int64_t m, const A* M, int64_t ld,
-             int64_t npad, A* out, int64_t ldo) {
+             int64_t npad, A* out, int64_t ldo, const A* init = nullptr) {
+  auto row = [&](int64_t r) { return init != nullptr ? init + r * ldo : nullptr; };
   int64_t r = 0;
   for (; r + 2 <= rows; r += 2) {
     vec_mat_rows<A, 2>(a + r * lda, a + (r + 1) * lda, m, M, ld, npad, out + r * ldo,
-                       out + (r + 1) * ldo);
+                       out + (r + 1) * ldo, row(r), row(r + 1));
   }
-  if (r < rows) vec_mat_rows<A, 1>(a + r * lda, nullptr, m, M, ld, npad, out + r * ldo, nullptr);
+  if (r < rows) {
+    vec_mat_rows<A, 1>(a + r * lda, nullptr, m, M, ld, npad, out + r * ldo, nullptr, row(r), nullptr);
+  }
 }
 
 template <typename A>
@@ -117,12 +123,6 @@ A vec_exp_sum(A* x, A shift, int64_t npad) {
     acc = acc + e;
   }
   return at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return a + b; }, acc);
-}
-
-template <typename A>
-void vec_add(A* x, const A* y, int64_t npad) {
-  constexpr int64_t W = Vec<A>::size();
-  for (int64_t j = 0; j < npad; j += W) (Vec<A>::loadu(x + j) + Vec<A>::loadu(y + j)).store(x + j);
 }
 
 template <typename scalar_t, typename A>
@@ -205,11 +205,10 @@ Setup<A> make_setup(const Problem& p) {
 template <typename A>
 void score_matrix(const Setup<A>& s, const WindowTokens& w, int64_t h, const A* Qs, const A* Kt,
                   A* S) {
-  mat_mat(Qs, s.dpad, s.T, s.d, Kt, s.Tpad, s.Tpad, S, s.Tpad);
+  mat_mat(Qs, s.dpad, s.T, s.d, Kt, s.Tpad, s.Tpad, S, s.Tpad, s.bias.data() + h * s.T * s.Tpad);
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   for (int64_t i = 0; i < s.T; ++i) {
     A* row = S + i * s.Tpad;
-    vec_add(row, s.bias.data() + (h * s.T + i) * s.Tpad, s.Tpad);
     if (w.masked) {
       for (int64_t j = 0; j < s.T; ++j) {
         if (!w.exists[j] || w.region[j] != w.region[i]) row[j] = kNegInf;
