@@ -51,47 +51,59 @@ __device__ __forceinline__ void position(const DeformParams& p, int64_t b, int64
   *m = p.mask != nullptr ? to_acc(static_cast<const T*>(p.mask)[ch * P + pix]) : A(1);
 }
 
+// What column element t ([nb, Cin, kk, P] order) samples: its input plane (image * Cin + channel),
+// the four neighbours of its sample point and its modulation.
+template <typename A>
+struct ColumnSample {
+  int64_t plane;
+  Corners<A> cn;
+  A m;
+};
+
+template <typename T, typename A>
+__device__ __forceinline__ ColumnSample<A> column_sample(const DeformParams& p, int64_t t) {
+  const Index i = decompose(p, t, p.Cin);
+  A y, x;
+  ColumnSample<A> cs;
+  position<T, A>(p, i.b, i.c / (p.Cin / p.G), i.tap, i.pix, &y, &x, &cs.m);
+  cs.cn = corners(y, x, p.geo.H, p.geo.W, true);
+  cs.plane = i.b * p.Cin + i.c;
+  return cs;
+}
+
 template <typename T>
 __global__ void im2col_kernel(DeformParams p) {
   using A = typename AccOf<T>::type;
-  const Geometry& g = p.geo;
-  const int64_t HW = g.H * g.W, Cg = p.Cin / p.G;
-  const int64_t total = p.nb * p.Cin * g.taps() * g.Ho * g.Wo;
+  const int64_t HW = p.geo.H * p.geo.W;
+  const int64_t total = p.nb * p.Cin * p.geo.taps() * p.geo.Ho * p.geo.Wo;
   const T* input = static_cast<const T*>(p.input);
   T* cols = static_cast<T*>(p.cols);
   for (int64_t t = global_thread(); t < total; t += thread_count()) {
-    const Index i = decompose(p, t, p.Cin);
-    A y, x, m;
-    position<T, A>(p, i.b, i.c / Cg, i.tap, i.pix, &y, &x, &m);
-    const Corners<A> cn = corners(y, x, g.H, g.W, true);
-    const T* plane = input + (i.b * p.Cin + i.c) * HW;
+    const ColumnSample<A> cs = column_sample<T, A>(p, t);
+    const T* plane = input + cs.plane * HW;
     A val = 0;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      if (cn.valid[k]) val += cn.w[k] * to_acc(plane[cn.idx[k]]);
+      if (cs.cn.valid[k]) val += cs.cn.w[k] * to_acc(plane[cs.cn.idx[k]]);
     }
-    cols[t] = from_acc<T>(val * m);
+    cols[t] = from_acc<T>(val * cs.m);
   }
 }
 
 template <typename T>
 __global__ void col2im_kernel(DeformParams p) {
   using A = typename AccOf<T>::type;
-  const Geometry& g = p.geo;
-  const int64_t HW = g.H * g.W, Cg = p.Cin / p.G;
-  const int64_t total = p.nb * p.Cin * g.taps() * g.Ho * g.Wo;
+  const int64_t HW = p.geo.H * p.geo.W;
+  const int64_t total = p.nb * p.Cin * p.geo.taps() * p.geo.Ho * p.geo.Wo;
   const T* grad_cols = static_cast<const T*>(p.grad_cols);
   A* grad_input = static_cast<A*>(p.grad_input);
   for (int64_t t = global_thread(); t < total; t += thread_count()) {
-    const Index i = decompose(p, t, p.Cin);
-    A y, x, m;
-    position<T, A>(p, i.b, i.c / Cg, i.tap, i.pix, &y, &x, &m);
-    const Corners<A> cn = corners(y, x, g.H, g.W, true);
-    const A gm = to_acc(grad_cols[t]) * m;
-    A* plane = grad_input + (i.b * p.Cin + i.c) * HW;
+    const ColumnSample<A> cs = column_sample<T, A>(p, t);
+    const A gm = to_acc(grad_cols[t]) * cs.m;
+    A* plane = grad_input + cs.plane * HW;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      if (cn.valid[k]) atomicAdd(plane + cn.idx[k], gm * cn.w[k]);
+      if (cs.cn.valid[k]) atomicAdd(plane + cs.cn.idx[k], gm * cs.cn.w[k]);
     }
   }
 }
