@@ -47,6 +47,18 @@ TORCH_LIBRARY(tokenmix, m) {
       "Tensor? mask, int[2] stride, int[2] padding, int[2] dilation, bool bias) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       tags);
+  // Recursive gated convolution (HorNet's gnConv), csrc/ops/gnconv.
+  m.def(
+      "gnconv(Tensor x, Tensor proj_in_weight, Tensor proj_in_bias, Tensor dw_weight, "
+      "Tensor dw_bias, Tensor[] pw_weights, Tensor[] pw_biases, Tensor proj_out_weight, "
+      "Tensor proj_out_bias, *, int order, float scale) -> Tensor",
+      tags);
+  m.def(
+      "gnconv_backward(Tensor grad, Tensor x, Tensor proj_in_weight, Tensor proj_in_bias, "
+      "Tensor dw_weight, Tensor dw_bias, Tensor[] pw_weights, Tensor[] pw_biases, "
+      "Tensor proj_out_weight, Tensor proj_out_bias, *, int order, float scale) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)",
+      tags);
 }
 
 #ifndef TOKENMIX_CUDA_ARCHS

@@ -24,6 +24,7 @@ OPS: dict[str, str] = {
     "policy_softmax": "gather",
     "window_attention": "window_attention",
     "deform_conv2d": "deform_conv2d",
+    "gnconv": "gnconv",
 }
 
 
