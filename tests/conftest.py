@@ -64,9 +64,12 @@ def assert_close_to_exact(actual: torch.Tensor, eager: torch.Tensor | None, exac
 
 
 def _clone_inputs(inputs: Sequence, dtype: torch.dtype | None, requires_grad: bool) -> list:
+    """Detached copies (in `dtype` if given) of the floating tensors, also inside lists."""
     out = []
     for t in inputs:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
+        if isinstance(t, list):
+            out.append(_clone_inputs(t, dtype, requires_grad))
+        elif isinstance(t, torch.Tensor) and t.is_floating_point():
             u = t.detach().to(dtype) if dtype is not None else t.detach().clone()
             out.append(u.requires_grad_(requires_grad))
         else:
@@ -142,9 +145,11 @@ def check_compiles(fn: Callable, inputs: Sequence, backend: str = "aot_eager") -
     fc = [o for o in out_c if o.is_floating_point()]
     sum(o.float().sum() for o in fe).backward()
     sum(o.float().sum() for o in fc).backward()
-    for x, y in zip(a, b):
-        if isinstance(x, torch.Tensor) and x.requires_grad:
-            torch.testing.assert_close(y.grad, x.grad)
+    def leaves(args):
+        return [t for a in args for t in (a if isinstance(a, list) else [a])
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+    for x, y in zip(leaves(a), leaves(b)):
+        torch.testing.assert_close(y.grad, x.grad)
 
 
 def check_raises(exc: type, match: str, fn: Callable, *args, **kwargs) -> None:

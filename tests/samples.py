@@ -53,6 +53,22 @@ def deform_conv2d_samples(device: str, dtype: torch.dtype = torch.float32):
     return [("deform_conv2d", op, (x, off, w, b, [1, 1], [1, 1], [1, 1], m), {})]
 
 
+def gnconv_samples(device: str, dtype: torch.dtype = torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    dim, order, k = 8, 3, 3
+    dims = [dim // 4, dim // 2, dim]
+
+    def r(*shape):
+        return (0.5 * torch.randn(*shape, generator=gen, dtype=dtype)).to(device)
+
+    x = r(2, dim, 5, 6)
+    pw = [r(dims[i + 1], dims[i], 1, 1) for i in range(order - 1)]
+    pb = [r(dims[i + 1]) for i in range(order - 1)]
+    args = (x, r(2 * dim, dim, 1, 1), r(2 * dim), r(sum(dims), 1, k, k), r(sum(dims)), pw, pb,
+            r(dim, dim, 1, 1), r(dim))
+    return [("gnconv", torch.ops.tokenmix.gnconv.default, args, {"order": order, "scale": 0.5})]
+
+
 def all_samples(device: str, dtype: torch.dtype = torch.float32):
     return (gather_samples(device, dtype) + window_attention_samples(device, dtype)
-            + deform_conv2d_samples(device, dtype))
+            + deform_conv2d_samples(device, dtype) + gnconv_samples(device, dtype))

@@ -15,6 +15,9 @@ def test_opcheck(device, name, i):
     if not found:
         pytest.skip(f"{name} has no {device} kernel yet")
     _, op, args, kwargs = found[0]
-    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args)
+    def leaf(a):
+        if isinstance(a, list):
+            return [leaf(t) for t in a]
+        return a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+    args = tuple(leaf(a) for a in args)
     check_opcheck(op, args, kwargs)

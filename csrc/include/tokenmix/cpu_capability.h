@@ -1,30 +1,42 @@
-// Runtime choice between CPU kernels built for the baseline ISA and for AVX2+FMA.
+// Runtime choice between CPU kernels built for the baseline ISA, AVX2+FMA and AVX-512.
 // Each <op>_cpu.cpp is compiled once per capability (CMake) into its own namespace; the op picks
-// the widest one this processor runs. TOKENMIX_CPU_CAPABILITY=default forces the baseline build.
+// the widest one this processor runs. TOKENMIX_CPU_CAPABILITY=default|avx2|avx512 caps the choice.
 #pragma once
 
 namespace tokenmix {
 
-bool cpu_use_avx2();
+enum class CpuLevel : int { Default = 0, Avx2 = 1, Avx512 = 2 };
+
+CpuLevel cpu_level();
 const char* cpu_capability_name();
 
 }  // namespace tokenmix
 
 // Name of the function that returns one capability build's kernel table.
-#if defined(TOKENMIX_CPU_AVX2)
+#if defined(TOKENMIX_CPU_AVX512)
+#define TM_CPU_KERNELS(family) family##_cpu_kernels_avx512
+#elif defined(TOKENMIX_CPU_AVX2)
 #define TM_CPU_KERNELS(family) family##_cpu_kernels_avx2
 #else
 #define TM_CPU_KERNELS(family) family##_cpu_kernels_default
 #endif
 
-// Declares a family's two capability builds of its kernel table and family##_cpu_kernels(), which
+// Declares a family's capability builds of its kernel table and family##_cpu_kernels(), which
 // returns the build this processor runs. Use inside the family's namespace.
-#if defined(TOKENMIX_HAVE_AVX2_KERNELS)
-#define TM_DECLARE_CPU_KERNELS(family, Table)                                              \
-  const Table& family##_cpu_kernels_default();                                             \
-  const Table& family##_cpu_kernels_avx2();                                                \
-  inline const Table& family##_cpu_kernels() {                                             \
-    return cpu_use_avx2() ? family##_cpu_kernels_avx2() : family##_cpu_kernels_default(); \
+#if defined(TOKENMIX_HAVE_X86_KERNELS)
+#define TM_DECLARE_CPU_KERNELS(family, Table)                       \
+  const Table& family##_cpu_kernels_default();                      \
+  const Table& family##_cpu_kernels_avx2();                         \
+  const Table& family##_cpu_kernels_avx512();                       \
+  inline const Table& family##_cpu_kernels() {                      \
+    switch (cpu_level()) {                                          \
+      case CpuLevel::Avx512:                                        \
+        return family##_cpu_kernels_avx512();                       \
+      case CpuLevel::Avx2:                                          \
+        return family##_cpu_kernels_avx2();                         \
+      default:                                                      \
+        return family##_cpu_kernels_default();                      \
+    }                                                               \
   }
 #else
 #define TM_DECLARE_CPU_KERNELS(family, Table)  \

@@ -10,6 +10,7 @@ namespace tokenmix {
 namespace gnconv {
 
 constexpr int kMaxOrder = 8;
+constexpr int64_t kMaxKernel = 31;  // largest depthwise kernel size
 
 // dims[i] = dim / 2^(order-1-i): the widths of the recursive gating steps, narrowest first.
 // proj_in emits 2 * dim channels: p0 (dims[0]) then the S = sum(dims) channels the depthwise conv

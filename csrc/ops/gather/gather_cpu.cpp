@@ -12,6 +12,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -161,7 +162,7 @@ A row_max(const A* x, int64_t n) {
   Vec<A> m(-std::numeric_limits<A>::infinity());
   int64_t j = 0;
   for (; j + W <= n; j += W) m = at::vec::maximum(m, Vec<A>::loadu(x + j));
-  A out = at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return at::vec::maximum(a, b); }, m);
+  A out = at::vec::vec_reduce_all<A>([](const Vec<A>& a, const Vec<A>& b) { return at::vec::maximum(a, b); }, m);
   for (; j < n; ++j) out = (x[j] > out || x[j] != x[j]) ? x[j] : out;
   return out;
 }
@@ -183,7 +184,7 @@ A exp_and_weighted_sum(const A* l, const A* P, A m, int64_t n, int64_t i, A* e) 
     e[j] = std::exp(l[j] - m);
     tail += e[j] * P[j];
   }
-  const A s = at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return a + b; }, acc) + tail;
+  const A s = at::vec::vec_reduce_all<A>([](const Vec<A>& a, const Vec<A>& b) { return a + b; }, acc) + tail;
   // The diagonal weight is 1, not P[i].
   return s + e[i] * (A(1) - P[i]);
 }
@@ -223,7 +224,7 @@ void policy_backward_row(const A* g, const A* l, const A* P, int64_t N, int64_t 
     acc_ga = acc_ga + gj * Vec<A>::loadu(e + j) * Vec<A>::loadu(P + j);
     acc_g = acc_g + gj;
   }
-  auto sum = [](Vec<A>& a, Vec<A>& b) { return a + b; };
+  auto sum = [](const Vec<A>& a, const Vec<A>& b) { return a + b; };
   A sum_g_a = at::vec::vec_reduce_all<A>(sum, acc_ga);
   A sum_g = at::vec::vec_reduce_all<A>(sum, acc_g);
   for (; j < N; ++j) {

@@ -50,9 +50,10 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& w_in, const at::Tens
   TORCH_CHECK_VALUE(dim > 0 && dim % div == 0, "tokenmix.", kOp, ": dim (x.size(1) = ", dim,
                     ") must be a positive multiple of 2**(order-1) = ", div, " for order ", order);
   const Layout L = Layout::make(dim, order);
-  TORCH_CHECK_VALUE(w_dw.dim() == 4 && w_dw.size(2) == w_dw.size(3) && w_dw.size(2) % 2 == 1,
+  TORCH_CHECK_VALUE(w_dw.dim() == 4 && w_dw.size(2) == w_dw.size(3) && w_dw.size(2) % 2 == 1 &&
+                        w_dw.size(2) <= kMaxKernel,
                     "tokenmix.", kOp, ": dw_weight must have shape [", L.S,
-                    ", 1, k, k] with an odd k, got ", shape_str(w_dw));
+                    ", 1, k, k] with an odd k <= ", kMaxKernel, ", got ", shape_str(w_dw));
   const int64_t k = w_dw.size(2);
   check_conv(x, "proj_in_weight", w_in, "proj_in_bias", b_in, 2 * dim, dim, 1);
   check_conv(x, "dw_weight", w_dw, "dw_bias", b_dw, L.S, 1, k);

@@ -27,6 +27,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "gnconv_cpu.h"
@@ -38,6 +39,7 @@ namespace {
 
 constexpr int64_t kTilePixels = 512;
 constexpr int64_t kStrip = 8;  // output pixels per register block of the depthwise conv
+                                // (depthwise_strip spells out its 8 accumulators)
 
 template <typename A>
 using Vec = at::vec::Vectorized<A>;
@@ -102,6 +104,17 @@ void column_sums(int64_t rows, int64_t n, const A* src, int64_t ld, A* sum) {
   }
 }
 
+// Element (i, c) of an [np, C] block at base + i * ps + c * cs set to bias[c]: the bias a GEMM
+// then accumulates onto (beta = 1), cheaper than ATen's broadcast copy for addmm.
+template <typename A>
+void fill_rows(A* base, int64_t np, int64_t C, int64_t ps, int64_t cs, const A* bias) {
+  if (cs == 1) {
+    for (int64_t i = 0; i < np; ++i) std::copy(bias, bias + C, base + i * ps);
+  } else {
+    for (int64_t c = 0; c < C; ++c) std::fill(base + c * cs, base + c * cs + np, bias[c]);
+  }
+}
+
 // Tile [np, C] (accumulation type) <-> tensor rows of image pixels in NCHW or NHWC: element
 // (pixel, c) at base + pixel * ps + c * cs.
 template <typename scalar_t, typename A>
@@ -135,122 +148,184 @@ void load_tile(const scalar_t* base, int64_t ps, int64_t cs, int64_t np, int64_t
 }
 
 // ---- depthwise convolution ----------------------------------------------------------------------
+//
+// Both depthwise kernels work one block of V channels at a time on a packed copy of the band's
+// input rows (plus k/2 halo rows and columns of zeros). Reading the channels-last operands in
+// place would step 2 dim or S floats between neighbouring pixels: a power-of-two stride that maps
+// every load of a block to a few L1 sets. Packed, a k x k window is contiguous vectors and the
+// zero border removes every bounds check from the tap loops.
 
-// One block of channels [c, c + n) of kStrip consecutive output pixels starting at (y, x0), every
-// tap inside the map in x (the caller guarantees it); rows outside the map are skipped.
-template <typename A, bool kFull>
-inline void depthwise_strip(const A* src, int64_t ld_src, const A* w, int64_t S, const DwGeometry& g,
-                            int64_t k, int64_t y, int64_t x0, int64_t c, int64_t n, const Vec<A>& init,
-                            A scale, A* dst, int64_t ld_dst) {
-  const auto load = [n](const A* ptr) { return kFull ? Vec<A>::loadu(ptr) : Vec<A>::loadu(ptr, n); };
-  const int64_t pad = k / 2;
-  Vec<A> acc[kStrip];
-#pragma GCC unroll 8
-  for (int64_t j = 0; j < kStrip; ++j) acc[j] = init;
-  for (int64_t ky = g.tap_lo(y); ky < g.tap_hi(y, g.H); ++ky) {
-    const A* row = src + ((y + ky - pad) * g.W + x0 - pad) * ld_src + c;
-    for (int64_t kx = 0; kx < k; ++kx) {
-      const Vec<A> wv = load(w + (ky * k + kx) * S + c);
-#pragma GCC unroll 8
-      for (int64_t j = 0; j < kStrip; ++j) acc[j] = at::vec::fmadd(load(row + (j + kx) * ld_src), wv, acc[j]);
-    }
-  }
-  const Vec<A> vs(scale);
-#pragma GCC unroll 8
-  for (int64_t j = 0; j < kStrip; ++j) {
-    const Vec<A> r = acc[j] * vs;
-    if (kFull) {
-      r.store(dst + j * ld_dst + c);
-    } else {
-      r.store(dst + j * ld_dst + c, n);
-    }
+template <typename A>
+inline Vec<A> load_n(const A* p, int64_t n) {
+  return n == Vec<A>::size() ? Vec<A>::loadu(p) : Vec<A>::loadu(p, n);
+}
+
+template <typename A>
+inline void store_n(const Vec<A>& v, A* p, int64_t n) {
+  if (n == Vec<A>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, n);
   }
 }
 
-// Any single output pixel (y, x), all channels, border taps skipped.
+// A band of rows [y0, y1) of S channels, zero-padded by pad on every side and on the right up to
+// whole strips, stored block by block: element (y, x) of channel block cb at
+// data + ((cb * rows + y - y0 + pad) * pw + x + pad) * V. Packing reads each source pixel's
+// channels once, in pixel order.
 template <typename A>
-void depthwise_pixel(const A* src, int64_t ld_src, const A* w, const A* bias, A scale, int64_t S,
-                     const DwGeometry& g, int64_t y, int64_t x, A* out) {
-  const int64_t k = g.k, pad = g.pad();
-  for (int64_t c = 0; c < S; ++c) out[c] = bias ? bias[c] : A(0);
-  for (int64_t ky = g.tap_lo(y); ky < g.tap_hi(y, g.H); ++ky) {
-    for (int64_t kx = g.tap_lo(x); kx < g.tap_hi(x, g.W); ++kx) {
-      const A* in = src + ((y + ky - pad) * g.W + x + kx - pad) * ld_src;
-      at::vec::map3<A>([](Vec<A> o, Vec<A> a, Vec<A> b) { return at::vec::fmadd(a, b, o); }, out,
-                       out, in, w + (ky * k + kx) * S, S);
+struct PackedBand {
+  static constexpr int64_t V = Vec<A>::size();
+  int64_t y0, pad, pw, strips, rows, blocks;
+  std::vector<A> data;
+
+  PackedBand(const DwGeometry& g, int64_t S, int64_t y0_, int64_t y1, int64_t pad_)
+      : y0(y0_), pad(pad_), strips((g.W + kStrip - 1) / kStrip), rows(y1 - y0_ + 2 * pad_),
+        blocks((S + V - 1) / V) {
+    pw = strips * kStrip + 2 * pad;
+    data.resize(blocks * rows * pw * V);
+  }
+  const A* at(int64_t cb, int64_t y, int64_t x) const {
+    return data.data() + ((cb * rows + y - y0 + pad) * pw + x + pad) * V;
+  }
+
+  // src: the image's pixel 0, ld apart; zeros outside the map and for channels past S.
+  void pack(const A* src, int64_t ld, const DwGeometry& g, int64_t S) {
+    const int64_t block = rows * pw * V;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t y = y0 - pad + r;
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        A* row = data.data() + cb * block + r * pw * V;
+        if (y < 0 || y >= g.H) {
+          std::fill(row, row + pw * V, A(0));
+        } else {
+          std::fill(row, row + pad * V, A(0));
+          std::fill(row + (pad + g.W) * V, row + pw * V, A(0));
+        }
+      }
+      if (y < 0 || y >= g.H) continue;
+      for (int64_t x = 0; x < g.W; ++x) {
+        const A* in = src + (y * g.W + x) * ld;
+        A* out = data.data() + (r * pw + x + pad) * V;
+        for (int64_t cb = 0; cb < blocks; ++cb) {
+          load_n(in + cb * V, std::min(V, S - cb * V)).store(out + cb * block);
+        }
+      }
     }
   }
-  at::vec::map<A>([scale](Vec<A> v) { return v * Vec<A>(scale); }, out, out, S);
+};
+
+// acc[j] = init + sum over taps of w[t] * the band at pixel j + tap offset, for kStrip
+// consecutive pixels; win: the band at the window's top-left corner, pw vectors per row.
+template <typename A, int K>
+inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const Vec<A>* wv, const Vec<A>& init,
+                            Vec<A>* out) {
+  constexpr int64_t V = Vec<A>::size();
+  const int64_t k = K > 0 ? K : k_rt;
+  Vec<A> a0 = init, a1 = init, a2 = init, a3 = init, a4 = init, a5 = init, a6 = init, a7 = init;
+  for (int64_t ky = 0; ky < k; ++ky) {
+    const A* row = win + ky * pw * V;
+#pragma GCC unroll 8
+    for (int64_t kx = 0; kx < k; ++kx) {
+      const Vec<A> wt = wv[ky * k + kx];
+      const A* r = row + kx * V;
+      a0 = at::vec::fmadd(Vec<A>::loadu(r), wt, a0);
+      a1 = at::vec::fmadd(Vec<A>::loadu(r + V), wt, a1);
+      a2 = at::vec::fmadd(Vec<A>::loadu(r + 2 * V), wt, a2);
+      a3 = at::vec::fmadd(Vec<A>::loadu(r + 3 * V), wt, a3);
+      a4 = at::vec::fmadd(Vec<A>::loadu(r + 4 * V), wt, a4);
+      a5 = at::vec::fmadd(Vec<A>::loadu(r + 5 * V), wt, a5);
+      a6 = at::vec::fmadd(Vec<A>::loadu(r + 6 * V), wt, a6);
+      a7 = at::vec::fmadd(Vec<A>::loadu(r + 7 * V), wt, a7);
+    }
+  }
+  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3, out[4] = a4, out[5] = a5, out[6] = a6, out[7] = a7;
 }
 
 // dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] src[pixel + o_t, c]), c < S, for the pixels of
 // rows [y0, y1) of one image (zeros outside the map). src: the image's pixel 0, ld_src apart;
-// w: [k * k, S] tap-major; bias may be null; dst: pixel (y0, 0), ld_dst apart.
-template <typename A>
+// w: [k * k, S] tap-major; bias may be null; dst: pixel (y0, 0), ld_dst apart. K: the kernel size
+// when known at compile time (0: g.k), so the tap loops unroll.
+template <typename A, int K>
 void depthwise_impl(const A* src, int64_t ld_src, const A* w, const A* bias, A scale, int64_t S,
-                    const DwGeometry& g, int64_t k, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
+                    const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
   constexpr int64_t V = Vec<A>::size();
-  const int64_t pad = k / 2;
-  for (int64_t y = y0; y < y1; ++y) {
-    A* drow = dst + (y - y0) * g.W * ld_dst;
-    int64_t x = 0;
-    for (; x < std::min(pad, g.W); ++x) depthwise_pixel(src, ld_src, w, bias, scale, S, g, y, x, drow + x * ld_dst);
-    for (; x + kStrip + pad <= g.W; x += kStrip) {
-      int64_t c = 0;
-      for (; c + V <= S; c += V) {
-        const Vec<A> init = bias ? Vec<A>::loadu(bias + c) : Vec<A>(A(0));
-        depthwise_strip<A, true>(src, ld_src, w, S, g, k, y, x, c, V, init, scale, drow + x * ld_dst, ld_dst);
-      }
-      if (c < S) {
-        const Vec<A> init = bias ? Vec<A>::loadu(bias + c, S - c) : Vec<A>(A(0));
-        depthwise_strip<A, false>(src, ld_src, w, S, g, k, y, x, c, S - c, init, scale, drow + x * ld_dst, ld_dst);
+  const int64_t k = K > 0 ? K : g.k;
+  PackedBand<A> band(g, S, y0, y1, k / 2);
+  band.pack(src, ld_src, g, S);
+  std::vector<Vec<A>> wv(k * k);
+  const Vec<A> vs(scale);
+  for (int64_t c = 0; c < S; c += V) {
+    const int64_t n = std::min(V, S - c), cb = c / V;
+    for (int64_t t = 0; t < k * k; ++t) wv[t] = load_n(w + t * S + c, n);
+    const Vec<A> init = bias ? load_n(bias + c, n) : Vec<A>(A(0));
+    for (int64_t y = y0; y < y1; ++y) {
+      A* drow = dst + (y - y0) * g.W * ld_dst + c;
+      for (int64_t s = 0; s < band.strips; ++s) {
+        const int64_t x0 = s * kStrip;
+        Vec<A> acc[kStrip];
+        depthwise_strip<A, K>(band.at(cb, y - k / 2, x0 - k / 2), band.pw, k, wv.data(), init, acc);
+        const int64_t m = std::min(kStrip, g.W - x0);
+        for (int64_t j = 0; j < m; ++j) store_n<A>(acc[j] * vs, drow + (x0 + j) * ld_dst, n);
       }
     }
-    for (; x < g.W; ++x) depthwise_pixel(src, ld_src, w, bias, scale, S, g, y, x, drow + x * ld_dst);
   }
 }
 
-// The kernel size as a compile-time constant for the common sizes, so tap loops unroll.
 template <typename A>
 void depthwise(const A* src, int64_t ld_src, const A* w, const A* bias, A scale, int64_t S,
                const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
   switch (g.k) {
-    case 7: return depthwise_impl(src, ld_src, w, bias, scale, S, g, 7, y0, y1, dst, ld_dst);
-    case 5: return depthwise_impl(src, ld_src, w, bias, scale, S, g, 5, y0, y1, dst, ld_dst);
-    case 3: return depthwise_impl(src, ld_src, w, bias, scale, S, g, 3, y0, y1, dst, ld_dst);
-    default: return depthwise_impl(src, ld_src, w, bias, scale, S, g, g.k, y0, y1, dst, ld_dst);
+    case 7: return depthwise_impl<A, 7>(src, ld_src, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    case 5: return depthwise_impl<A, 5>(src, ld_src, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    case 3: return depthwise_impl<A, 3>(src, ld_src, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    default: return depthwise_impl<A, 0>(src, ld_src, w, bias, scale, S, g, y0, y1, dst, ld_dst);
   }
 }
 
 // gw[t, c] += sum over pixels p of rows [y0, y1): dy[p, c] * src[p + o_t, c] (zero outside the
-// map). dy: pixel (y0, 0), ld_dy apart; src: the image's pixel 0, ld_src apart; gw [k * k, S].
-// For one kernel row, the k taps' sums stay in registers while x runs along the row.
+// map). dy and src: the image's pixel 0, ld_dy / ld_src apart; gw [k * k, S].
+// For one kernel row, the k taps' sums stay in registers while x runs along the rows.
+template <typename A, int K>
+void depthwise_weight_grad_impl(const A* src, int64_t ld_src, const A* dy, int64_t ld_dy, int64_t S,
+                                const DwGeometry& g, int64_t y0, int64_t y1, A* gw) {
+  constexpr int64_t V = Vec<A>::size();
+  constexpr int64_t kMaxK = K > 0 ? K : kMaxKernel;
+  const int64_t k = K > 0 ? K : g.k, pad = k / 2;
+  PackedBand<A> band(g, S, y0, y1, pad);
+  PackedBand<A> grad(g, S, y0, y1, 0);
+  band.pack(src, ld_src, g, S);
+  grad.pack(dy, ld_dy, g, S);
+  for (int64_t c = 0; c < S; c += V) {
+    const int64_t n = std::min(V, S - c), cb = c / V;
+    for (int64_t ky = 0; ky < k; ++ky) {
+      Vec<A> acc[kMaxK];
+      for (int64_t kx = 0; kx < k; ++kx) acc[kx] = Vec<A>(A(0));
+      for (int64_t y = y0; y < y1; ++y) {
+        const A* srow = band.at(cb, y + ky - pad, -pad);
+        const A* drow = grad.at(cb, y, 0);
+        for (int64_t x = 0; x < g.W; ++x) {
+          const Vec<A> d = Vec<A>::loadu(drow + x * V);
+#pragma GCC unroll 8
+          for (int64_t kx = 0; kx < k; ++kx) acc[kx] = at::vec::fmadd(d, Vec<A>::loadu(srow + (x + kx) * V), acc[kx]);
+        }
+      }
+      for (int64_t kx = 0; kx < k; ++kx) {
+        A* out = gw + (ky * k + kx) * S + c;
+        store_n<A>(load_n(out, n) + acc[kx], out, n);
+      }
+    }
+  }
+}
+
 template <typename A>
 void depthwise_weight_grad(const A* src, int64_t ld_src, const A* dy, int64_t ld_dy, int64_t S,
                            const DwGeometry& g, int64_t y0, int64_t y1, A* gw) {
-  constexpr int64_t V = Vec<A>::size();
-  const int64_t k = g.k, pad = g.pad();
-  std::vector<Vec<A>> acc(k);
-  for (int64_t y = y0; y < y1; ++y) {
-    const A* dyrow = dy + (y - y0) * g.W * ld_dy;
-    for (int64_t ky = g.tap_lo(y); ky < g.tap_hi(y, g.H); ++ky) {
-      const A* srow = src + (y + ky - pad) * g.W * ld_src;
-      for (int64_t c = 0; c < S; c += V) {
-        const int64_t n = std::min(V, S - c);
-        for (auto& a : acc) a = Vec<A>(A(0));
-        for (int64_t x = 0; x < g.W; ++x) {
-          const Vec<A> d = Vec<A>::loadu(dyrow + x * ld_dy + c, n);
-          const int64_t lo = g.tap_lo(x), hi = g.tap_hi(x, g.W);
-          for (int64_t kx = lo; kx < hi; ++kx) {
-            acc[kx] = at::vec::fmadd(d, Vec<A>::loadu(srow + (x + kx - pad) * ld_src + c, n), acc[kx]);
-          }
-        }
-        for (int64_t kx = 0; kx < k; ++kx) {
-          A* dst = gw + (ky * k + kx) * S + c;
-          (Vec<A>::loadu(dst, n) + acc[kx]).store(dst, n);
-        }
-      }
-    }
+  switch (g.k) {
+    case 7: return depthwise_weight_grad_impl<A, 7>(src, ld_src, dy, ld_dy, S, g, y0, y1, gw);
+    case 5: return depthwise_weight_grad_impl<A, 5>(src, ld_src, dy, ld_dy, S, g, y0, y1, gw);
+    case 3: return depthwise_weight_grad_impl<A, 3>(src, ld_src, dy, ld_dy, S, g, y0, y1, gw);
+    default: return depthwise_weight_grad_impl<A, 0>(src, ld_src, dy, ld_dy, S, g, y0, y1, gw);
   }
 }
 
@@ -310,14 +385,44 @@ struct Call {
   }
   A* F_image(int64_t b) const { return F.mutable_data_ptr<A>() + b * tiles.HW * P2; }
 
-  // Pass A: F = x W_in^T + b_in, tile by tile.
-  void project_in() {
+  // Pass A for one tile: its rows of F = x W_in^T + b_in.
+  void project_in(int64_t t) const {
+    const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * g.W, np = (tiles.y1(t) - tiles.y0(t)) * g.W;
+    A* rows = F_image(b) + pix0 * P2;
+    fill_rows<A>(rows, np, P2, P2, 1, w.b_in.template const_data_ptr<A>());
+    at::Tensor dst = blob(rows, {np, P2});
+    at::addmm_out(dst, dst, x_rows(b, pix0, np), w.w_in.t());
+  }
+
+  // Runs pass A on every tile and make_worker()(t) on every tile t after the tiles whose F rows
+  // it reads (k/2 rows beyond its band). With at least as many images as threads, each thread
+  // takes whole images and interleaves the two passes band by band, so F is read back while it
+  // is still in cache; otherwise pass A runs on every tile first. The same calls run either way,
+  // so the results do not depend on the thread count. make_worker() builds a thread's callable
+  // (with its scratch buffers).
+  template <class MakeWorker>
+  void pipeline(const MakeWorker& make_worker) const {
+    if (tiles.B >= at::get_num_threads()) {
+      at::parallel_for(0, tiles.B, 1, [&](int64_t b0, int64_t b1) {
+        auto work = make_worker();
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t first = b * tiles.bands;
+          int64_t ready = 0;
+          for (int64_t j = 0; j < tiles.bands; ++j) {
+            const int64_t need = tiles.y1(first + j) + g.pad();
+            while (ready < tiles.bands && tiles.y0(first + ready) < need) project_in(first + ready++);
+            work(first + j);
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * g.W, np = (tiles.y1(t) - tiles.y0(t)) * g.W;
-        at::Tensor dst = blob(F_image(b) + pix0 * P2, {np, P2});
-        at::addmm_out(dst, w.b_in, x_rows(b, pix0, np), w.w_in.t());
-      }
+      for (int64_t t = begin; t < end; ++t) project_in(t);
+    });
+    at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
+      auto work = make_worker();
+      for (int64_t t = begin; t < end; ++t) work(t);
     });
   }
 
@@ -340,14 +445,13 @@ void forward_typed(const Problem& p, at::Tensor& out) {
   const Layout& L = p.lay;
   const Tiling& tiles = call.tiles;
   const int64_t P2 = call.P2, C = L.dim, n = L.order;
-  call.project_in();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t ps = out.stride(3), cs = out.stride(1);
 
-  at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
+  call.pipeline([&] {
     const int64_t mp = tiles.max_pixels();
-    std::vector<A> gbuf(mp * L.S), ya(mp * C), yb(mp * C);
-    for (int64_t t = begin; t < end; ++t) {
+    return [&, gbuf = std::vector<A>(mp * L.S), ya = std::vector<A>(mp * C),
+            yb = std::vector<A>(mp * C)](int64_t t) mutable {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * p.geo.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * p.geo.W;
       call.gates(t, gbuf.data());
@@ -362,11 +466,25 @@ void forward_typed(const Problem& p, at::Tensor& out) {
                      gbuf.data() + L.offs[i], L.S);
         std::swap(y, z);
       }
-      at::Tensor ot = blob(z, {np, C});
-      at::mm_out(ot, blob(y, {np, C}), call.w.w_out.t());
-      store_tile<scalar_t, A>(z, np, C, call.w.b_out.template const_data_ptr<A>(),
-                              o + b * out.stride(0) + pix0 * ps, ps, cs);
-    }
+      const at::Tensor yt = blob(y, {np, C});
+      if constexpr (std::is_same_v<scalar_t, A>) {
+        // out rows (NHWC) or out^T columns (NCHW) of this band, written by the GEMM in place.
+        scalar_t* base = o + b * out.stride(0) + pix0 * ps;
+        fill_rows<A>(base, np, C, ps, cs, call.w.b_out.template const_data_ptr<A>());
+        if (cs == 1) {
+          at::Tensor dst = out[b].permute({1, 2, 0}).reshape({-1, C}).narrow(0, pix0, np);
+          at::addmm_out(dst, dst, yt, call.w.w_out.t());
+        } else {
+          at::Tensor dst = out[b].view({C, -1}).narrow(1, pix0, np);
+          at::addmm_out(dst, dst, call.w.w_out, yt.t());
+        }
+      } else {
+        at::Tensor ot = blob(z, {np, C});
+        at::mm_out(ot, yt, call.w.w_out.t());
+        store_tile<scalar_t, A>(z, np, C, call.w.b_out.template const_data_ptr<A>(),
+                                o + b * out.stride(0) + pix0 * ps, ps, cs);
+      }
+    };
   });
 }
 
@@ -409,7 +527,6 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   const Tiling& tiles = call.tiles;
   const int64_t P2 = call.P2, C = L.dim, n = L.order, S = L.S, d0 = L.dims[0];
   const A scale = static_cast<A>(p.scale);
-  call.project_in();
   Partials<A> part(tiles.count, call.w, L);
   const at::Tensor w_dw_flip = call.w.w_dw_flipped(p);
   // dD: gradient of the gates before the scale (of dwconv(q) + b_dw), [N, S]; dF: of F, [N, 2 dim].
@@ -418,11 +535,11 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const int64_t ps = call.pixel_stride(), cs = call.channel_stride();
 
-  // Pass B: recompute the tile's gates and chain, then run it backwards.
-  at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
+  // Passes A and B: recompute F, the tile's gates and chain, then run the chain backwards.
+  call.pipeline([&] {
     const int64_t mp = tiles.max_pixels();
-    std::vector<A> gbuf(mp * S), ys(mp * S), zs(mp * S), da(mp * C), db(mp * C);
-    for (int64_t t = begin; t < end; ++t) {
+    return [&, gbuf = std::vector<A>(mp * S), ys = std::vector<A>(mp * S), zs = std::vector<A>(mp * S),
+            da = std::vector<A>(mp * C), db = std::vector<A>(mp * C)](int64_t t) mutable {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * g.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * g.W;
       const A* Ft = call.F_image(b) + pix0 * P2;
@@ -466,7 +583,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       // first gate: y_0 = p0 * g_0
       rowwise<A>(np, d0, dDt, S, dy, d0, Ft, P2, [scale](auto u, auto v) { return u * v * decltype(u)(scale); });
       rowwise<A>(np, d0, dFt, P2, dy, d0, gbuf.data(), S, [](auto u, auto v) { return u * v; });
-    }
+    };
   });
 
   // Pass C: dL/dq, the depthwise and proj_in parameter gradients, grad_x.
@@ -480,7 +597,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       const A* dDb = dD.const_data_ptr<A>() + b * tiles.HW * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
       depthwise<A>(dDb, S, w_dw_flip.const_data_ptr<A>(), nullptr, A(1), S, g, y0, y1, dFt + d0, P2);
-      depthwise_weight_grad<A>(call.F_image(b) + d0, P2, dDb + pix0 * S, S, S, g, y0, y1,
+      depthwise_weight_grad<A>(call.F_image(b) + d0, P2, dDb, S, S, g, y0, y1,
                                part.w_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, S, dDb + pix0 * S, S, part.b_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, P2, dFt, P2, part.b_in[t].template mutable_data_ptr<A>());

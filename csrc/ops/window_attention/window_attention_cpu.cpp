@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -108,7 +109,7 @@ A vec_max(const A* x, int64_t npad) {
   constexpr int64_t W = Vec<A>::size();
   Vec<A> m(-std::numeric_limits<A>::infinity());
   for (int64_t j = 0; j < npad; j += W) m = at::vec::maximum(m, Vec<A>::loadu(x + j));
-  return at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return at::vec::maximum(a, b); }, m);
+  return at::vec::vec_reduce_all<A>([](const Vec<A>& a, const Vec<A>& b) { return at::vec::maximum(a, b); }, m);
 }
 
 // x[j] = exp(x[j] - shift); returns the sum.
@@ -122,7 +123,7 @@ A vec_exp_sum(A* x, A shift, int64_t npad) {
     e.store(x + j);
     acc = acc + e;
   }
-  return at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& b) { return a + b; }, acc);
+  return at::vec::vec_reduce_all<A>([](const Vec<A>& a, const Vec<A>& b) { return a + b; }, acc);
 }
 
 template <typename scalar_t, typename A>

@@ -2,14 +2,14 @@
 (``python -m tokenmix bench``)."""
 from __future__ import annotations
 
-from tokenmix.bench import deform_conv2d, gather, window_attention
+from tokenmix.bench import deform_conv2d, gather, gnconv, window_attention
 from tokenmix.bench.harness import Case, format_table, run, write_chart, write_json
 
 # Per family: cases(batch) -> list[Case], and the batch each device runs them at.
 FAMILIES = {"gather": gather.cases, "window_attention": window_attention.cases,
-            "deform_conv2d": deform_conv2d.cases}
+            "deform_conv2d": deform_conv2d.cases, "gnconv": gnconv.cases}
 BATCH = {"gather": {"cpu": 8, "cuda": 64}, "window_attention": {"cpu": 4, "cuda": 64},
-         "deform_conv2d": {"cpu": 4, "cuda": 64}}
+         "deform_conv2d": {"cpu": 4, "cuda": 64}, "gnconv": {"cpu": 4, "cuda": 64}}
 
 
 def select_cases(ops: list[str] | None, device_type: str, quick: bool = False) -> list[Case]:

@@ -61,32 +61,3 @@ class GnConv(nn.Module):
         for i in range(self.order - 1):
             y = self.pws[i](y) * gates[i + 1]
         return self.proj_out(y)
-
-
-def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
-    """LayerNorm over the channels of [B, C, H, W] (HorNet's channels_first LayerNorm)."""
-    u = x.mean(1, keepdim=True)
-    s = (x - u).pow(2).mean(1, keepdim=True)
-    x = (x - u) / torch.sqrt(s + eps)
-    return weight[:, None, None] * x + bias[:, None, None]
-
-
-def global_local_filter(x: Tensor, dw_weight: Tensor, complex_weight: Tensor, pre_w: Tensor,
-                        pre_b: Tensor, post_w: Tensor, post_b: Tensor) -> Tensor:
-    """HorNet-GF's GlobalLocalFilter: pre-norm, half the channels through a 3x3 depthwise conv,
-    the other half through a learned global filter in the 2-D Fourier domain (fp32; the filter
-    resized bilinearly when the map is not its size), channels interleaved local/global, post-norm."""
-    x = layer_norm_2d(x, pre_w, pre_b)
-    x1, x2 = torch.chunk(x, 2, dim=1)
-    x1 = F.conv2d(x1, dw_weight, None, padding=1, groups=x1.shape[1])
-    x2 = x2.to(torch.float32)
-    B, C, a, b = x2.shape
-    x2 = torch.fft.rfft2(x2, dim=(2, 3), norm="ortho")
-    weight = complex_weight
-    if weight.shape[1:3] != x2.shape[2:4]:
-        weight = F.interpolate(weight.permute(3, 0, 1, 2), size=x2.shape[2:4], mode="bilinear",
-                               align_corners=True).permute(1, 2, 3, 0)
-    x2 = x2 * torch.view_as_complex(weight.contiguous())
-    x2 = torch.fft.irfft2(x2, s=(a, b), dim=(2, 3), norm="ortho").to(x1.dtype)
-    x = torch.cat([x1.unsqueeze(2), x2.unsqueeze(2)], dim=2).reshape(B, 2 * C, a, b)
-    return layer_norm_2d(x, post_w, post_b)
