@@ -5,19 +5,20 @@
 // independent of the thread count. Inside a tile everything is channels-last rows [pixel, channel]
 // in the accumulation type.
 //
-// Forward, two passes over tiles:
-//   A. F = x W_in^T + b_in for the tile's pixels (one GEMM; x is read in place in NCHW or NHWC).
-//      The depthwise conv of the next pass reads k/2 rows of F above and below its tile, so F is
-//      the one full-size intermediate.
-//   B. depthwise k x k conv of F's gate channels + bias, times the scale, then the first gate
-//      (p0 * g_0), all while the band is in cache; each pws step is a small GEMM whose output is
-//      gated (+ bias, * g_i) in place before it leaves cache; proj_out's GEMM writes the output
-//      tile in x's memory format.
-// Backward saves nothing but the operands: pass A recomputes F, pass B recomputes the tile's gates
-// and chain and runs it backwards (weight-gradient partials per tile, the gate gradient dD and
-// dL/dp0 into full-size buffers), pass C turns dD into dL/dq (the depthwise conv with the flipped
-// kernel), the depthwise weight/bias gradients, and then grad_x = dF W_in and W_in's gradient per
-// tile.
+// Forward:
+//   A. F = x W_in^T, one batched GEMM (x read in place, NCHW or NHWC). The depthwise conv reads
+//      k/2 rows of F beyond its band, so F is the one full-size intermediate; proj_in's bias is
+//      added where F is read.
+//   B. per tile: the depthwise k x k conv of F's gate channels (packed into a zero-bordered band
+//      first) + bias, times the scale, then the first gate (p0 * g_0), while the band is in
+//      cache; each pws step is a small GEMM whose output is gated (+ bias, * g_i) before it
+//      leaves cache; proj_out's GEMM, its bias folded in, writes the output tile in x's memory
+//      format.
+// Backward saves nothing but the operands: pass A recomputes F, pass B recomputes each tile's
+// gates and chain and runs it backwards (weight-gradient partials per tile, the gate gradient dD
+// and dL/dp0 into full-size buffers), pass C turns dD into dL/dq (the depthwise conv with the
+// flipped kernel), the depthwise weight/bias gradients, and then grad_x = dF W_in and W_in's
+// gradient per tile.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -27,6 +28,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -37,9 +39,14 @@ namespace tokenmix {
 namespace gnconv {
 namespace {
 
-constexpr int64_t kTilePixels = 512;
-constexpr int64_t kStrip = 8;  // output pixels per register block of the depthwise conv
-                                // (depthwise_strip spells out its 8 accumulators)
+constexpr int64_t kTilePixels = 1024;
+// Output pixels per register block of the depthwise conv: its sums and one kernel row's inputs
+// (kStrip + k - 1 vectors) stay in registers; AVX-512 has 32 of them, the other ISAs 16.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kStrip = 8;
+#else
+constexpr int64_t kStrip = 4;
+#endif
 
 template <typename A>
 using Vec = at::vec::Vectorized<A>;
@@ -63,6 +70,22 @@ at::Tensor blob(A* p, at::IntArrayRef sizes) {
   return at::from_blob(p, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
 }
 
+// Scratch memory of the calling thread, one buffer per use, kept between calls so that the
+// kernels do not fault in fresh pages every time (it grows to the largest tile seen, bounded by
+// kTilePixels times the channel count). Left uninitialised: every kernel writes before it reads.
+enum Slot { kBand, kGradBand, kGates, kYs, kZs, kGradA, kGradB, kGradX, kSlots };
+
+template <typename A>
+A* scratch(Slot slot, int64_t n) {
+  static thread_local std::unique_ptr<A[]> buf[kSlots];
+  static thread_local int64_t cap[kSlots] = {};
+  if (n > cap[slot]) {
+    buf[slot].reset(new A[n]);
+    cap[slot] = n;
+  }
+  return buf[slot].get();
+}
+
 // ---- vectorised row helpers -------------------------------------------------------------------
 
 // dst[r, :n] = op(a[r, :n], b[r, :n]) for r < rows; op takes (and returns) Vec<A> or A.
@@ -80,18 +103,21 @@ void rowwise(int64_t rows, int64_t n, A* dst, int64_t ldd, const A* a, int64_t l
   }
 }
 
-// z[r, :n] = (z[r, :n] + bias[:n]) * g[r, :n]: a pws step's epilogue, in place.
+// dst[r, :n] = (src[r, :n] + bias[:n]) * g[r, :n]: a gate with its step's bias (in place when
+// dst == src).
 template <typename A>
-void bias_gate(int64_t rows, int64_t n, A* z, const A* bias, const A* g, int64_t ldg) {
+void bias_gate(int64_t rows, int64_t n, A* dst, int64_t ldd, const A* src, int64_t lds, const A* bias,
+               const A* g, int64_t ldg) {
   constexpr int64_t V = Vec<A>::size();
   for (int64_t r = 0; r < rows; ++r) {
-    A* d = z + r * n;
+    A* d = dst + r * ldd;
+    const A* ps = src + r * lds;
     const A* pg = g + r * ldg;
     int64_t c = 0;
     for (; c + V <= n; c += V) {
-      ((Vec<A>::loadu(d + c) + Vec<A>::loadu(bias + c)) * Vec<A>::loadu(pg + c)).store(d + c);
+      ((Vec<A>::loadu(ps + c) + Vec<A>::loadu(bias + c)) * Vec<A>::loadu(pg + c)).store(d + c);
     }
-    for (; c < n; ++c) d[c] = (d[c] + bias[c]) * pg[c];
+    for (; c < n; ++c) d[c] = (ps[c] + bias[c]) * pg[c];
   }
 }
 
@@ -101,17 +127,6 @@ void column_sums(int64_t rows, int64_t n, const A* src, int64_t ld, A* sum) {
   std::fill(sum, sum + n, A(0));
   for (int64_t r = 0; r < rows; ++r) {
     at::vec::map2<A>([](Vec<A> s, Vec<A> v) { return s + v; }, sum, sum, src + r * ld, n);
-  }
-}
-
-// Element (i, c) of an [np, C] block at base + i * ps + c * cs set to bias[c]: the bias a GEMM
-// then accumulates onto (beta = 1), cheaper than ATen's broadcast copy for addmm.
-template <typename A>
-void fill_rows(A* base, int64_t np, int64_t C, int64_t ps, int64_t cs, const A* bias) {
-  if (cs == 1) {
-    for (int64_t i = 0; i < np; ++i) std::copy(bias, bias + C, base + i * ps);
-  } else {
-    for (int64_t c = 0; c < C; ++c) std::fill(base + c * cs, base + c * cs + np, bias[c]);
   }
 }
 
@@ -171,31 +186,31 @@ inline void store_n(const Vec<A>& v, A* p, int64_t n) {
 
 // A band of rows [y0, y1) of S channels, zero-padded by pad on every side and on the right up to
 // whole strips, stored block by block: element (y, x) of channel block cb at
-// data + ((cb * rows + y - y0 + pad) * pw + x + pad) * V. Packing reads each source pixel's
-// channels once, in pixel order.
+// data + ((cb * rows + y - y0 + pad) * pw + x + pad) * V.
 template <typename A>
 struct PackedBand {
   static constexpr int64_t V = Vec<A>::size();
   int64_t y0, pad, pw, strips, rows, blocks;
-  std::vector<A> data;
+  A* data;
 
-  PackedBand(const DwGeometry& g, int64_t S, int64_t y0_, int64_t y1, int64_t pad_)
+  PackedBand(const DwGeometry& g, int64_t S, int64_t y0_, int64_t y1, int64_t pad_, Slot slot)
       : y0(y0_), pad(pad_), strips((g.W + kStrip - 1) / kStrip), rows(y1 - y0_ + 2 * pad_),
         blocks((S + V - 1) / V) {
     pw = strips * kStrip + 2 * pad;
-    data.resize(blocks * rows * pw * V);
+    data = scratch<A>(slot, blocks * rows * pw * V);
   }
   const A* at(int64_t cb, int64_t y, int64_t x) const {
-    return data.data() + ((cb * rows + y - y0 + pad) * pw + x + pad) * V;
+    return data + ((cb * rows + y - y0 + pad) * pw + x + pad) * V;
   }
 
-  // src: the image's pixel 0, ld apart; zeros outside the map and for channels past S.
-  void pack(const A* src, int64_t ld, const DwGeometry& g, int64_t S) {
+  // src (+ add[c] when add is not null): the image's pixel 0, ld apart; zeros outside the map
+  // and for channels past S.
+  void pack(const A* src, int64_t ld, const DwGeometry& g, int64_t S, const A* add) {
     const int64_t block = rows * pw * V;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t y = y0 - pad + r;
       for (int64_t cb = 0; cb < blocks; ++cb) {
-        A* row = data.data() + cb * block + r * pw * V;
+        A* row = data + cb * block + r * pw * V;
         if (y < 0 || y >= g.H) {
           std::fill(row, row + pw * V, A(0));
         } else {
@@ -204,55 +219,72 @@ struct PackedBand {
         }
       }
       if (y < 0 || y >= g.H) continue;
-      for (int64_t x = 0; x < g.W; ++x) {
-        const A* in = src + (y * g.W + x) * ld;
-        A* out = data.data() + (r * pw + x + pad) * V;
-        for (int64_t cb = 0; cb < blocks; ++cb) {
-          load_n(in + cb * V, std::min(V, S - cb * V)).store(out + cb * block);
+      // Block by block along the row: sequential stores, a fixed stride for the loads.
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        const int64_t n = std::min(V, S - cb * V);
+        const Vec<A> a = add ? load_n(add + cb * V, n) : Vec<A>(A(0));
+        const A* in = src + y * g.W * ld + cb * V;
+        A* out = data + cb * block + (r * pw + pad) * V;
+        if (n == V) {
+          for (int64_t x = 0; x < g.W; ++x) (Vec<A>::loadu(in + x * ld) + a).store(out + x * V);
+        } else {
+          for (int64_t x = 0; x < g.W; ++x) (Vec<A>::loadu(in + x * ld, n) + a).store(out + x * V);
         }
       }
     }
   }
 };
 
-// acc[j] = init + sum over taps of w[t] * the band at pixel j + tap offset, for kStrip
-// consecutive pixels; win: the band at the window's top-left corner, pw vectors per row.
+// acc[j] = init + sum over taps t of w[t] * (the band at pixel j + tap t's offset), for kStrip
+// consecutive pixels of one row; win: the band at the window's top-left corner, pw vectors per
+// row. For a kernel size known at compile time, each kernel row's kStrip + k - 1 input vectors
+// are loaded into registers once and feed all k of its taps.
 template <typename A, int K>
 inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const Vec<A>* wv, const Vec<A>& init,
                             Vec<A>* out) {
   constexpr int64_t V = Vec<A>::size();
-  const int64_t k = K > 0 ? K : k_rt;
-  Vec<A> a0 = init, a1 = init, a2 = init, a3 = init, a4 = init, a5 = init, a6 = init, a7 = init;
-  for (int64_t ky = 0; ky < k; ++ky) {
-    const A* row = win + ky * pw * V;
-#pragma GCC unroll 8
-    for (int64_t kx = 0; kx < k; ++kx) {
-      const Vec<A> wt = wv[ky * k + kx];
-      const A* r = row + kx * V;
-      a0 = at::vec::fmadd(Vec<A>::loadu(r), wt, a0);
-      a1 = at::vec::fmadd(Vec<A>::loadu(r + V), wt, a1);
-      a2 = at::vec::fmadd(Vec<A>::loadu(r + 2 * V), wt, a2);
-      a3 = at::vec::fmadd(Vec<A>::loadu(r + 3 * V), wt, a3);
-      a4 = at::vec::fmadd(Vec<A>::loadu(r + 4 * V), wt, a4);
-      a5 = at::vec::fmadd(Vec<A>::loadu(r + 5 * V), wt, a5);
-      a6 = at::vec::fmadd(Vec<A>::loadu(r + 6 * V), wt, a6);
-      a7 = at::vec::fmadd(Vec<A>::loadu(r + 7 * V), wt, a7);
+  Vec<A> acc[kStrip];
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < kStrip; ++j) acc[j] = init;
+  if constexpr (K > 0) {
+    for (int64_t ky = 0; ky < K; ++ky) {
+      const A* row = win + ky * pw * V;
+      Vec<A> in[kStrip + K - 1];
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < kStrip + K - 1; ++j) in[j] = Vec<A>::loadu(row + j * V);
+#pragma GCC unroll 7
+      for (int64_t kx = 0; kx < K; ++kx) {
+        const Vec<A> w = wv[ky * K + kx];
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < kStrip; ++j) acc[j] = at::vec::fmadd(in[j + kx], w, acc[j]);
+      }
+    }
+  } else {
+    for (int64_t ky = 0; ky < k_rt; ++ky) {
+      for (int64_t kx = 0; kx < k_rt; ++kx) {
+        const Vec<A> w = wv[ky * k_rt + kx];
+        const A* r = win + (ky * pw + kx) * V;
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < kStrip; ++j) acc[j] = at::vec::fmadd(Vec<A>::loadu(r + j * V), w, acc[j]);
+      }
     }
   }
-  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3, out[4] = a4, out[5] = a5, out[6] = a6, out[7] = a7;
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < kStrip; ++j) out[j] = acc[j];
 }
 
-// dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] src[pixel + o_t, c]), c < S, for the pixels of
-// rows [y0, y1) of one image (zeros outside the map). src: the image's pixel 0, ld_src apart;
+// dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] q[pixel + o_t, c]), c < S, for the pixels of
+// rows [y0, y1) of one image, q = src + add (add may be null) inside the map and zero outside.
+// src: the image's pixel 0, ld_src apart;
 // w: [k * k, S] tap-major; bias may be null; dst: pixel (y0, 0), ld_dst apart. K: the kernel size
 // when known at compile time (0: g.k), so the tap loops unroll.
 template <typename A, int K>
-void depthwise_impl(const A* src, int64_t ld_src, const A* w, const A* bias, A scale, int64_t S,
+void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, const A* bias, A scale, int64_t S,
                     const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
   constexpr int64_t V = Vec<A>::size();
   const int64_t k = K > 0 ? K : g.k;
-  PackedBand<A> band(g, S, y0, y1, k / 2);
-  band.pack(src, ld_src, g, S);
+  PackedBand<A> band(g, S, y0, y1, k / 2, kBand);
+  band.pack(src, ld_src, g, S, add);
   std::vector<Vec<A>> wv(k * k);
   const Vec<A> vs(scale);
   for (int64_t c = 0; c < S; c += V) {
@@ -262,10 +294,9 @@ void depthwise_impl(const A* src, int64_t ld_src, const A* w, const A* bias, A s
     for (int64_t y = y0; y < y1; ++y) {
       A* drow = dst + (y - y0) * g.W * ld_dst + c;
       for (int64_t s = 0; s < band.strips; ++s) {
-        const int64_t x0 = s * kStrip;
+        const int64_t x0 = s * kStrip, m = std::min(kStrip, g.W - x0);
         Vec<A> acc[kStrip];
         depthwise_strip<A, K>(band.at(cb, y - k / 2, x0 - k / 2), band.pw, k, wv.data(), init, acc);
-        const int64_t m = std::min(kStrip, g.W - x0);
         for (int64_t j = 0; j < m; ++j) store_n<A>(acc[j] * vs, drow + (x0 + j) * ld_dst, n);
       }
     }
@@ -273,29 +304,29 @@ void depthwise_impl(const A* src, int64_t ld_src, const A* w, const A* bias, A s
 }
 
 template <typename A>
-void depthwise(const A* src, int64_t ld_src, const A* w, const A* bias, A scale, int64_t S,
+void depthwise(const A* src, int64_t ld_src, const A* add, const A* w, const A* bias, A scale, int64_t S,
                const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
   switch (g.k) {
-    case 7: return depthwise_impl<A, 7>(src, ld_src, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    case 5: return depthwise_impl<A, 5>(src, ld_src, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    case 3: return depthwise_impl<A, 3>(src, ld_src, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    default: return depthwise_impl<A, 0>(src, ld_src, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    case 7: return depthwise_impl<A, 7>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    case 5: return depthwise_impl<A, 5>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    case 3: return depthwise_impl<A, 3>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    default: return depthwise_impl<A, 0>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
   }
 }
 
-// gw[t, c] += sum over pixels p of rows [y0, y1): dy[p, c] * src[p + o_t, c] (zero outside the
-// map). dy and src: the image's pixel 0, ld_dy / ld_src apart; gw [k * k, S].
+// gw[t, c] += sum over pixels p of rows [y0, y1): dy[p, c] * q[p + o_t, c], q = src + add inside
+// the map (add may be null) and zero outside. dy and src: the image's pixel 0, ld_dy / ld_src apart; gw [k * k, S].
 // For one kernel row, the k taps' sums stay in registers while x runs along the rows.
 template <typename A, int K>
-void depthwise_weight_grad_impl(const A* src, int64_t ld_src, const A* dy, int64_t ld_dy, int64_t S,
+void depthwise_weight_grad_impl(const A* src, int64_t ld_src, const A* add, const A* dy, int64_t ld_dy, int64_t S,
                                 const DwGeometry& g, int64_t y0, int64_t y1, A* gw) {
   constexpr int64_t V = Vec<A>::size();
   constexpr int64_t kMaxK = K > 0 ? K : kMaxKernel;
   const int64_t k = K > 0 ? K : g.k, pad = k / 2;
-  PackedBand<A> band(g, S, y0, y1, pad);
-  PackedBand<A> grad(g, S, y0, y1, 0);
-  band.pack(src, ld_src, g, S);
-  grad.pack(dy, ld_dy, g, S);
+  PackedBand<A> band(g, S, y0, y1, pad, kBand);
+  PackedBand<A> grad(g, S, y0, y1, 0, kGradBand);
+  band.pack(src, ld_src, g, S, add);
+  grad.pack(dy, ld_dy, g, S, nullptr);
   for (int64_t c = 0; c < S; c += V) {
     const int64_t n = std::min(V, S - c), cb = c / V;
     for (int64_t ky = 0; ky < k; ++ky) {
@@ -319,22 +350,25 @@ void depthwise_weight_grad_impl(const A* src, int64_t ld_src, const A* dy, int64
 }
 
 template <typename A>
-void depthwise_weight_grad(const A* src, int64_t ld_src, const A* dy, int64_t ld_dy, int64_t S,
+void depthwise_weight_grad(const A* src, int64_t ld_src, const A* add, const A* dy, int64_t ld_dy, int64_t S,
                            const DwGeometry& g, int64_t y0, int64_t y1, A* gw) {
   switch (g.k) {
-    case 7: return depthwise_weight_grad_impl<A, 7>(src, ld_src, dy, ld_dy, S, g, y0, y1, gw);
-    case 5: return depthwise_weight_grad_impl<A, 5>(src, ld_src, dy, ld_dy, S, g, y0, y1, gw);
-    case 3: return depthwise_weight_grad_impl<A, 3>(src, ld_src, dy, ld_dy, S, g, y0, y1, gw);
-    default: return depthwise_weight_grad_impl<A, 0>(src, ld_src, dy, ld_dy, S, g, y0, y1, gw);
+    case 7: return depthwise_weight_grad_impl<A, 7>(src, ld_src, add, dy, ld_dy, S, g, y0, y1, gw);
+    case 5: return depthwise_weight_grad_impl<A, 5>(src, ld_src, add, dy, ld_dy, S, g, y0, y1, gw);
+    case 3: return depthwise_weight_grad_impl<A, 3>(src, ld_src, add, dy, ld_dy, S, g, y0, y1, gw);
+    default: return depthwise_weight_grad_impl<A, 0>(src, ld_src, add, dy, ld_dy, S, g, y0, y1, gw);
   }
 }
 
 // ---- the op -----------------------------------------------------------------------------------
 
 // Weights in the accumulation type and the layouts the kernels read.
+// proj_out's bias rides in its GEMM as one more input channel of ones (w_out_aug =
+// [W_out | b_out]), which costs nothing where a bias pass over the output would not.
 struct Weights {
   at::Tensor w_in, b_in, w_dw, b_dw, w_out, b_out;  // w_dw: [k * k, S] tap-major
   std::vector<at::Tensor> w_pw, b_pw;               // w_*: [out, in]
+  at::Tensor w_out_aug;                             // [dim, dim + 1]
 
   // Detached: the worker threads of at::parallel_for do not inherit the caller's
   // below-autograd dispatch state, and out= GEMMs refuse operands that require grad.
@@ -351,6 +385,7 @@ struct Weights {
       w_pw.push_back(mat(p.w_pw[i]));
       b_pw.push_back(vec(p.b_pw[i]));
     }
+    w_out_aug = at::cat({w_out, b_out.view({-1, 1})}, 1);
   }
   // The depthwise kernel rotated by 180 degrees, tap-major: backward's transposed convolution.
   at::Tensor w_dw_flipped(const Problem& p) const {
@@ -385,41 +420,17 @@ struct Call {
   }
   A* F_image(int64_t b) const { return F.mutable_data_ptr<A>() + b * tiles.HW * P2; }
 
-  // Pass A for one tile: its rows of F = x W_in^T + b_in.
-  void project_in(int64_t t) const {
-    const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * g.W, np = (tiles.y1(t) - tiles.y0(t)) * g.W;
-    A* rows = F_image(b) + pix0 * P2;
-    fill_rows<A>(rows, np, P2, P2, 1, w.b_in.template const_data_ptr<A>());
-    at::Tensor dst = blob(rows, {np, P2});
-    at::addmm_out(dst, dst, x_rows(b, pix0, np), w.w_in.t());
+  // Pass A: F = x W_in^T for every pixel, one batched GEMM (x read in place, NCHW or NHWC).
+  // proj_in's bias is added where F is read (the first gate, the depthwise conv's packing),
+  // which saves a pass over F.
+  void project_in() const {
+    at::Tensor F3 = F.view({tiles.B, tiles.HW, P2});
+    at::bmm_out(F3, xa.flatten(2).transpose(1, 2), w.w_in.t().expand({tiles.B, -1, -1}));
   }
 
-  // Runs pass A on every tile and make_worker()(t) on every tile t after the tiles whose F rows
-  // it reads (k/2 rows beyond its band). With at least as many images as threads, each thread
-  // takes whole images and interleaves the two passes band by band, so F is read back while it
-  // is still in cache; otherwise pass A runs on every tile first. The same calls run either way,
-  // so the results do not depend on the thread count. make_worker() builds a thread's callable
-  // (with its scratch buffers).
+  // Runs make_worker()(t) on every tile t; make_worker() builds a thread's callable.
   template <class MakeWorker>
-  void pipeline(const MakeWorker& make_worker) const {
-    if (tiles.B >= at::get_num_threads()) {
-      at::parallel_for(0, tiles.B, 1, [&](int64_t b0, int64_t b1) {
-        auto work = make_worker();
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t first = b * tiles.bands;
-          int64_t ready = 0;
-          for (int64_t j = 0; j < tiles.bands; ++j) {
-            const int64_t need = tiles.y1(first + j) + g.pad();
-            while (ready < tiles.bands && tiles.y0(first + ready) < need) project_in(first + ready++);
-            work(first + j);
-          }
-        }
-      });
-      return;
-    }
-    at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) project_in(t);
-    });
+  void for_each_tile(const MakeWorker& make_worker) const {
     at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
       auto work = make_worker();
       for (int64_t t = begin; t < end; ++t) work(t);
@@ -429,7 +440,7 @@ struct Call {
   // The tile's gates g = scale * (dwconv(q) + b_dw), [np, S].
   void gates(int64_t t, A* gbuf) const {
     const A* Fb = F_image(tiles.image(t));
-    depthwise<A>(Fb + L.dims[0], P2, w.w_dw.const_data_ptr<A>(), w.b_dw.const_data_ptr<A>(),
+    depthwise<A>(Fb + L.dims[0], P2, w.b_in.template const_data_ptr<A>() + L.dims[0], w.w_dw.const_data_ptr<A>(), w.b_dw.const_data_ptr<A>(),
                  static_cast<A>(p.scale), L.S, g, tiles.y0(t), tiles.y1(t), gbuf, L.S);
   }
 
@@ -448,41 +459,40 @@ void forward_typed(const Problem& p, at::Tensor& out) {
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t ps = out.stride(3), cs = out.stride(1);
 
-  call.pipeline([&] {
+  call.project_in();
+  call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
-    return [&, gbuf = std::vector<A>(mp * L.S), ya = std::vector<A>(mp * C),
-            yb = std::vector<A>(mp * C)](int64_t t) mutable {
+    return [&, gbuf = scratch<A>(kGates, mp * L.S), y = scratch<A>(kYs, mp * (C + 1)),
+            z = scratch<A>(kZs, mp * C)](int64_t t) {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * p.geo.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * p.geo.W;
-      call.gates(t, gbuf.data());
-      A* y = ya.data();
-      A* z = yb.data();
-      rowwise<A>(np, L.dims[0], y, L.dims[0], call.F_image(b) + pix0 * P2, P2, gbuf.data(), L.S,
-                 [](auto u, auto v) { return u * v; });
+      // y_i rows are dims[i] wide, the last one C + 1: its column C holds the ones proj_out's
+      // augmented weight turns into the bias.
+      const auto ld = [&](int64_t i) { return i == n - 1 ? C + 1 : L.dims[i]; };
+      call.gates(t, gbuf);
+      bias_gate<A>(np, L.dims[0], y, ld(0), call.F_image(b) + pix0 * P2, P2,
+                   call.w.b_in.template const_data_ptr<A>(), gbuf, L.S);
       for (int64_t i = 1; i < n; ++i) {
         at::Tensor zt = blob(z, {np, L.dims[i]});
         at::mm_out(zt, blob(y, {np, L.dims[i - 1]}), call.w.w_pw[i - 1].t());
-        bias_gate<A>(np, L.dims[i], z, call.w.b_pw[i - 1].template const_data_ptr<A>(),
-                     gbuf.data() + L.offs[i], L.S);
-        std::swap(y, z);
+        bias_gate<A>(np, L.dims[i], y, ld(i), z, L.dims[i],
+                     call.w.b_pw[i - 1].template const_data_ptr<A>(), gbuf + L.offs[i], L.S);
       }
-      const at::Tensor yt = blob(y, {np, C});
+      for (int64_t r = 0; r < np; ++r) y[r * (C + 1) + C] = A(1);
+      const at::Tensor yt = blob(y, {np, C + 1});
       if constexpr (std::is_same_v<scalar_t, A>) {
         // out rows (NHWC) or out^T columns (NCHW) of this band, written by the GEMM in place.
-        scalar_t* base = o + b * out.stride(0) + pix0 * ps;
-        fill_rows<A>(base, np, C, ps, cs, call.w.b_out.template const_data_ptr<A>());
         if (cs == 1) {
           at::Tensor dst = out[b].permute({1, 2, 0}).reshape({-1, C}).narrow(0, pix0, np);
-          at::addmm_out(dst, dst, yt, call.w.w_out.t());
+          at::mm_out(dst, yt, call.w.w_out_aug.t());
         } else {
           at::Tensor dst = out[b].view({C, -1}).narrow(1, pix0, np);
-          at::addmm_out(dst, dst, call.w.w_out, yt.t());
+          at::mm_out(dst, call.w.w_out_aug, yt.t());
         }
       } else {
         at::Tensor ot = blob(z, {np, C});
-        at::mm_out(ot, yt, call.w.w_out.t());
-        store_tile<scalar_t, A>(z, np, C, call.w.b_out.template const_data_ptr<A>(),
-                                o + b * out.stride(0) + pix0 * ps, ps, cs);
+        at::mm_out(ot, yt, call.w.w_out_aug.t());
+        store_tile<scalar_t, A>(z, np, C, nullptr, o + b * out.stride(0) + pix0 * ps, ps, cs);
       }
     };
   });
@@ -535,35 +545,39 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const int64_t ps = call.pixel_stride(), cs = call.channel_stride();
 
-  // Passes A and B: recompute F, the tile's gates and chain, then run the chain backwards.
-  call.pipeline([&] {
+  // Pass A again, then B: the tile's gates and chain recomputed and run backwards.
+  call.project_in();
+  call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
-    return [&, gbuf = std::vector<A>(mp * S), ys = std::vector<A>(mp * S), zs = std::vector<A>(mp * S),
-            da = std::vector<A>(mp * C), db = std::vector<A>(mp * C)](int64_t t) mutable {
+    return [&, gbuf = scratch<A>(kGates, mp * S), ys = scratch<A>(kYs, mp * S), zs = scratch<A>(kZs, mp * S),
+            da = scratch<A>(kGradA, mp * C), db = scratch<A>(kGradB, mp * C)](int64_t t) {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * g.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * g.W;
       const A* Ft = call.F_image(b) + pix0 * P2;
       A* dDt = dD.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
-      call.gates(t, gbuf.data());
+      call.gates(t, gbuf);
       // y_i at ys + np * offs[i], pre-gate z_i (bias included) at zs + np * offs[i].
-      const auto Y = [&](int64_t i) { return ys.data() + np * L.offs[i]; };
-      const auto Z = [&](int64_t i) { return zs.data() + np * L.offs[i]; };
-      rowwise<A>(np, d0, Y(0), d0, Ft, P2, gbuf.data(), S, [](auto u, auto v) { return u * v; });
+      const auto Y = [&](int64_t i) { return ys + np * L.offs[i]; };
+      const auto Z = [&](int64_t i) { return zs + np * L.offs[i]; };
+      bias_gate<A>(np, d0, Y(0), d0, Ft, P2, call.w.b_in.template const_data_ptr<A>(), gbuf, S);
       for (int64_t i = 1; i < n; ++i) {
+        // As the forward computes it: GEMM, then + bias, then * gate.
         at::Tensor zt = blob(Z(i), {np, L.dims[i]});
-        at::addmm_out(zt, call.w.b_pw[i - 1], blob(Y(i - 1), {np, L.dims[i - 1]}), call.w.w_pw[i - 1].t());
-        rowwise<A>(np, L.dims[i], Y(i), L.dims[i], Z(i), L.dims[i], gbuf.data() + L.offs[i], S,
+        at::mm_out(zt, blob(Y(i - 1), {np, L.dims[i - 1]}), call.w.w_pw[i - 1].t());
+        rowwise<A>(np, L.dims[i], Z(i), L.dims[i], Z(i), L.dims[i],
+                   call.w.b_pw[i - 1].template const_data_ptr<A>(), 0, [](auto u, auto v) { return u + v; });
+        rowwise<A>(np, L.dims[i], Y(i), L.dims[i], Z(i), L.dims[i], gbuf + L.offs[i], S,
                    [](auto u, auto v) { return u * v; });
       }
       // proj_out
-      load_tile<scalar_t, A>(gp + b * grad.stride(0) + pix0 * ps, ps, cs, np, C, da.data());
-      const at::Tensor dO = blob(da.data(), {np, C});
+      load_tile<scalar_t, A>(gp + b * grad.stride(0) + pix0 * ps, ps, cs, np, C, da);
+      const at::Tensor dO = blob(da, {np, C});
       at::Tensor gwo = part.w_out[t];
       at::mm_out(gwo, dO.t(), blob(Y(n - 1), {np, C}));
-      column_sums<A>(np, C, da.data(), C, part.b_out[t].template mutable_data_ptr<A>());
-      A* dy = db.data();
-      A* spare = da.data();
+      column_sums<A>(np, C, da, C, part.b_out[t].template mutable_data_ptr<A>());
+      A* dy = db;
+      A* spare = da;
       at::Tensor dyt = blob(dy, {np, C});
       at::mm_out(dyt, dO, call.w.w_out);
       // pws steps, last first: dg_i = dy * z_i, dz_i = dy * g_i, dy_{i-1} = dz_i W_i.
@@ -571,7 +585,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
         const int64_t di = L.dims[i], dp = L.dims[i - 1];
         rowwise<A>(np, di, dDt + L.offs[i], S, dy, di, Z(i), di,
                    [scale](auto u, auto v) { return u * v * decltype(u)(scale); });
-        rowwise<A>(np, di, dy, di, dy, di, gbuf.data() + L.offs[i], S, [](auto u, auto v) { return u * v; });
+        rowwise<A>(np, di, dy, di, dy, di, gbuf + L.offs[i], S, [](auto u, auto v) { return u * v; });
         const at::Tensor dz = blob(dy, {np, di});
         at::Tensor gwi = part.w_pw[i - 1][t];
         at::mm_out(gwi, dz.t(), blob(Y(i - 1), {np, dp}));
@@ -580,9 +594,11 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
         at::mm_out(nxt, dz, call.w.w_pw[i - 1]);
         std::swap(dy, spare);
       }
-      // first gate: y_0 = p0 * g_0
-      rowwise<A>(np, d0, dDt, S, dy, d0, Ft, P2, [scale](auto u, auto v) { return u * v * decltype(u)(scale); });
-      rowwise<A>(np, d0, dFt, P2, dy, d0, gbuf.data(), S, [](auto u, auto v) { return u * v; });
+      // first gate: y_0 = (p0 + b_in) * g_0
+      rowwise<A>(np, d0, spare, d0, Ft, P2, call.w.b_in.template const_data_ptr<A>(), 0,
+                 [](auto u, auto v) { return u + v; });
+      rowwise<A>(np, d0, dDt, S, dy, d0, spare, d0, [scale](auto u, auto v) { return u * v * decltype(u)(scale); });
+      rowwise<A>(np, d0, dFt, P2, dy, d0, gbuf, S, [](auto u, auto v) { return u * v; });
     };
   });
 
@@ -590,23 +606,23 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   scalar_t* gx = gr.x.mutable_data_ptr<scalar_t>();
   const int64_t gps = gr.x.stride(3), gcs = gr.x.stride(1);
   at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> dx(tiles.max_pixels() * C);
+    A* dx = scratch<A>(kGradX, tiles.max_pixels() * C);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = tiles.image(t), y0 = tiles.y0(t), y1 = tiles.y1(t);
       const int64_t pix0 = y0 * g.W, np = (y1 - y0) * g.W;
       const A* dDb = dD.const_data_ptr<A>() + b * tiles.HW * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
-      depthwise<A>(dDb, S, w_dw_flip.const_data_ptr<A>(), nullptr, A(1), S, g, y0, y1, dFt + d0, P2);
-      depthwise_weight_grad<A>(call.F_image(b) + d0, P2, dDb, S, S, g, y0, y1,
+      depthwise<A>(dDb, S, nullptr, w_dw_flip.const_data_ptr<A>(), nullptr, A(1), S, g, y0, y1, dFt + d0, P2);
+      depthwise_weight_grad<A>(call.F_image(b) + d0, P2, call.w.b_in.template const_data_ptr<A>() + d0, dDb, S, S, g, y0, y1,
                                part.w_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, S, dDb + pix0 * S, S, part.b_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, P2, dFt, P2, part.b_in[t].template mutable_data_ptr<A>());
       const at::Tensor dFm = blob(dFt, {np, P2});
       at::Tensor gwi = part.w_in[t];
       at::mm_out(gwi, dFm.t(), call.x_rows(b, pix0, np));
-      at::Tensor dxt = blob(dx.data(), {np, C});
+      at::Tensor dxt = blob(dx, {np, C});
       at::mm_out(dxt, dFm, call.w.w_in);
-      store_tile<scalar_t, A>(dx.data(), np, C, nullptr, gx + b * gr.x.stride(0) + pix0 * gps, gps, gcs);
+      store_tile<scalar_t, A>(dx, np, C, nullptr, gx + b * gr.x.stride(0) + pix0 * gps, gps, gcs);
     }
   });
 

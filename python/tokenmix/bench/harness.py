@@ -50,6 +50,8 @@ class Case:
     # A lower bound timed beside the others (e.g. the plain convolution a deformable one
     # generalises); reported as fused time / floor time.
     floor: Callable | None = None
+    # Whether the floor also has a backward worth timing (False: forward only).
+    floor_backward: bool = True
 
 
 @dataclass
@@ -188,8 +190,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
                 fn(*inputs)
         return run
 
-    def timed(make_run, nbytes):
-        fns = {k: make_run(f) for k, f in variants.items()}
+    def timed(make_run, nbytes, skip=()):
+        fns = {k: make_run(f) for k, f in variants.items() if k not in skip}
         if nbytes:
             fns["copy"] = copy_of(nbytes, device)
         return time_interleaved(fns, device, reps, inner=inner)
@@ -209,7 +211,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
             return run
 
         nbytes = case.bytes_fwd(dtype) + case.bytes_bwd(dtype)
-        row = _row(case, "fwd+bwd", timed(fwd_bwd, nbytes), err, nbytes)
+        skip = () if case.floor_backward else ("floor",)
+        row = _row(case, "fwd+bwd", timed(fwd_bwd, nbytes, skip), err, nbytes)
         # What each variant keeps alive for backward (inputs that are leaves included).
         for k in ("fused", "eager"):
             fn = variants[k]
