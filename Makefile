@@ -5,7 +5,7 @@
 #   make demo       setup + `python -m tokenmix demo`
 #   make bench      setup + the CPU benchmark, written to benchmarks/results/
 #   make test-cpu-only   a build with TOKENMIX_CUDA=OFF, its info, the test suite, and the op tests
-#                        again on the baseline-ISA CPU kernels (TOKENMIX_CPU_CAPABILITY=default)
+#                        again on the baseline-ISA and the AVX2 CPU kernels (TOKENMIX_CPU_CAPABILITY)
 #
 # Variables: PYTHON (interpreter that creates the venv), TORCH (the torch requirement; the CPU
 # build works too, e.g. TORCH="torch==2.13.0"), TOKENMIX_CUDA=AUTO|ON|OFF, TOKENMIX_CUDA_ARCHS.
@@ -16,6 +16,7 @@ TORCH ?= torch==2.14.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tokenmix-deps
+OP_TESTS := tests/test_gather.py tests/test_window_attention.py tests/test_deform_conv2d.py tests/test_gnconv.py
 
 .PHONY: setup test demo bench test-cpu-only clean
 
@@ -45,7 +46,8 @@ test-cpu-only: $(STAMP)
 	$(PY) -m tokenmix info
 	$(PY) -c "import tokenmix, sys; sys.exit(1 if tokenmix.info()['cuda_compiled'] else 0)"
 	$(PY) -m pytest tests -q
-	TOKENMIX_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_gather.py tests/test_window_attention.py tests/test_deform_conv2d.py
+	TOKENMIX_CPU_CAPABILITY=default $(PY) -m pytest -q $(OP_TESTS)
+	TOKENMIX_CPU_CAPABILITY=avx2 $(PY) -m pytest -q $(OP_TESTS)
 
 clean:
 	rm -rf build $(VENV)

@@ -34,6 +34,14 @@ def cases():
     yield "deform_conv2d", lambda a, o, w, b, m: tm.deform_conv2d(a, o, w, b, padding=1, mask=m), [
         r(2, 4, 6, 6), off, r(4, 4, 3, 3), r(4), torch.rand(2, 2 * 9, 6, 6, generator=g)]
 
+    def gnconv(x, wi, bi, wd, bd, pw0, pw1, pb0, pb1, wo, bo):
+        return tm.gnconv(x, wi, bi, wd, bd, [pw0, pw1], [pb0, pb1], wo, bo, order=3, scale=1 / 3)
+    gn = [r(16, 8, 1, 1), r(16), r(14, 1, 7, 7) / 7, r(14), r(4, 2, 1, 1), r(8, 4, 1, 1), r(4), r(8),
+          r(8, 8, 1, 1), r(8)]
+    yield "gnconv", gnconv, [r(2, 8, 9, 11)] + gn
+    yield "gnconv channels_last", lambda x, *w: gnconv(x.to(memory_format=torch.channels_last), *w), \
+        [r(2, 8, 9, 11)] + gn
+
 
 def run(fn, inputs, device, dtype):
     ins = [t.to(device, dtype).requires_grad_() if t.is_floating_point() else t.to(device) for t in inputs]
