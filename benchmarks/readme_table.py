@@ -44,8 +44,8 @@ def saved(row: dict) -> str:
 
 def table() -> str:
     lines = ["| op | case | pass | device (dtype, date) | fused ms | × eager | × torch.compile | % of copy BW "
-             "| saved for backward, fused / eager (MB) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "| × floor | saved for backward, fused / eager (MB) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     results = latest_results()
     for r in results:
         where = f"{r['device']} ({r['dtype']}, {r['date']})"
@@ -53,12 +53,14 @@ def table() -> str:
             lines.append(f"| `{row['op']}` | {row['case']} | {row['mode']} | {where} | "
                          f"{row['fused_ms']:.3f} | {row['speedup_vs_eager']:.2f} | "
                          f"{fmt(row['speedup_vs_compiled'], '.2f')} | "
-                         f"{fmt(row['pct_of_copy'], '.0f', '%')} | {saved(row)} |")
+                         f"{fmt(row['pct_of_copy'], '.0f', '%')} | "
+                         f"{fmt(row.get('extra', {}).get('fused_over_floor'), '.2f')} | {saved(row)} |")
     files = ", ".join(f"`{r['_file']}`" for r in results)
     lines.append("")
     lines.append(f"Source: {files or 'no results yet'}. Ratios are medians measured in one run "
                  "(fused, eager and compiled interleaved); `% of copy BW` compares the op's "
-                 "minimum memory traffic with a tensor copy of the same size timed in the same run; the last column "
+                 "minimum memory traffic with a tensor copy of the same size timed in the same run; `× floor` "
+                 "is fused time over the time of the case's compute floor (lower is better); the last column "
                  "is what autograd keeps alive between forward and backward (inputs included).")
     return "\n".join(lines)
 

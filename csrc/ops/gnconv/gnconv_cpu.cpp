@@ -88,37 +88,31 @@ A* scratch(Slot slot, int64_t n) {
 
 // ---- vectorised row helpers -------------------------------------------------------------------
 
-// dst[r, :n] = op(a[r, :n], b[r, :n]) for r < rows; op takes (and returns) Vec<A> or A.
-template <typename A, typename Op>
-void rowwise(int64_t rows, int64_t n, A* dst, int64_t ldd, const A* a, int64_t lda, const A* b,
-             int64_t ldb, const Op& op) {
+// An operand of rowwise: row r starts at p + r * ld (ld = 0: one row for all, e.g. a bias).
+template <typename A>
+struct Rows {
+  const A* p;
+  int64_t ld;
+};
+
+// dst[r, :n] = op(in_0[r, :n], in_1[r, :n], ...) for r < rows; op takes and returns Vec<A> or A.
+template <typename A, typename Op, typename... In>
+void rowwise(int64_t rows, int64_t n, A* dst, int64_t ldd, const Op& op, In... in) {
   constexpr int64_t V = Vec<A>::size();
   for (int64_t r = 0; r < rows; ++r) {
     A* d = dst + r * ldd;
-    const A* pa = a + r * lda;
-    const A* pb = b + r * ldb;
     int64_t c = 0;
-    for (; c + V <= n; c += V) op(Vec<A>::loadu(pa + c), Vec<A>::loadu(pb + c)).store(d + c);
-    for (; c < n; ++c) d[c] = op(pa[c], pb[c]);
+    for (; c + V <= n; c += V) op(Vec<A>::loadu(in.p + r * in.ld + c)...).store(d + c);
+    for (; c < n; ++c) d[c] = op(in.p[r * in.ld + c]...);
   }
 }
 
-// dst[r, :n] = (src[r, :n] + bias[:n]) * g[r, :n]: a gate with its step's bias (in place when
-// dst == src).
+// dst[r, :n] = (src[r, :n] + bias[:n]) * g[r, :n]: a gate with its step's bias.
 template <typename A>
 void bias_gate(int64_t rows, int64_t n, A* dst, int64_t ldd, const A* src, int64_t lds, const A* bias,
                const A* g, int64_t ldg) {
-  constexpr int64_t V = Vec<A>::size();
-  for (int64_t r = 0; r < rows; ++r) {
-    A* d = dst + r * ldd;
-    const A* ps = src + r * lds;
-    const A* pg = g + r * ldg;
-    int64_t c = 0;
-    for (; c + V <= n; c += V) {
-      ((Vec<A>::loadu(ps + c) + Vec<A>::loadu(bias + c)) * Vec<A>::loadu(pg + c)).store(d + c);
-    }
-    for (; c < n; ++c) d[c] = (ps[c] + bias[c]) * pg[c];
-  }
+  rowwise<A>(rows, n, dst, ldd, [](auto u, auto b, auto v) { return (u + b) * v; }, Rows<A>{src, lds},
+             Rows<A>{bias, 0}, Rows<A>{g, ldg});
 }
 
 // sum[:n] (+)= column sums of src[rows, :n], rows in order.
@@ -537,6 +531,8 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   const Tiling& tiles = call.tiles;
   const int64_t P2 = call.P2, C = L.dim, n = L.order, S = L.S, d0 = L.dims[0];
   const A scale = static_cast<A>(p.scale);
+  const auto mul = [](auto u, auto v) { return u * v; };
+  const auto mul_scaled = [scale](auto u, auto v) { return u * v * decltype(u)(scale); };
   Partials<A> part(tiles.count, call.w, L);
   const at::Tensor w_dw_flip = call.w.w_dw_flipped(p);
   // dD: gradient of the gates before the scale (of dwconv(q) + b_dw), [N, S]; dF: of F, [N, 2 dim].
@@ -565,10 +561,10 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
         // As the forward computes it: GEMM, then + bias, then * gate.
         at::Tensor zt = blob(Z(i), {np, L.dims[i]});
         at::mm_out(zt, blob(Y(i - 1), {np, L.dims[i - 1]}), call.w.w_pw[i - 1].t());
-        rowwise<A>(np, L.dims[i], Z(i), L.dims[i], Z(i), L.dims[i],
-                   call.w.b_pw[i - 1].template const_data_ptr<A>(), 0, [](auto u, auto v) { return u + v; });
-        rowwise<A>(np, L.dims[i], Y(i), L.dims[i], Z(i), L.dims[i], gbuf + L.offs[i], S,
-                   [](auto u, auto v) { return u * v; });
+        const int64_t di = L.dims[i];
+        rowwise<A>(np, di, Z(i), di, [](auto u, auto v) { return u + v; }, Rows<A>{Z(i), di},
+                   Rows<A>{call.w.b_pw[i - 1].template const_data_ptr<A>(), 0});
+        rowwise<A>(np, di, Y(i), di, mul, Rows<A>{Z(i), di}, Rows<A>{gbuf + L.offs[i], S});
       }
       // proj_out
       load_tile<scalar_t, A>(gp + b * grad.stride(0) + pix0 * ps, ps, cs, np, C, da);
@@ -583,9 +579,8 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       // pws steps, last first: dg_i = dy * z_i, dz_i = dy * g_i, dy_{i-1} = dz_i W_i.
       for (int64_t i = n - 1; i >= 1; --i) {
         const int64_t di = L.dims[i], dp = L.dims[i - 1];
-        rowwise<A>(np, di, dDt + L.offs[i], S, dy, di, Z(i), di,
-                   [scale](auto u, auto v) { return u * v * decltype(u)(scale); });
-        rowwise<A>(np, di, dy, di, dy, di, gbuf + L.offs[i], S, [](auto u, auto v) { return u * v; });
+        rowwise<A>(np, di, dDt + L.offs[i], S, mul_scaled, Rows<A>{dy, di}, Rows<A>{Z(i), di});
+        rowwise<A>(np, di, dy, di, mul, Rows<A>{dy, di}, Rows<A>{gbuf + L.offs[i], S});
         const at::Tensor dz = blob(dy, {np, di});
         at::Tensor gwi = part.w_pw[i - 1][t];
         at::mm_out(gwi, dz.t(), blob(Y(i - 1), {np, dp}));
@@ -595,10 +590,9 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
         std::swap(dy, spare);
       }
       // first gate: y_0 = (p0 + b_in) * g_0
-      rowwise<A>(np, d0, spare, d0, Ft, P2, call.w.b_in.template const_data_ptr<A>(), 0,
-                 [](auto u, auto v) { return u + v; });
-      rowwise<A>(np, d0, dDt, S, dy, d0, spare, d0, [scale](auto u, auto v) { return u * v * decltype(u)(scale); });
-      rowwise<A>(np, d0, dFt, P2, dy, d0, gbuf, S, [](auto u, auto v) { return u * v; });
+      rowwise<A>(np, d0, dDt, S, [scale](auto u, auto p0, auto bias) { return u * (p0 + bias) * decltype(u)(scale); },
+                 Rows<A>{dy, d0}, Rows<A>{Ft, P2}, Rows<A>{call.w.b_in.template const_data_ptr<A>(), 0});
+      rowwise<A>(np, d0, dFt, P2, mul, Rows<A>{dy, d0}, Rows<A>{gbuf, S});
     };
   });
 
