@@ -127,18 +127,14 @@ void column_sums(int64_t rows, int64_t n, const A* src, int64_t ld, A* sum) {
 // Tile [np, C] (accumulation type) <-> tensor rows of image pixels in NCHW or NHWC: element
 // (pixel, c) at base + pixel * ps + c * cs.
 template <typename scalar_t, typename A>
-void store_tile(const A* src, int64_t np, int64_t C, const A* bias, scalar_t* base, int64_t ps,
-                int64_t cs) {
+void store_tile(const A* src, int64_t np, int64_t C, scalar_t* base, int64_t ps, int64_t cs) {
   if (cs == 1) {
     for (int64_t i = 0; i < np; ++i) {
-      for (int64_t c = 0; c < C; ++c) {
-        base[i * ps + c] = static_cast<scalar_t>(src[i * C + c] + (bias ? bias[c] : A(0)));
-      }
+      for (int64_t c = 0; c < C; ++c) base[i * ps + c] = static_cast<scalar_t>(src[i * C + c]);
     }
   } else {
     for (int64_t c = 0; c < C; ++c) {
-      const A add = bias ? bias[c] : A(0);
-      for (int64_t i = 0; i < np; ++i) base[c * cs + i * ps] = static_cast<scalar_t>(src[i * C + c] + add);
+      for (int64_t i = 0; i < np; ++i) base[c * cs + i * ps] = static_cast<scalar_t>(src[i * C + c]);
     }
   }
 }
@@ -486,7 +482,7 @@ void forward_typed(const Problem& p, at::Tensor& out) {
       } else {
         at::Tensor ot = blob(z, {np, C});
         at::mm_out(ot, yt, call.w.w_out_aug.t());
-        store_tile<scalar_t, A>(z, np, C, nullptr, o + b * out.stride(0) + pix0 * ps, ps, cs);
+        store_tile<scalar_t, A>(z, np, C, o + b * out.stride(0) + pix0 * ps, ps, cs);
       }
     };
   });
@@ -616,7 +612,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       at::mm_out(gwi, dFm.t(), call.x_rows(b, pix0, np));
       at::Tensor dxt = blob(dx, {np, C});
       at::mm_out(dxt, dFm, call.w.w_in);
-      store_tile<scalar_t, A>(dx, np, C, nullptr, gx + b * gr.x.stride(0) + pix0 * gps, gps, gcs);
+      store_tile<scalar_t, A>(dx, np, C, gx + b * gr.x.stride(0) + pix0 * gps, gps, gcs);
     }
   });
 
