@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Prove the CUDA path on a GPU machine with no network: build tokenmix for the GPU that is there
-# (all cores), run the test suite (CUDA tests included) and the GPU benchmark, and leave logs,
-# JSON and charts in OUTDIR (at most 8 files, flat, so the device tool brings all of them back).
+# (all cores), run every kernel once, the CUDA tests and the GPU benchmark, and leave logs and JSON
+# in OUTDIR (at most 8 files, flat, so the device tool brings all of them back).
 #
-#   tools/gpu_check.sh OUTDIR
+#   tools/gpu_check.sh OUTDIR [SECONDS]
+#
+# A lease is short, so the steps run in order of what they prove and each one is cut off at the
+# deadline (SECONDS after the start, default 520): build, plain smoke run, CUDA tests, fp16 bench,
+# smoke under compute-sanitizer, fp32 bench, then the CPU tests on this machine's torch.
 #
 # Expects: python3 with torch (CUDA build) and pytest, nvcc, cmake, ninja, scikit-build-core.
 # Extra build dependencies may be supplied as wheels in .whl/ (installed with --no-index).
-# Exit status: 0 when the build, the tests and the benchmark all succeeded.
+# Exit status: 0 when every step that ran succeeded and none was skipped for lack of time.
 set -uo pipefail
-OUT=${1:?usage: tools/gpu_check.sh OUTDIR}
+OUT=${1:?usage: tools/gpu_check.sh OUTDIR [SECONDS]}
+BUDGET=${2:-520}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,6 +22,20 @@ export PYTHONUNBUFFERED=1
 status=0
 t0=$(date +%s)
 stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/summary.txt"; }
+left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
+# step NAME CAP LOG CMD...: run CMD for at most min(CAP, time left), appending to LOG.
+step() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local t; t=$(left)
+  (( t < cap )) && cap=$t
+  if (( cap < 15 )); then stamp "$name: SKIPPED (out of time)"; status=1; return 1; fi
+  echo "=== $name" >> "$log"
+  timeout --kill-after=5 "$cap" "$@" >> "$log" 2>&1
+  local rc=$?
+  (( rc == 124 || rc == 137 )) && stamp "$name: TIMED OUT after ${cap}s"
+  (( rc != 0 )) && status=1
+  return $rc
+}
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/tokenmix-site .whl/*.whl
@@ -27,33 +46,45 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   nvcc --version | tail -2
+  lscpu | grep -E 'Model name|Flags' | cut -c1-200
 } > "$OUT/machine.txt" 2>&1
 arch=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}')")
 stamp "GPU arch sm_$arch; building"
 
-TOKENMIX_CUDA=ON TOKENMIX_CUDA_ARCHS="$arch" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-  "$PY" -m pip install --no-build-isolation --no-deps -v -C build-dir=build/gpu-check -e . \
-  > "$OUT/build.log" 2>&1 || { stamp "BUILD FAILED (see build.log)"; exit 1; }
+export TOKENMIX_CUDA=ON TOKENMIX_CUDA_ARCHS="$arch" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
+step build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v \
+  -C build-dir=build/gpu-check -e . || { stamp "BUILD FAILED (see build.log)"; exit 1; }
 "$PY" -m tokenmix info >> "$OUT/machine.txt" 2>&1
 stamp "built"
 
-# Every kernel once under memcheck first: an out-of-bounds access is named with its source line.
+step smoke 90 "$OUT/tests.log" "$PY" tools/cuda_smoke.py
+stamp "smoke: $(grep -c '^ok' "$OUT/tests.log") ok, $(grep -c '^FAIL' "$OUT/tests.log") failed"
+
+PYTEST=("$PY" -m pytest tests -ra -q -p no:cacheprovider)
+"$PY" -c "import xdist" 2> /dev/null && PYTEST+=(-n 6)
+"$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST+=(--timeout 120)
+step "cuda tests" 200 "$OUT/tests.log" "${PYTEST[@]}" -m cuda
+stamp "cuda tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+
+bench() {
+  step "bench $1" "$2" "$OUT/bench.log" "$PY" -m tokenmix bench --device cuda --dtype "$1" --no-compile \
+    --quiet --reps 20 --out "$OUT/bench-cuda-$1.json"
+  stamp "bench $1: rc $?"
+}
+bench float16 120
+
 if command -v compute-sanitizer > /dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" tools/cuda_smoke.py > "$OUT/tests.log" 2>&1 || status=1
-else
-  "$PY" tools/cuda_smoke.py > "$OUT/tests.log" 2>&1 || status=1
+  step memcheck 90 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
+    "$PY" tools/cuda_smoke.py
+  stamp "memcheck: $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log" || echo 'no summary'), $(grep -c '^ok' "$OUT/memcheck.log") ok"
 fi
-stamp "smoke (memcheck): $(grep -c '^ok' "$OUT/tests.log") ok, $(grep -c '^FAIL' "$OUT/tests.log") failed, sanitizer: $(grep -m1 'ERROR SUMMARY' "$OUT/tests.log" || echo 'not run')"
 
-"$PY" -m pytest tests -ra -q -p no:cacheprovider >> "$OUT/tests.log" 2>&1 || status=1
-stamp "tests: $(tail -n 1 "$OUT/tests.log")"
+bench float32 90
 
-for dtype in float16 float32; do
-  "$PY" -m tokenmix bench --device cuda --dtype "$dtype" --quiet --out "$OUT/bench-cuda-$dtype.json" \
-    > "$OUT/bench-$dtype.log" 2>&1 || { status=1; stamp "bench $dtype FAILED"; }
-  stamp "bench $dtype done"
-done
-cat "$OUT"/bench-*.log >> "$OUT/summary.txt"
-rm -f "$OUT"/bench-*.log
+step "cpu tests" 200 "$OUT/tests.log" "${PYTEST[@]}" -m "not cuda"
+stamp "cpu tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
+
+cat "$OUT/bench.log" >> "$OUT/summary.txt" 2> /dev/null
+rm -f "$OUT"/*.png
 stamp "finished with status $status"
 exit $status
