@@ -8,6 +8,7 @@ attention step, which becomes one fused op; the block's class is replaced by a s
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -65,10 +66,24 @@ def _accelerate_swin(block) -> str | None:
     return None
 
 
+def _queries_per_image(attn) -> bool:
+    """Whether this timm's WindowAttentionGlobal gives every window of image b the query
+    q_global[b] (``repeat_interleave``, GC ViT's math). Older timm releases tiled the queries with
+    ``Tensor.repeat``, so window w got q_global[w % B] and images mixed; the fused op does not
+    reproduce that, and such blocks are left alone."""
+    try:
+        source = inspect.getsource(type(attn).forward)
+    except (OSError, TypeError):
+        return True
+    return "repeat_interleave" in source or ".repeat(" not in source
+
+
 def _accelerate_gcvit(block) -> str | None:
     attn = block.attn
     if attn.attn_drop.p > 0 and block.training:
         return "attention dropout is not fused"
+    if attn.use_global and not _queries_per_image(attn):
+        return "this timm tiles global queries with Tensor.repeat (images mix); not fused"
     H, W = block.window_size
     fused = GlobalWindowAttention(attn.proj.in_features, attn.num_heads, (H, W),
                                   use_global=attn.use_global, qkv_bias=attn.qkv.bias is not None)
