@@ -56,5 +56,145 @@ struct DwGeometry {
   }
 };
 
+// Strip blocking of the depthwise convolution for K in {3, 5, 7}: one work item is R consecutive
+// outputs (y, x0 .. x0 + R - 1) of one channel, so each input of the K rows it reads is loaded
+// once and reused by every tap that needs it (R + K - 1 loads per row instead of R * K).
+// Items are numbered (b, y, strip, c) with c fastest: neighbouring items (threads) read
+// neighbouring channels of the same pixels.
+struct DwStrip {
+  int64_t b, y, x0, c;
+};
+
+template <int R>
+TM_HOST_DEVICE int64_t dw_strips_per_row(const DwGeometry& g) {
+  return (g.W + R - 1) / R;
+}
+
+template <int R>
+TM_HOST_DEVICE DwStrip dw_strip(const DwGeometry& g, int64_t S, int64_t item) {
+  DwStrip s;
+  s.c = item % S;
+  item /= S;
+  const int64_t strips = dw_strips_per_row<R>(g);
+  s.x0 = (item % strips) * R;
+  item /= strips;
+  s.y = item % g.H;
+  s.b = item / g.H;
+  return s;
+}
+
+// acc[r] += sum over the taps inside the map of w(t) * in(y + ky - pad, x0 + r + kx - pad), with
+// t = ky * K + kx. Outputs past the row's end (x0 + r >= W) are computed from zeros and not meant
+// to be stored. `in(sy, sx)` is only called inside the map.
+template <int K, int R, typename A, typename In, typename Wt>
+TM_HOST_DEVICE void depthwise_strip(const DwGeometry& g, int64_t y, int64_t x0, const In& in,
+                                    const Wt& w, A (&acc)[R]) {
+  constexpr int pad = K / 2;
+  // Rows stay rolled: unrolled, the compiler hoists all K * (R + K - 1) loads and the register
+  // count (about 170 for K = 7) leaves one block per multiprocessor.
+  TM_NO_UNROLL
+  for (int ky = 0; ky < K; ++ky) {
+    const int64_t sy = y + ky - pad;
+    if (sy < 0 || sy >= g.H) continue;
+    A row[R + K - 1];
+    TM_UNROLL
+    for (int j = 0; j < R + K - 1; ++j) {
+      const int64_t sx = x0 + j - pad;
+      row[j] = (sx >= 0 && sx < g.W) ? in(sy, sx) : A(0);
+    }
+    TM_UNROLL
+    for (int kx = 0; kx < K; ++kx) {
+      const A wt = w(ky * K + kx);
+      TM_UNROLL
+      for (int r = 0; r < R; ++r) acc[r] += wt * row[r + kx];
+    }
+  }
+}
+
+// Weight gradient of kernel row ky over one strip: part[kx] += sum_r dy(x0 + r) *
+// in(y + ky - pad, x0 + r + kx - pad), dy being output row y. Nothing when that input row is
+// outside the map; `dy(x)` and `in(sy, sx)` are only called inside it.
+template <int K, int R, typename A, typename Dy, typename In>
+TM_HOST_DEVICE void depthwise_grad_strip(const DwGeometry& g, int64_t y, int64_t x0, int ky,
+                                         const Dy& dy, const In& in, A (&part)[K]) {
+  constexpr int pad = K / 2;
+  const int64_t sy = y + ky - pad;
+  if (sy < 0 || sy >= g.H) return;
+  A d[R];
+  TM_UNROLL
+  for (int r = 0; r < R; ++r) d[r] = x0 + r < g.W ? dy(x0 + r) : A(0);
+  A row[R + K - 1];
+  TM_UNROLL
+  for (int j = 0; j < R + K - 1; ++j) {
+    const int64_t sx = x0 + j - pad;
+    row[j] = (sx >= 0 && sx < g.W) ? in(sy, sx) : A(0);
+  }
+  TM_UNROLL
+  for (int kx = 0; kx < K; ++kx) {
+    TM_UNROLL
+    for (int r = 0; r < R; ++r) part[kx] += d[r] * row[r + kx];
+  }
+}
+
+// One work item of the strip-blocked depthwise conv: acc = bias + the strip's taps, then
+// out(pixel, acc) for each of its outputs inside the row (pixel = (b * H + y) * W + x).
+// in(b, sy, sx) reads the input, w(t) the weight of tap t (already flipped if need be).
+template <int K, int R, typename A, typename In, typename Wt, typename Out>
+TM_HOST_DEVICE void depthwise_item(const DwGeometry& g, const DwStrip& s, A bias, const In& in,
+                                   const Wt& w, const Out& out) {
+  A acc[R];
+  TM_UNROLL
+  for (int r = 0; r < R; ++r) acc[r] = bias;
+  const auto in_b = [&](int64_t sy, int64_t sx) { return in(s.b, sy, sx); };
+  depthwise_strip<K, R>(g, s.y, s.x0, in_b, w, acc);
+  TM_UNROLL
+  for (int r = 0; r < R; ++r) {
+    if (s.x0 + r >= g.W) break;
+    out((s.b * g.H + s.y) * g.W + s.x0 + r, acc[r]);
+  }
+}
+
+// Rows [lo, hi) of the B * H output rows that weight-gradient chunk `chunk` of `chunks` sums.
+TM_HOST_DEVICE void dw_chunk_rows(int64_t rows, int64_t chunks, int64_t chunk, int64_t* lo,
+                                  int64_t* hi) {
+  const int64_t per = (rows + chunks - 1) / chunks;
+  *lo = chunk * per < rows ? chunk * per : rows;
+  *hi = *lo + per < rows ? *lo + per : rows;
+}
+
+// Weight-gradient work item (chunk, ky, c), c fastest: neighbouring threads, neighbouring channels.
+struct DwGradItem {
+  int64_t chunk, ky, c;
+};
+
+template <int K>
+TM_HOST_DEVICE DwGradItem dw_grad_item(int64_t S, int64_t item) {
+  DwGradItem i;
+  i.c = item % S;
+  i.ky = (item / S) % K;
+  i.chunk = item / (S * K);
+  return i;
+}
+
+// part[kx] = sum over the chunk's output rows and every x of dy(row, x) * in(b, y + ky - pad,
+// x + kx - pad): kernel row ky of one channel's weight gradient, in a fixed order.
+template <int K, int R, typename A, typename Dy, typename In>
+TM_HOST_DEVICE void depthwise_grad_item(const DwGeometry& g, int64_t B, int64_t chunks,
+                                        const DwGradItem& it, const Dy& dy, const In& in,
+                                        A (&part)[K]) {
+  TM_UNROLL
+  for (int kx = 0; kx < K; ++kx) part[kx] = A(0);
+  int64_t lo, hi;
+  dw_chunk_rows(B * g.H, chunks, it.chunk, &lo, &hi);
+  for (int64_t row = lo; row < hi; ++row) {
+    const int64_t b = row / g.H, y = row % g.H;
+    const auto dy_row = [&](int64_t x) { return dy(row, x); };
+    const auto in_b = [&](int64_t sy, int64_t sx) { return in(b, sy, sx); };
+    for (int64_t x0 = 0; x0 < g.W; x0 += R) {
+      depthwise_grad_strip<K, R>(g, y, x0, static_cast<int>(it.ky), dy_row, in_b, part);
+    }
+  }
+}
+
 }  // namespace gnconv
 }  // namespace tokenmix

@@ -6,6 +6,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 
 #include "gnconv_cpu.h"
@@ -117,6 +118,10 @@ struct CpuBackend {
 // elementwise products.
 struct CudaBackend {
   static at::Tensor mat(const at::Tensor& w) { return w.view({w.size(0), w.size(1)}); }
+  // The depthwise kernels read the weight tap-major, [k * k, S].
+  static at::Tensor taps_major(const at::Tensor& w_dw) {
+    return w_dw.view({w_dw.size(0), w_dw.size(2) * w_dw.size(3)}).t().contiguous();
+  }
 
   // Forward intermediates, [N, channels] rows.
   struct Chain {
@@ -132,10 +137,11 @@ struct CudaBackend {
     c.F = at::addmm(p.b_in, c.x_rows, mat(p.w_in).t());
     c.G = at::empty({N, L.S}, c.F.options());
     at::Tensor y0 = at::empty({N, L.dims[0]}, c.F.options());
+    const at::Tensor w_taps = taps_major(p.w_dw);
     DepthwiseParams d{};
     d.src = static_cast<const char*>(c.F.const_data_ptr()) + L.dims[0] * c.F.element_size();
     d.ld_src = L.proj_width();
-    d.weight = p.w_dw.const_data_ptr();
+    d.weight = w_taps.const_data_ptr();
     d.bias = p.b_dw.const_data_ptr();
     d.scale = static_cast<float>(p.scale);
     d.dst = c.G.mutable_data_ptr();
@@ -189,10 +195,11 @@ struct CudaBackend {
     dD.narrow(1, 0, d0).copy_(dy * c.F.narrow(1, 0, d0) * p.scale);
     dF.narrow(1, 0, d0).copy_(dy * c.G.narrow(1, 0, d0));
 
+    const at::Tensor w_taps = taps_major(p.w_dw);
     DepthwiseParams d{};
     d.src = dD.const_data_ptr();
     d.ld_src = L.S;
-    d.weight = p.w_dw.const_data_ptr();
+    d.weight = w_taps.const_data_ptr();
     d.scale = 1.0f;
     d.flip = true;
     d.dst = static_cast<char*>(dF.mutable_data_ptr()) + d0 * dF.element_size();
@@ -203,7 +210,8 @@ struct CudaBackend {
     d.dtype = to_dtype(p.x.scalar_type());
     check_launch(gnconv_depthwise_cuda(d, current_stream()), "gnconv_depthwise (transposed)");
 
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, N / 1024));
+    // About 8 output rows per chunk: enough threads to fill the GPU, a partial buffer of a few MB.
+    const int64_t chunks = std::clamp<int64_t>(B * p.geo.H / 8, 1, 512);
     at::Tensor part = at::empty({chunks, L.S, p.geo.taps()},
                                 c.F.options().dtype(acc_scalar_type(p.x.scalar_type())));
     DepthwiseGradParams w{};

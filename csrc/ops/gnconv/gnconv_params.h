@@ -20,7 +20,7 @@ namespace gnconv {
 struct DepthwiseParams {
   const void* src;
   int64_t ld_src;
-  const void* weight;  // [S, k * k] (Conv2d's [S, 1, k, k])
+  const void* weight;  // [k * k, S]: tap-major (Conv2d's [S, 1, k, k] transposed)
   const void* bias;    // [S] or null
   float scale;
   bool flip;
@@ -36,7 +36,8 @@ struct DepthwiseParams {
 };
 
 // partial[chunk, c, t] = sum over the chunk's pixels p of dy[p, c] * src[p + o_t, c]: the
-// depthwise weight gradient in fixed pixel chunks (summed by the caller), fp32 (fp64 for fp64).
+// depthwise weight gradient in fixed chunks of output rows (dw_chunk_rows over the B * H rows;
+// summed by the caller), fp32 (fp64 for fp64).
 struct DepthwiseGradParams {
   const void* src;
   int64_t ld_src;
