@@ -56,6 +56,48 @@ TM_HOST_DEVICE Corners<A> corners(A y, A x, int64_t H, int64_t W, bool outer_che
   return c;
 }
 
+// Work items of the CUDA sampling kernels (im2col, col2im): one item is one (image, offset
+// group, tap, output pixel) and a run of up to `chans` of the group's channels, pixel fastest so
+// neighbouring threads touch neighbouring columns. The sample position and its corners are
+// computed once per item and reused for every channel of the run.
+struct SampleItem {
+  int64_t b;           // image, relative to the chunk's first
+  int64_t go;          // offset group
+  int64_t c_lo, c_hi;  // channels [c_lo, c_hi) of the input
+  int64_t tap, pix;
+};
+
+TM_HOST_DEVICE int64_t channel_runs(int64_t Cg, int64_t chans) { return (Cg + chans - 1) / chans; }
+
+TM_HOST_DEVICE int64_t sample_items(int64_t nb, int64_t G, int64_t Cg, int64_t chans, int64_t kk,
+                                    int64_t P) {
+  return nb * G * channel_runs(Cg, chans) * kk * P;
+}
+
+TM_HOST_DEVICE SampleItem sample_item(int64_t G, int64_t Cg, int64_t chans, int64_t kk, int64_t P,
+                                      int64_t item) {
+  SampleItem s;
+  s.pix = item % P;
+  item /= P;
+  s.tap = item % kk;
+  item /= kk;
+  const int64_t runs = channel_runs(Cg, chans);
+  const int64_t run = item % runs;
+  item /= runs;
+  s.go = item % G;
+  s.b = item / G;
+  s.c_lo = s.go * Cg + run * chans;
+  const int64_t end = (s.go + 1) * Cg;
+  s.c_hi = s.c_lo + chans < end ? s.c_lo + chans : end;
+  return s;
+}
+
+// Flat index of column (channel c, tap) at output pixel pix of chunk image b: [nb, Cin * kk, P].
+TM_HOST_DEVICE int64_t column_index(int64_t Cin, int64_t kk, int64_t P, int64_t b, int64_t c,
+                                    int64_t tap, int64_t pix) {
+  return ((b * Cin + c) * kk + tap) * P + pix;
+}
+
 // d(bilinear value)/dy and /dx from the four neighbour values (0 where invalid).
 template <typename A>
 TM_HOST_DEVICE A grad_y(const A v[4], A lx) {

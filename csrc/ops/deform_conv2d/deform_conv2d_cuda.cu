@@ -2,8 +2,10 @@
 // around the channel-mixing GEMMs, which the launcher runs through ATen (cuBLAS) on a bounded
 // chunk of images. Sampling math is deform_math.h, shared with the CPU kernels.
 //
-// im2col: one thread per (image, channel, tap, output pixel); consecutive threads take
-//   consecutive pixels, so offset, mask and column accesses coalesce.
+// im2col: one thread per (image, offset group, tap, output pixel) and run of up to 16 of the
+//   group's channels (SampleItem, deform_math.h): the offsets, mask and corners are read and
+//   computed once per run; consecutive threads take consecutive pixels, so offset, mask and column
+//   accesses coalesce.
 // col2im: the same threads scatter grad_cols to the four neighbours with atomic adds into an
 //   accumulation-type buffer (order-dependent rounding: the CUDA backward is not bit-reproducible;
 //   the CPU one is).
@@ -25,7 +27,7 @@ struct Index {
   int64_t b, c, tap, pix;
 };
 
-// Thread index t over [nb, channels, kk, P] (channels = Cin, or G for the coordinate kernel).
+// Thread index t over [nb, G, kk, P] of the coordinate kernel (i.c is the offset group).
 __device__ __forceinline__ Index decompose(const DeformParams& p, int64_t t, int64_t channels) {
   const int64_t P = p.geo.Ho * p.geo.Wo, kk = p.geo.taps();
   Index i;
@@ -51,59 +53,57 @@ __device__ __forceinline__ void position(const DeformParams& p, int64_t b, int64
   *m = p.mask != nullptr ? to_acc(static_cast<const T*>(p.mask)[ch * P + pix]) : A(1);
 }
 
-// What column element t ([nb, Cin, kk, P] order) samples: its input plane (image * Cin + channel),
-// the four neighbours of its sample point and its modulation.
-template <typename A>
-struct ColumnSample {
-  int64_t plane;
-  Corners<A> cn;
-  A m;
-};
-
-template <typename T, typename A>
-__device__ __forceinline__ ColumnSample<A> column_sample(const DeformParams& p, int64_t t) {
-  const Index i = decompose(p, t, p.Cin);
-  A y, x;
-  ColumnSample<A> cs;
-  position<T, A>(p, i.b, i.c / (p.Cin / p.G), i.tap, i.pix, &y, &x, &cs.m);
-  cs.cn = corners(y, x, p.geo.H, p.geo.W, true);
-  cs.plane = i.b * p.Cin + i.c;
-  return cs;
-}
+// Channels per sampling work item: the position, offsets, mask and corners are computed once for
+// this many columns, and there are still enough items to fill the GPU at small batches.
+constexpr int64_t kChansPerItem = 16;
 
 template <typename T>
 __global__ void im2col_kernel(DeformParams p) {
   using A = typename AccOf<T>::type;
-  const int64_t HW = p.geo.H * p.geo.W;
-  const int64_t total = p.nb * p.Cin * p.geo.taps() * p.geo.Ho * p.geo.Wo;
+  const Geometry& g = p.geo;
+  const int64_t HW = g.H * g.W, P = g.Ho * g.Wo, kk = g.taps(), Cg = p.Cin / p.G;
+  const int64_t total = sample_items(p.nb, p.G, Cg, kChansPerItem, kk, P);
   const T* input = static_cast<const T*>(p.input);
   T* cols = static_cast<T*>(p.cols);
   for (int64_t t = global_thread(); t < total; t += thread_count()) {
-    const ColumnSample<A> cs = column_sample<T, A>(p, t);
-    const T* plane = input + cs.plane * HW;
-    A val = 0;
+    const SampleItem it = sample_item(p.G, Cg, kChansPerItem, kk, P, t);
+    const int64_t b = p.b0 + it.b;
+    A y, x, m;
+    position<T, A>(p, b, it.go, it.tap, it.pix, &y, &x, &m);
+    const Corners<A> cn = corners(y, x, g.H, g.W, true);
+    for (int64_t c = it.c_lo; c < it.c_hi; ++c) {
+      const T* plane = input + (b * p.Cin + c) * HW;
+      A val = 0;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if (cs.cn.valid[k]) val += cs.cn.w[k] * to_acc(plane[cs.cn.idx[k]]);
+      for (int k = 0; k < 4; ++k) {
+        if (cn.valid[k]) val += cn.w[k] * to_acc(plane[cn.idx[k]]);
+      }
+      cols[column_index(p.Cin, kk, P, it.b, c, it.tap, it.pix)] = from_acc<T>(val * m);
     }
-    cols[t] = from_acc<T>(val * cs.m);
   }
 }
 
 template <typename T>
 __global__ void col2im_kernel(DeformParams p) {
   using A = typename AccOf<T>::type;
-  const int64_t HW = p.geo.H * p.geo.W;
-  const int64_t total = p.nb * p.Cin * p.geo.taps() * p.geo.Ho * p.geo.Wo;
+  const Geometry& g = p.geo;
+  const int64_t HW = g.H * g.W, P = g.Ho * g.Wo, kk = g.taps(), Cg = p.Cin / p.G;
+  const int64_t total = sample_items(p.nb, p.G, Cg, kChansPerItem, kk, P);
   const T* grad_cols = static_cast<const T*>(p.grad_cols);
   A* grad_input = static_cast<A*>(p.grad_input);
   for (int64_t t = global_thread(); t < total; t += thread_count()) {
-    const ColumnSample<A> cs = column_sample<T, A>(p, t);
-    const A gm = to_acc(grad_cols[t]) * cs.m;
-    A* plane = grad_input + cs.plane * HW;
+    const SampleItem it = sample_item(p.G, Cg, kChansPerItem, kk, P, t);
+    const int64_t b = p.b0 + it.b;
+    A y, x, m;
+    position<T, A>(p, b, it.go, it.tap, it.pix, &y, &x, &m);
+    const Corners<A> cn = corners(y, x, g.H, g.W, true);
+    for (int64_t c = it.c_lo; c < it.c_hi; ++c) {
+      const A gm = to_acc(grad_cols[column_index(p.Cin, kk, P, it.b, c, it.tap, it.pix)]) * m;
+      A* plane = grad_input + (b * p.Cin + c) * HW;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if (cs.cn.valid[k]) atomicAdd(plane + cs.cn.idx[k], gm * cs.cn.w[k]);
+      for (int k = 0; k < 4; ++k) {
+        if (cn.valid[k]) atomicAdd(plane + cn.idx[k], gm * cn.w[k]);
+      }
     }
   }
 }
@@ -148,7 +148,7 @@ __global__ void col2im_coord_kernel(DeformParams p) {
 }  // namespace
 
 cudaError_t deform_im2col_cuda(const DeformParams& p, cudaStream_t stream) {
-  const int64_t total = p.nb * p.Cin * p.geo.taps() * p.geo.Ho * p.geo.Wo;
+  const int64_t total = sample_items(p.nb, p.G, p.Cin / p.G, kChansPerItem, p.geo.taps(), p.geo.Ho * p.geo.Wo);
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     im2col_kernel<T><<<blocks_for(total, kThreads), kThreads, 0, stream>>>(p);
@@ -156,7 +156,7 @@ cudaError_t deform_im2col_cuda(const DeformParams& p, cudaStream_t stream) {
 }
 
 cudaError_t deform_col2im_cuda(const DeformParams& p, cudaStream_t stream) {
-  const int64_t total = p.nb * p.Cin * p.geo.taps() * p.geo.Ho * p.geo.Wo;
+  const int64_t total = sample_items(p.nb, p.G, p.Cin / p.G, kChansPerItem, p.geo.taps(), p.geo.Ho * p.geo.Wo);
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     col2im_kernel<T><<<blocks_for(total, kThreads), kThreads, 0, stream>>>(p);
