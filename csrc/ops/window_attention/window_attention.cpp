@@ -146,10 +146,12 @@ struct CudaBackend {
     const int64_t B = w.B, nW = p.geo.windows(), T = p.geo.tokens();
     const auto acc = p.k.options().dtype(acc_scalar_type(p.k.scalar_type()));
     // Per-(image, window, head) partials, summed in a fixed order by the reduction kernels.
-    at::Tensor dbias_part, dq_part;
+    at::Tensor dbias_part, dbias_chunks, dq_part;
     if (p.bias_table.defined()) {
       dbias_part = at::empty({B * nW * w.heads, p.geo.table_size()}, acc);
+      dbias_chunks = at::empty({dbias_chunk_count(B * nW), w.heads, p.geo.table_size()}, acc);
       w.dbias_partial = dbias_part.mutable_data_ptr();
+      w.dbias_chunks = dbias_chunks.mutable_data_ptr();
       w.dbias = dbias.mutable_data_ptr();
     }
     if (p.global_q) {

@@ -12,8 +12,9 @@
 // Backward: phase 1, a warp per query row: P from the saved log-sum-exp, dP = dO V^T,
 //   D = rowsum(P * dP), dS = P (dP - D), dQ = scale dS K, bias gradient into a per-warp table;
 //   phase 2, a warp per key row: P and dS of its column recomputed, dV = P^T dO, dK = dS^T Qs.
-//   The per-warp bias tables are summed in warp order per block, and per-block partials (and the
-//   global query's per-window dQ) by separate kernels in a fixed order: deterministic.
+//   The per-warp bias tables are summed in warp order per block, the per-block partials in two
+//   fixed-order levels (chunks of 64 blocks, then the chunks) and the global query's per-window dQ
+//   in window order, by separate kernels: deterministic.
 // Limits: tokens per window <= 256, head_dim <= 128, shared memory within the device's opt-in
 // limit (checked by the launcher with window_attention_smem_bytes).
 
@@ -323,18 +324,36 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   }
 }
 
-// dbias[r, h] = sum over (image, window) blocks, in block order.
+// dbias, first level: chunks[chunk, h, r] = sum of the chunk's kDbiasChunk (image, window)
+// blocks, in block order. Consecutive threads take consecutive table rows: coalesced reads.
+template <typename T>
+__global__ void dbias_chunk_kernel(WindowParams p) {
+  using A = typename AccOf<T>::type;
+  const int64_t table = p.geo.table_size(), blocks = p.B * p.geo.windows();
+  const int64_t n = dbias_chunk_count(blocks) * p.heads * table;
+  const A* part = static_cast<const A*>(p.dbias_partial);
+  A* chunks = static_cast<A*>(p.dbias_chunks);
+  for (int64_t e = global_thread(); e < n; e += thread_count()) {
+    const int64_t r = e % table, h = (e / table) % p.heads, chunk = e / (table * p.heads);
+    const int64_t lo = chunk * kDbiasChunk, hi = lo + kDbiasChunk < blocks ? lo + kDbiasChunk : blocks;
+    A sum = 0;
+    for (int64_t bw = lo; bw < hi; ++bw) sum += part[(bw * p.heads + h) * table + r];
+    chunks[e] = sum;
+  }
+}
+
+// dbias, second level: dbias[r, h] = sum of the chunks, in chunk order.
 template <typename T>
 __global__ void dbias_reduce_kernel(WindowParams p) {
   using A = typename AccOf<T>::type;
-  const int64_t table = p.geo.table_size(), blocks = p.B * p.geo.windows();
-  const A* part = static_cast<const A*>(p.dbias_partial);
+  const int64_t table = p.geo.table_size(), n_chunks = dbias_chunk_count(p.B * p.geo.windows());
+  const A* chunks = static_cast<const A*>(p.dbias_chunks);
   T* dbias = static_cast<T*>(p.dbias);
   for (int64_t e = global_thread(); e < table * p.heads; e += thread_count()) {
-    const int64_t r = e / p.heads, h = e % p.heads;
+    const int64_t r = e % table, h = e / table;
     A sum = 0;
-    for (int64_t bw = 0; bw < blocks; ++bw) sum += part[(bw * p.heads + h) * table + r];
-    dbias[e] = from_acc<T>(sum);
+    for (int64_t c = 0; c < n_chunks; ++c) sum += chunks[(c * p.heads + h) * table + r];
+    dbias[r * p.heads + h] = from_acc<T>(sum);
   }
 }
 
@@ -392,6 +411,8 @@ cudaError_t window_attention_backward_cuda(const WindowParams& p, cudaStream_t s
     if (err != cudaSuccess) return;
     if (p.dbias_partial != nullptr) {
       const int64_t n = p.geo.table_size() * p.heads;
+      const int64_t chunked = dbias_chunk_count(p.B * p.geo.windows()) * n;
+      dbias_chunk_kernel<T><<<blocks_for(chunked, kThreads), kThreads, 0, stream>>>(p);
       dbias_reduce_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(p);
     }
     if (p.global_q) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "tokenmix/dtype.h"
+#include "tokenmix/macros.h"
 #include "tokenmix/window_math.h"
 
 namespace tokenmix {
@@ -38,8 +39,17 @@ struct WindowParams {
   void* dv;
   void* dbias;          // [(2wh-1)(2ww-1), heads]
   void* dbias_partial;  // [B * windows * heads, table], accumulation type
+  void* dbias_chunks;   // [dbias_chunk_count(B * windows), heads, table], accumulation type
   void* dq_partial;     // [B, windows, tokens, heads, d], accumulation type (global_q)
 };
+
+// The bias-table gradient is reduced in two fixed-order levels: sums of kDbiasChunk consecutive
+// (image, window) blocks, then the sum of those in chunk order. One level would leave a few
+// hundred threads each reading thousands of partials one after another.
+constexpr int64_t kDbiasChunk = 64;
+TM_HOST_DEVICE int64_t dbias_chunk_count(int64_t blocks) {
+  return (blocks + kDbiasChunk - 1) / kDbiasChunk;
+}
 
 // Largest window (tokens) and head_dim the kernels take: one warp lane holds up to 8 keys and
 // 4 channels of a row.
