@@ -83,6 +83,18 @@ TM_HOST_DEVICE DwStrip dw_strip(const DwGeometry& g, int64_t S, int64_t item) {
   return s;
 }
 
+// row[j] = in(sy, x0 + j - pad) for the R + K - 1 inputs a strip's taps read from input row sy,
+// zero outside the map.
+template <int K, int R, typename A, typename In>
+TM_HOST_DEVICE void load_strip_row(const DwGeometry& g, int64_t sy, int64_t x0, const In& in,
+                                   A (&row)[R + K - 1]) {
+  TM_UNROLL
+  for (int j = 0; j < R + K - 1; ++j) {
+    const int64_t sx = x0 + j - K / 2;
+    row[j] = (sx >= 0 && sx < g.W) ? in(sy, sx) : A(0);
+  }
+}
+
 // acc[r] += sum over the taps inside the map of w(t) * in(y + ky - pad, x0 + r + kx - pad), with
 // t = ky * K + kx. Outputs past the row's end (x0 + r >= W) are computed from zeros and not meant
 // to be stored. `in(sy, sx)` is only called inside the map.
@@ -97,11 +109,7 @@ TM_HOST_DEVICE void depthwise_strip(const DwGeometry& g, int64_t y, int64_t x0, 
     const int64_t sy = y + ky - pad;
     if (sy < 0 || sy >= g.H) continue;
     A row[R + K - 1];
-    TM_UNROLL
-    for (int j = 0; j < R + K - 1; ++j) {
-      const int64_t sx = x0 + j - pad;
-      row[j] = (sx >= 0 && sx < g.W) ? in(sy, sx) : A(0);
-    }
+    load_strip_row<K, R>(g, sy, x0, in, row);
     TM_UNROLL
     for (int kx = 0; kx < K; ++kx) {
       const A wt = w(ky * K + kx);
@@ -124,11 +132,7 @@ TM_HOST_DEVICE void depthwise_grad_strip(const DwGeometry& g, int64_t y, int64_t
   TM_UNROLL
   for (int r = 0; r < R; ++r) d[r] = x0 + r < g.W ? dy(x0 + r) : A(0);
   A row[R + K - 1];
-  TM_UNROLL
-  for (int j = 0; j < R + K - 1; ++j) {
-    const int64_t sx = x0 + j - pad;
-    row[j] = (sx >= 0 && sx < g.W) ? in(sy, sx) : A(0);
-  }
+  load_strip_row<K, R>(g, sy, x0, in, row);
   TM_UNROLL
   for (int kx = 0; kx < K; ++kx) {
     TM_UNROLL

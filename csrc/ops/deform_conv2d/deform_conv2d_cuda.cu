@@ -57,20 +57,29 @@ __device__ __forceinline__ void position(const DeformParams& p, int64_t b, int64
 // this many columns, and there are still enough items to fill the GPU at small batches.
 constexpr int64_t kChansPerItem = 16;
 
-template <typename T>
-__global__ void im2col_kernel(DeformParams p) {
-  using A = typename AccOf<T>::type;
+// Calls body(item, image, corners, modulation) for every sampling work item of the chunk that
+// this thread owns (grid-stride), with the item's sample position resolved once.
+template <typename T, typename A, typename Body>
+__device__ __forceinline__ void for_each_sample(const DeformParams& p, const Body& body) {
   const Geometry& g = p.geo;
-  const int64_t HW = g.H * g.W, P = g.Ho * g.Wo, kk = g.taps(), Cg = p.Cin / p.G;
+  const int64_t P = g.Ho * g.Wo, kk = g.taps(), Cg = p.Cin / p.G;
   const int64_t total = sample_items(p.nb, p.G, Cg, kChansPerItem, kk, P);
-  const T* input = static_cast<const T*>(p.input);
-  T* cols = static_cast<T*>(p.cols);
   for (int64_t t = global_thread(); t < total; t += thread_count()) {
     const SampleItem it = sample_item(p.G, Cg, kChansPerItem, kk, P, t);
     const int64_t b = p.b0 + it.b;
     A y, x, m;
     position<T, A>(p, b, it.go, it.tap, it.pix, &y, &x, &m);
-    const Corners<A> cn = corners(y, x, g.H, g.W, true);
+    body(it, b, corners(y, x, g.H, g.W, true), m);
+  }
+}
+
+template <typename T>
+__global__ void im2col_kernel(DeformParams p) {
+  using A = typename AccOf<T>::type;
+  const int64_t HW = p.geo.H * p.geo.W, P = p.geo.Ho * p.geo.Wo, kk = p.geo.taps();
+  const T* input = static_cast<const T*>(p.input);
+  T* cols = static_cast<T*>(p.cols);
+  for_each_sample<T, A>(p, [&](const SampleItem& it, int64_t b, const Corners<A>& cn, A m) {
     for (int64_t c = it.c_lo; c < it.c_hi; ++c) {
       const T* plane = input + (b * p.Cin + c) * HW;
       A val = 0;
@@ -80,23 +89,16 @@ __global__ void im2col_kernel(DeformParams p) {
       }
       cols[column_index(p.Cin, kk, P, it.b, c, it.tap, it.pix)] = from_acc<T>(val * m);
     }
-  }
+  });
 }
 
 template <typename T>
 __global__ void col2im_kernel(DeformParams p) {
   using A = typename AccOf<T>::type;
-  const Geometry& g = p.geo;
-  const int64_t HW = g.H * g.W, P = g.Ho * g.Wo, kk = g.taps(), Cg = p.Cin / p.G;
-  const int64_t total = sample_items(p.nb, p.G, Cg, kChansPerItem, kk, P);
+  const int64_t HW = p.geo.H * p.geo.W, P = p.geo.Ho * p.geo.Wo, kk = p.geo.taps();
   const T* grad_cols = static_cast<const T*>(p.grad_cols);
   A* grad_input = static_cast<A*>(p.grad_input);
-  for (int64_t t = global_thread(); t < total; t += thread_count()) {
-    const SampleItem it = sample_item(p.G, Cg, kChansPerItem, kk, P, t);
-    const int64_t b = p.b0 + it.b;
-    A y, x, m;
-    position<T, A>(p, b, it.go, it.tap, it.pix, &y, &x, &m);
-    const Corners<A> cn = corners(y, x, g.H, g.W, true);
+  for_each_sample<T, A>(p, [&](const SampleItem& it, int64_t b, const Corners<A>& cn, A m) {
     for (int64_t c = it.c_lo; c < it.c_hi; ++c) {
       const A gm = to_acc(grad_cols[column_index(p.Cin, kk, P, it.b, c, it.tap, it.pix)]) * m;
       A* plane = grad_input + (b * p.Cin + c) * HW;
@@ -105,7 +107,7 @@ __global__ void col2im_kernel(DeformParams p) {
         if (cn.valid[k]) atomicAdd(plane + cn.idx[k], gm * cn.w[k]);
       }
     }
-  }
+  });
 }
 
 template <typename T>
