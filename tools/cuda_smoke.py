@@ -33,6 +33,9 @@ def cases():
     off = 2 * r(2, 2 * 2 * 9, 6, 6)
     yield "deform_conv2d", lambda a, o, w, b, m: tm.deform_conv2d(a, o, w, b, padding=1, mask=m), [
         r(2, 4, 6, 6), off, r(4, 4, 3, 3), r(4), torch.rand(2, 2 * 9, 6, 6, generator=g)]
+    # LIT's merge shape with 40 channels: two full runs of 16 channels per sampling item and a tail.
+    yield "deform_conv2d k2 s2 40ch", lambda a, o, w: tm.deform_conv2d(a, o, w, stride=2), [
+        r(1, 40, 10, 12), r(1, 2 * 4, 5, 6), r(8, 40, 2, 2) / 8]
 
     def gnconv(x, wi, bi, wd, bd, pw0, pw1, pb0, pb1, wo, bo):
         return tm.gnconv(x, wi, bi, wd, bd, [pw0, pw1], [pb0, pb1], wo, bo, order=3, scale=1 / 3)
@@ -41,6 +44,8 @@ def cases():
     yield "gnconv", gnconv, [r(2, 8, 9, 11)] + gn
     yield "gnconv channels_last", lambda x, *w: gnconv(x.to(memory_format=torch.channels_last), *w), \
         [r(2, 8, 9, 11)] + gn
+    for k in (3, 5, 9):  # the other strip kernels, and the generic depthwise kernel
+        yield f"gnconv {k}x{k}", gnconv, [r(2, 8, 9, 11)] + gn[:2] + [r(14, 1, k, k) / k] + gn[3:]
 
 
 def run(fn, inputs, device, dtype, rounded_to=None):

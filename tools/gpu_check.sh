@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prove the CUDA path on a GPU machine with no network: build tokenmix for the GPU that is there
 # (all cores), run every kernel once, the CUDA tests and the GPU benchmark, and leave logs and JSON
-# in OUTDIR (at most 8 files, flat, so the device tool brings all of them back).
+# in OUTDIR: summary.txt (machine, step results), build.log, tests.log, memcheck.log, bench.log and
+# the bench JSON files, at most 8 files, flat, so the device tool brings all of them back.
 #
 #   tools/gpu_check.sh OUTDIR [SECONDS]
 #
@@ -47,14 +48,14 @@ fi
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   nvcc --version | tail -2
   lscpu | grep -E 'Model name|Flags' | cut -c1-200
-} > "$OUT/machine.txt" 2>&1
+} > "$OUT/summary.txt" 2>&1
 arch=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}')")
 stamp "GPU arch sm_$arch; building"
 
 export TOKENMIX_CUDA=ON TOKENMIX_CUDA_ARCHS="$arch" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
 step build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v \
   -C build-dir=build/gpu-check -e . || { stamp "BUILD FAILED (see build.log)"; exit 1; }
-"$PY" -m tokenmix info >> "$OUT/machine.txt" 2>&1
+"$PY" -m tokenmix info >> "$OUT/summary.txt" 2>&1
 stamp "built"
 
 step smoke 90 "$OUT/tests.log" "$PY" tools/cuda_smoke.py
@@ -80,11 +81,12 @@ if command -v compute-sanitizer > /dev/null; then
 fi
 
 bench float32 90
+step "bench deform bfloat16" 60 "$OUT/bench.log" "$PY" -m tokenmix bench deform_conv2d --device cuda \
+  --dtype bfloat16 --no-compile --quiet --reps 20 --out "$OUT/bench-cuda-deform-bfloat16.json"
 
 step "cpu tests" 200 "$OUT/tests.log" "${PYTEST[@]}" -m "not cuda"
 stamp "cpu tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
 
-cat "$OUT/bench.log" >> "$OUT/summary.txt" 2> /dev/null
 rm -f "$OUT"/*.png
 stamp "finished with status $status"
 exit $status
