@@ -148,13 +148,23 @@ struct CudaBackend {
     DeformParams d = params(p);
     const int64_t B = p.input.size(0), step = chunk(p), groups = p.groups;
     const int64_t Cout = p.weight.size(0), P = p.geo.Ho * p.geo.Wo;
+    const int64_t Cout_g = Cout / groups, Kg = p.weight.size(1) * p.geo.taps();
     const at::Tensor w4 = weight4(p);
     for (int64_t b0 = 0; b0 < B; b0 += step) {
       const int64_t nb = std::min(step, B - b0);
-      const at::Tensor cols = im2col(p, d, b0, nb);
-      out.narrow(0, b0, nb).view({nb, groups, Cout / groups, P}).copy_(at::matmul(w4, cols));
+      const at::Tensor cols = im2col(p, d, b0, nb).view({nb * groups, Kg, P});
+      // One batched GEMM per chunk straight into the output, the bias broadcast in as its C term.
+      at::Tensor dst = out.narrow(0, b0, nb).view({nb * groups, Cout_g, P});
+      const at::Tensor w3 = w4.expand({nb, groups, Cout_g, Kg}).reshape({nb * groups, Cout_g, Kg});
+      if (p.bias.defined()) {
+        const at::Tensor b3 = p.bias.view({1, groups, Cout_g, 1})
+                                  .expand({nb, groups, Cout_g, 1})
+                                  .reshape({nb * groups, Cout_g, 1});
+        at::baddbmm_out(dst, b3, w3, cols);
+      } else {
+        at::bmm_out(dst, w3, cols);
+      }
     }
-    if (p.bias.defined()) out.add_(p.bias.view({1, -1, 1, 1}));
   }
   static void backward(const Problem& p, const at::Tensor& grad, at::Tensor& gi, at::Tensor& go,
                        at::Tensor& gw, at::Tensor& gb, at::Tensor& gm) {
