@@ -66,12 +66,18 @@ static void run(const Case& c, std::mt19937& rng) {
     gn::depthwise_item<K, kStrip>(
         g, s, bias[ch],
         [&](int64_t b, int64_t sy, int64_t sx) {
-          if (sy < 0 || sy >= c.H || sx < 0 || sx >= c.W) std::printf("FAIL read outside the map\n"), ++failures;
+          if (sy < 0 || sy >= c.H || sx < 0 || sx >= c.W) {
+            std::printf("FAIL read outside the map\n");
+            ++failures;
+          }
           return src[(b * HW + sy * c.W + sx) * c.ld + ch];
         },
         [&](int t) { return wt_of(t, ch); },
         [&](int64_t pix, double acc) {
-          if (!std::isnan(got[pix * c.S + ch])) std::printf("FAIL output written twice\n"), ++failures;
+          if (!std::isnan(got[pix * c.S + ch])) {
+            std::printf("FAIL output written twice\n");
+            ++failures;
+          }
           got[pix * c.S + ch] = acc;
         });
   }

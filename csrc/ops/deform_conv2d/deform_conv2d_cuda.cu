@@ -150,7 +150,8 @@ __global__ void col2im_coord_kernel(DeformParams p) {
 }  // namespace
 
 cudaError_t deform_im2col_cuda(const DeformParams& p, cudaStream_t stream) {
-  const int64_t total = sample_items(p.nb, p.G, p.Cin / p.G, kChansPerItem, p.geo.taps(), p.geo.Ho * p.geo.Wo);
+  const int64_t total =
+      sample_items(p.nb, p.G, p.Cin / p.G, kChansPerItem, p.geo.taps(), p.geo.Ho * p.geo.Wo);
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     im2col_kernel<T><<<blocks_for(total, kThreads), kThreads, 0, stream>>>(p);
@@ -158,7 +159,8 @@ cudaError_t deform_im2col_cuda(const DeformParams& p, cudaStream_t stream) {
 }
 
 cudaError_t deform_col2im_cuda(const DeformParams& p, cudaStream_t stream) {
-  const int64_t total = sample_items(p.nb, p.G, p.Cin / p.G, kChansPerItem, p.geo.taps(), p.geo.Ho * p.geo.Wo);
+  const int64_t total =
+      sample_items(p.nb, p.G, p.Cin / p.G, kChansPerItem, p.geo.taps(), p.geo.Ho * p.geo.Wo);
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     col2im_kernel<T><<<blocks_for(total, kThreads), kThreads, 0, stream>>>(p);

@@ -72,13 +72,16 @@ __global__ void __launch_bounds__(kThreads, 3) depthwise_strip_kernel(DepthwiseP
     const A bias = p.bias != nullptr ? to_acc(static_cast<const T*>(p.bias)[c]) : A(0);
     depthwise_item<K, kStrip>(
         g, s, bias,
-        [&](int64_t b, int64_t sy, int64_t sx) { return to_acc(src[(b * HW + sy * g.W + sx) * p.ld_src + c]); },
+        [&](int64_t b, int64_t sy, int64_t sx) {
+          return to_acc(src[(b * HW + sy * g.W + sx) * p.ld_src + c]);
+        },
         [&](int t) { return to_acc(w[(p.flip ? taps - 1 - t : t) * p.S + c]); },
         [&](int64_t pix, A acc) {
           const T out = from_acc<T>(acc * scale);
           dst[pix * p.ld_dst + c] = out;
           if (gate) {
-            gate_out[pix * p.ld_gate_out + c] = from_acc<T>(to_acc(gate_in[pix * p.ld_gate_in + c]) * to_acc(out));
+            const A gin = to_acc(gate_in[pix * p.ld_gate_in + c]);
+            gate_out[pix * p.ld_gate_out + c] = from_acc<T>(gin * to_acc(out));
           }
         });
   }
@@ -99,7 +102,9 @@ __global__ void depthwise_weight_grad_strip_kernel(DepthwiseGradParams p) {
     depthwise_grad_item<K, kStrip>(
         g, p.B, p.chunks, it,
         [&](int64_t row, int64_t x) { return to_acc(dy[(row * g.W + x) * p.ld_dy + c]); },
-        [&](int64_t b, int64_t sy, int64_t sx) { return to_acc(src[(b * HW + sy * g.W + sx) * p.ld_src + c]); },
+        [&](int64_t b, int64_t sy, int64_t sx) {
+          return to_acc(src[(b * HW + sy * g.W + sx) * p.ld_src + c]);
+        },
         part);
     A* out = static_cast<A*>(p.partial) + (it.chunk * p.S + c) * g.taps() + it.ky * K;
     TM_UNROLL
