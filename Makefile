@@ -48,6 +48,8 @@ test-cpu-only: $(STAMP)
 	  -C cmake.define.CMAKE_MODULE_LINKER_FLAGS=-static-libstdc++ -e ".[test,bench]"
 	$(PY) -m tokenmix info
 	$(PY) -c "import tokenmix, sys; sys.exit(1 if tokenmix.info()['cuda_compiled'] else 0)"
+	$(PY) -c "import subprocess, sys, tokenmix._C as m; \
+	  sys.exit('libstdc++ linked dynamically' if 'libstdc++' in subprocess.check_output(['readelf', '-d', m.__file__], text=True) else 0)"
 	$(PY) -m pytest tests -q
 	TOKENMIX_CPU_CAPABILITY=default $(PY) -m pytest -q $(OP_TESTS)
 	TOKENMIX_CPU_CAPABILITY=avx2 $(PY) -m pytest -q $(OP_TESTS)
