@@ -57,10 +57,16 @@ void check_index_range(const char* op, const char* name, const at::Tensor& index
     return;
   }
   const auto [lo_t, hi_t] = at::aminmax(index);
-  // Both bounds in one device-to-host copy: on CUDA that is the one sync this check costs.
-  const at::Tensor bounds = at::stack({lo_t, hi_t}).to(at::kCPU);
-  const int64_t lo = bounds.const_data_ptr<int64_t>()[0];
-  const int64_t hi = bounds.const_data_ptr<int64_t>()[1];
+  int64_t lo, hi;
+  if (index.is_cpu()) {
+    lo = lo_t.item<int64_t>();
+    hi = hi_t.item<int64_t>();
+  } else {
+    // Both bounds in one device-to-host copy: the one sync this check costs.
+    const at::Tensor bounds = at::stack({lo_t, hi_t}).to(at::kCPU);
+    lo = bounds.const_data_ptr<int64_t>()[0];
+    hi = bounds.const_data_ptr<int64_t>()[1];
+  }
   TORCH_CHECK_INDEX(lo >= 0 && hi < upper, "tokenmix.", op, ": ", name,
                     " entries must lie in [0, ", upper, "), got values in [", lo, ", ", hi, "]");
 }
