@@ -127,6 +127,7 @@ struct CudaBackend {
   struct Chain {
     at::Tensor x_rows, F, G;        // x, proj_in output, gates (scaled dwconv)
     std::vector<at::Tensor> y, z;   // y_i (gated), z_i (pws output before its gate; z_0 unused)
+    at::Tensor w_taps;              // the depthwise weight tap-major, [k * k, S]
   };
 
   static Chain chain(const Problem& p) {
@@ -137,11 +138,11 @@ struct CudaBackend {
     c.F = at::addmm(p.b_in, c.x_rows, mat(p.w_in).t());
     c.G = at::empty({N, L.S}, c.F.options());
     at::Tensor y0 = at::empty({N, L.dims[0]}, c.F.options());
-    const at::Tensor w_taps = taps_major(p.w_dw);
+    c.w_taps = taps_major(p.w_dw);
     DepthwiseParams d{};
     d.src = static_cast<const char*>(c.F.const_data_ptr()) + L.dims[0] * c.F.element_size();
     d.ld_src = L.proj_width();
-    d.weight = w_taps.const_data_ptr();
+    d.weight = c.w_taps.const_data_ptr();
     d.bias = p.b_dw.const_data_ptr();
     d.scale = static_cast<float>(p.scale);
     d.dst = c.G.mutable_data_ptr();
@@ -195,11 +196,10 @@ struct CudaBackend {
     dD.narrow(1, 0, d0).copy_(dy * c.F.narrow(1, 0, d0) * p.scale);
     dF.narrow(1, 0, d0).copy_(dy * c.G.narrow(1, 0, d0));
 
-    const at::Tensor w_taps = taps_major(p.w_dw);
     DepthwiseParams d{};
     d.src = dD.const_data_ptr();
     d.ld_src = L.S;
-    d.weight = w_taps.const_data_ptr();
+    d.weight = c.w_taps.const_data_ptr();
     d.scale = 1.0f;
     d.flip = true;
     d.dst = static_cast<char*>(dF.mutable_data_ptr()) + d0 * dF.element_size();

@@ -595,9 +595,8 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   // Pass C: dL/dq, the depthwise and proj_in parameter gradients, grad_x.
   scalar_t* gx = gr.x.mutable_data_ptr<scalar_t>();
   const int64_t gps = gr.x.stride(3), gcs = gr.x.stride(1);
-  at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
-    A* dx = scratch<A>(kGradX, tiles.max_pixels() * C);
-    for (int64_t t = begin; t < end; ++t) {
+  call.for_each_tile([&] {
+    return [&, dx = scratch<A>(kGradX, tiles.max_pixels() * C)](int64_t t) {
       const int64_t b = tiles.image(t), y0 = tiles.y0(t), y1 = tiles.y1(t);
       const int64_t pix0 = y0 * g.W, np = (y1 - y0) * g.W;
       const A* dDb = dD.const_data_ptr<A>() + b * tiles.HW * S;
@@ -613,7 +612,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       at::Tensor dxt = blob(dx, {np, C});
       at::mm_out(dxt, dFm, call.w.w_in);
       store_tile<scalar_t, A>(dx, np, C, gx + b * gr.x.stride(0) + pix0 * gps, gps, gcs);
-    }
+    };
   });
 
   using P = Partials<A>;
