@@ -8,11 +8,13 @@
 #                        again on the baseline-ISA and the AVX2 CPU kernels (TOKENMIX_CPU_CAPABILITY)
 #
 # Variables: PYTHON (interpreter that creates the venv), TORCH (the torch requirement; the CPU
-# build works too, e.g. TORCH="torch==2.13.0"), TOKENMIX_CUDA=AUTO|ON|OFF, TOKENMIX_CUDA_ARCHS.
+# build works too, e.g. TORCH="torch==2.13.0"), CUTLASS (the nvidia-cutlass requirement),
+# TOKENMIX_CUDA=AUTO|ON|OFF, TOKENMIX_CUDA_ARCHS.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1
+CUTLASS ?= nvidia-cutlass>=4.0,<5
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tokenmix-deps
@@ -23,6 +25,8 @@ OP_TESTS := tests/test_gather.py tests/test_window_attention.py tests/test_defor
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)" "scikit-build-core>=0.10" "ninja>=1.10" numpy
+	# CUTLASS headers for the CUDA build (gnconv's gated GEMMs); only the headers are used.
+	$(PIP) install --no-deps "$(CUTLASS)"
 	@if ! cmake --version 2>/dev/null | awk 'NR==1 { split($$3, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 25)) }'; then \
 		echo "no CMake >= 3.25 on PATH: installing it into $(VENV)"; \
 		$(PIP) install "cmake>=3.25,<4"; \

@@ -81,7 +81,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   const int with_cuda = 0;
 #endif
+#if defined(TOKENMIX_HAVE_CUTLASS)
+  const int with_cutlass = 1;
+#else
+  const int with_cutlass = 0;
+#endif
   if (PyModule_AddIntConstant(mod, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddIntConstant(mod, "with_cutlass", with_cutlass) < 0 ||
       PyModule_AddStringConstant(mod, "cuda_archs", TOKENMIX_CUDA_ARCHS) < 0 ||
       PyModule_AddStringConstant(mod, "version", TOKENMIX_VERSION) < 0 ||
       PyModule_AddStringConstant(mod, "cpu_capability", tokenmix::cpu_capability_name()) < 0) {

@@ -46,6 +46,11 @@ def cases():
         [r(2, 8, 9, 11)] + gn
     for k in (3, 5, 9):  # the other strip kernels, and the generic depthwise kernel
         yield f"gnconv {k}x{k}", gnconv, [r(2, 8, 9, 11)] + gn[:2] + [r(14, 1, k, k) / k] + gn[3:]
+    # Widths in multiples of 8 (dims 8, 16, 32): fp16/bf16 take the CUTLASS gated GEMMs; 198 rows
+    # leave a partial tile.
+    gn32 = [r(64, 32, 1, 1) / 6, r(64), r(56, 1, 7, 7) / 7, r(56), r(16, 8, 1, 1) / 3, r(32, 16, 1, 1) / 4,
+            r(16), r(32), r(32, 32, 1, 1) / 6, r(32)]
+    yield "gnconv 32ch (gated GEMMs)", gnconv, [r(2, 32, 9, 11)] + gn32
 
 
 def run(fn, inputs, device, dtype, rounded_to=None):

@@ -8,10 +8,13 @@
 #
 # A lease is short, so the steps run in order of what they prove and each one is cut off at the
 # deadline (SECONDS after the start, default 520): build, plain smoke run, CUDA tests, fp16 bench,
-# smoke under compute-sanitizer, fp32 bench, then the CPU tests on this machine's torch.
+# gnconv's fp16 bench again without its CUTLASS GEMMs (A/B, table in bench.log), smoke under
+# compute-sanitizer, fp32 bench, bf16 deform bench, then the CPU tests on this machine's torch.
 #
 # Expects: python3 with torch (CUDA build) and pytest, nvcc, cmake, ninja, scikit-build-core.
-# Extra build dependencies may be supplied as wheels in .whl/ (installed with --no-index).
+# Extra build dependencies come as wheels in .whl/ (installed with --no-index); CUTLASS's headers
+# are one of them where the machine has no nvidia-cutlass:
+#   pip download --no-deps -d .whl "nvidia-cutlass>=4.0,<5"
 # Exit status: 0 when every step that ran succeeded and none was skipped for lack of time.
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR [SECONDS]}
@@ -56,6 +59,8 @@ export TOKENMIX_CUDA=ON TOKENMIX_CUDA_ARCHS="$arch" CMAKE_BUILD_PARALLEL_LEVEL="
 step build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v \
   -C build-dir=build/gpu-check -e . || { stamp "BUILD FAILED (see build.log)"; exit 1; }
 "$PY" -m tokenmix info >> "$OUT/summary.txt" 2>&1
+"$PY" -c "import sys, tokenmix; sys.exit(0 if tokenmix.info()['cutlass'] else 1)" ||
+  { stamp "WARNING: built without CUTLASS (no nvidia-cutlass wheel in .whl/?)"; status=1; }
 stamp "built"
 
 step smoke 90 "$OUT/tests.log" "$PY" tools/cuda_smoke.py
@@ -73,6 +78,9 @@ bench() {
   stamp "bench $1: rc $?"
 }
 bench float16 120
+TOKENMIX_GNCONV_CUTLASS=0 step "bench gnconv float16, ATen GEMMs" 45 "$OUT/bench.log" "$PY" -m tokenmix \
+  bench gnconv --device cuda --dtype float16 --no-compile --quiet --reps 20
+stamp "bench gnconv without CUTLASS: rc $?"
 
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 90 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 \

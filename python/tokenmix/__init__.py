@@ -41,6 +41,7 @@ def info() -> dict:
         "cpu_capability": _C.cpu_capability,
         "cuda_compiled": bool(_C.with_cuda),
         "cuda_archs": [a for a in _C.cuda_archs.split(",") if a],
+        "cutlass": bool(_C.with_cutlass),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "ops": {
             op: {"family": fam, "cpu": _has_kernel(op, "CPU"), "cuda": _has_kernel(op, "CUDA"),

@@ -23,6 +23,7 @@ def cmd_info(_args=None) -> int:
     if i["cuda_compiled"]:
         print(f"cuda     archs: {', '.join('sm_' + a for a in i['cuda_archs'])}; "
               f"device: {i['cuda_device'] or 'none visible'}")
+        print(f"cutlass  {'yes' if i['cutlass'] else 'no (gnconv gated GEMMs use ATen GEMMs + elementwise)'}")
     else:
         print("cuda     not compiled (rebuild with a CUDA build of torch and nvcc, TOKENMIX_CUDA=ON)")
     print(f"\n{'op':<18}{'family':<18}{'cpu':<6}{'cuda':<6}{'backward':<9}")
