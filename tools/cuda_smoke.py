@@ -36,6 +36,11 @@ def cases():
     # LIT's merge shape with 40 channels: two full runs of 16 channels per sampling item and a tail.
     yield "deform_conv2d k2 s2 40ch", lambda a, o, w: tm.deform_conv2d(a, o, w, stride=2), [
         r(1, 40, 10, 12), r(1, 2 * 4, 5, 6), r(8, 40, 2, 2) / 8]
+    # fp16/bf16 forwards run the fused kernel: 136 output channels take two block columns, 2 offset
+    # groups and K = 9 * 12 leave chunks that cross taps and groups, 75 pixels a partial row block.
+    yield "deform_conv2d fused 136 out", lambda a, o, w, b, m: tm.deform_conv2d(
+        a, o, w, b, padding=1, mask=m), [r(3, 12, 5, 5), 2 * r(3, 2 * 2 * 9, 5, 5), r(136, 12, 3, 3) / 10,
+                                         r(136), torch.rand(3, 2 * 9, 5, 5, generator=g)]
 
     def gnconv(x, wi, bi, wd, bd, pw0, pw1, pb0, pb1, wo, bo):
         return tm.gnconv(x, wi, bi, wd, bd, [pw0, pw1], [pb0, pb1], wo, bo, order=3, scale=1 / 3)

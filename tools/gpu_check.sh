@@ -8,7 +8,8 @@
 #
 # A lease is short, so the steps run in order of what they prove and each one is cut off at the
 # deadline (SECONDS after the start, default 520): build, plain smoke run, CUDA tests, fp16 bench,
-# gnconv's fp16 bench again without its CUTLASS GEMMs (A/B, table in bench.log), smoke under
+# gnconv's fp16 bench again without its CUTLASS GEMMs and deform_conv2d's without its fused
+# forward (A/B, tables in bench.log), smoke under
 # compute-sanitizer, fp32 bench, bf16 deform bench, then the CPU tests on this machine's torch.
 #
 # Expects: python3 with torch (CUDA build) and pytest, nvcc, cmake, ninja, scikit-build-core.
@@ -81,6 +82,9 @@ bench float16 120
 TOKENMIX_GNCONV_CUTLASS=0 step "bench gnconv float16, ATen GEMMs" 45 "$OUT/bench.log" "$PY" -m tokenmix \
   bench gnconv --device cuda --dtype float16 --no-compile --quiet --reps 20
 stamp "bench gnconv without CUTLASS: rc $?"
+TOKENMIX_DEFORM_FUSED=0 step "bench deform_conv2d float16, unfused" 45 "$OUT/bench.log" "$PY" -m tokenmix \
+  bench deform_conv2d --device cuda --dtype float16 --no-compile --quiet --reps 20
+stamp "bench deform_conv2d unfused: rc $?"
 
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 90 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 \

@@ -98,6 +98,41 @@ TM_HOST_DEVICE int64_t column_index(int64_t Cin, int64_t kk, int64_t P, int64_t 
   return ((b * Cin + c) * kk + tap) * P + pix;
 }
 
+// Implicit-GEMM view of the forward, as the fused CUDA kernel (fp16/bf16) computes it:
+//   out[b, n, pix] = bias[n] + sum_k Wt[n, k] * A[m, k],   m = b * P + pix,  k = tap * Cin + c,
+// A[m, k] the masked bilinear sample of channel c at tap `tap` of output pixel m, Wt the weight
+// reordered to [Cout, kk * Cin] to match. K is tap-major so that the columns one thread fills
+// share a sample position. One block computes a BM x BN tile of (m, n) and walks K in chunks of
+// BK: each thread samples a run of kRun consecutive columns of one row into shared memory, the
+// block loads the Wt chunk, and the tensor cores multiply.
+struct ImplicitGemm {
+  static constexpr int BM = 64, BN = 128, BK = 32, kThreads = 256;
+  static constexpr int kRun = BM * BK / kThreads;  // columns per thread per chunk
+
+  int64_t M, N, K, P, Cin;
+
+  TM_HOST_DEVICE static ImplicitGemm make(int64_t B, int64_t Cin, int64_t Cout, int64_t kk, int64_t P) {
+    return ImplicitGemm{B * P, Cout, kk * Cin, P, Cin};
+  }
+  TM_HOST_DEVICE int64_t row_blocks() const { return (M + BM - 1) / BM; }
+  TM_HOST_DEVICE int64_t col_blocks() const { return (N + BN - 1) / BN; }
+  // A-tile slot of a thread: row a_row(t), columns [a_col(t), a_col(t) + kRun) of the chunk.
+  TM_HOST_DEVICE static int a_row(int thread) { return thread % BM; }
+  TM_HOST_DEVICE static int a_col(int thread) { return (thread / BM) * kRun; }
+  TM_HOST_DEVICE int64_t image(int64_t m) const { return m / P; }
+  TM_HOST_DEVICE int64_t pixel(int64_t m) const { return m % P; }
+  TM_HOST_DEVICE int64_t tap(int64_t k) const { return k / Cin; }
+  TM_HOST_DEVICE int64_t channel(int64_t k) const { return k % Cin; }
+  // Flat index of (m, n) in the [B, Cout, Ho, Wo] output.
+  TM_HOST_DEVICE int64_t out_index(int64_t m, int64_t n) const { return (image(m) * N + n) * P + pixel(m); }
+};
+
+// Offset/mask channel of tap `tap` of offset group go in image b: offset rows 2 ch (dy) and
+// 2 ch + 1 (dx), mask row ch, each of P pixels.
+TM_HOST_DEVICE int64_t offset_channel(int64_t G, int64_t kk, int64_t b, int64_t go, int64_t tap) {
+  return (b * G + go) * kk + tap;
+}
+
 // d(bilinear value)/dy and /dx from the four neighbour values (0 where invalid).
 template <typename A>
 TM_HOST_DEVICE A grad_y(const A v[4], A lx) {

@@ -14,6 +14,7 @@
 #if defined(TOKENMIX_WITH_CUDA)
 #include "deform_conv2d_params.h"
 #include "tokenmix/cuda_launch.h"
+#include "tokenmix/env.h"
 #endif
 
 namespace tokenmix {
@@ -110,8 +111,10 @@ struct CpuBackend {
 };
 
 #if defined(TOKENMIX_WITH_CUDA)
-// Sampling kernels around cuBLAS GEMMs, over chunks of images whose column buffer stays under
-// kWorkspaceBytes.
+// fp16/bf16 forwards with one weight group: one fused kernel (sampling into tensor-core tiles).
+// Otherwise, and for every backward: sampling kernels around cuBLAS GEMMs, over chunks of images
+// whose column buffer stays under kWorkspaceBytes. TOKENMIX_DEFORM_FUSED=0 forces the second
+// form, for comparison.
 struct CudaBackend {
   static constexpr int64_t kWorkspaceBytes = int64_t{256} << 20;
 
@@ -144,8 +147,23 @@ struct CudaBackend {
     check_launch(deform_im2col_cuda(d, current_stream()), "deform_im2col");
     return cols;
   }
+  static bool fused_forward(const Problem& p, DeformParams& d, at::Tensor& out) {
+    static const bool enabled = env_enabled("TOKENMIX_DEFORM_FUSED");
+    if (!enabled || !deform_forward_fused_supported(d, p.groups)) return false;
+    // [Cout, Cin, kh, kw] -> [Cout, kh, kw, Cin]: the tap-major columns of ImplicitGemm.
+    const at::Tensor wt = p.weight.permute({0, 2, 3, 1}).reshape({p.weight.size(0), -1}).contiguous();
+    d.b0 = 0;
+    d.nb = p.input.size(0);
+    d.weight_tk = wt.const_data_ptr();
+    d.bias = p.bias.defined() ? p.bias.const_data_ptr() : nullptr;
+    d.out = out.mutable_data_ptr();
+    d.Cout = p.weight.size(0);
+    check_launch(deform_forward_fused_cuda(d, current_stream()), "deform_forward_fused");
+    return true;
+  }
   static void forward(const Problem& p, at::Tensor& out) {
     DeformParams d = params(p);
+    if (fused_forward(p, d, out)) return;
     const int64_t B = p.input.size(0), step = chunk(p), groups = p.groups;
     const int64_t Cout = p.weight.size(0), P = p.geo.Ho * p.geo.Wo;
     const int64_t Cout_g = Cout / groups, Kg = p.weight.size(1) * p.geo.taps();

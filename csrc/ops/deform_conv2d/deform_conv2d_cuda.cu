@@ -1,6 +1,10 @@
-// CUDA kernels of deformable convolution (DCNv1/v2, torchvision semantics): the bilinear sampling
-// around the channel-mixing GEMMs, which the launcher runs through ATen (cuBLAS) on a bounded
-// chunk of images. Sampling math is deform_math.h, shared with the CPU kernels.
+// CUDA kernels of deformable convolution (DCNv1/v2, torchvision semantics). Sampling math is
+// deform_math.h, shared with the CPU kernels and the host-side emulation the tests run.
+//
+// fused forward (fp16/bf16): sampling feeds tensor-core tiles in shared memory directly; see the
+//   banner of fused_forward_kernel.
+// The other kernels do the bilinear sampling around the channel-mixing GEMMs, which the launcher
+// runs through ATen (cuBLAS) on a bounded chunk of images (fp32, fp64, and every backward):
 //
 // im2col: one thread per (image, offset group, tap, output pixel) and run of up to 16 of the
 //   group's channels (SampleItem, deform_math.h): the offsets, mask and corners are read and
@@ -11,6 +15,8 @@
 //   the CPU one is).
 // col2im_coord: one thread per (image, offset group, tap, pixel) sums over its group's channels:
 //   the offset and mask gradients, deterministic.
+
+#include <mma.h>
 
 #include <cstdint>
 
@@ -46,7 +52,7 @@ __device__ __forceinline__ void position(const DeformParams& p, int64_t b, int64
                                          int64_t pix, A* y, A* x, A* m) {
   const Geometry& g = p.geo;
   const int64_t P = g.Ho * g.Wo;
-  const int64_t ch = (b * p.G + go) * g.taps() + tap;
+  const int64_t ch = offset_channel(p.G, g.taps(), b, go, tap);
   const T* off = static_cast<const T*>(p.offset);
   *y = static_cast<A>(g.base_y(pix / g.Wo, tap)) + to_acc(off[(2 * ch) * P + pix]);
   *x = static_cast<A>(g.base_x(pix % g.Wo, tap)) + to_acc(off[(2 * ch + 1) * P + pix]);
@@ -73,6 +79,17 @@ __device__ __forceinline__ void for_each_sample(const DeformParams& p, const Bod
   }
 }
 
+// The masked bilinear sample of one channel plane: a column entry in the input dtype.
+template <typename T, typename A>
+__device__ __forceinline__ T sample(const T* plane, const Corners<A>& cn, A m) {
+  A val = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (cn.valid[k]) val += cn.w[k] * to_acc(plane[cn.idx[k]]);
+  }
+  return from_acc<T>(val * m);
+}
+
 template <typename T>
 __global__ void im2col_kernel(DeformParams p) {
   using A = typename AccOf<T>::type;
@@ -81,15 +98,135 @@ __global__ void im2col_kernel(DeformParams p) {
   T* cols = static_cast<T*>(p.cols);
   for_each_sample<T, A>(p, [&](const SampleItem& it, int64_t b, const Corners<A>& cn, A m) {
     for (int64_t c = it.c_lo; c < it.c_hi; ++c) {
-      const T* plane = input + (b * p.Cin + c) * HW;
-      A val = 0;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (cn.valid[k]) val += cn.w[k] * to_acc(plane[cn.idx[k]]);
-      }
-      cols[column_index(p.Cin, kk, P, it.b, c, it.tap, it.pix)] = from_acc<T>(val * m);
+      cols[column_index(p.Cin, kk, P, it.b, c, it.tap, it.pix)] =
+          sample(input + (b * p.Cin + c) * HW, cn, m);
     }
   });
+}
+
+// Fused forward: the implicit GEMM of ImplicitGemm (deform_math.h) on tensor cores (WMMA,
+// 16x16x16, fp32 accumulators). Per K chunk each thread samples its run of kRun columns of one
+// row into shared memory (column-major A, so the 64 threads of a column write consecutive
+// addresses), the block stages the matching BN x BK slice of the tap-major weight, and each of
+// the 8 warps multiplies a 32x32 piece of the 64x128 tile. The accumulators go through shared
+// memory so the output is written with pixels fastest, as NCHW lays them out. Limits: fp16/bf16,
+// one weight group, sm_80+ (bf16 fragments). A single-stage loop: the latency of the gathers is
+// hidden by each thread's kRun unrolled samples being in flight together and by a second resident
+// block per SM (112 registers a thread; capping them for a third block spills).
+namespace fused {
+using IG = ImplicitGemm;
+constexpr int kLdA = IG::BM + 8;  // As[k][m]; padded rows keep WMMA's 32-byte alignment
+constexpr int kLdB = IG::BK + 8;  // Bs[n][k]
+constexpr int kLdC = IG::BM + 4;  // Cs[n][m], fp32
+constexpr int kBytesAB = (IG::BK * kLdA + IG::BN * kLdB) * 2;
+constexpr int kBytesC = IG::BN * kLdC * 4;
+constexpr int kSmemBytes = kBytesAB > kBytesC ? kBytesAB : kBytesC;
+constexpr int kWarpsM = 2, kWarpRows = IG::BM / kWarpsM, kWarpCols = IG::BN / (IG::kThreads / kWarp / kWarpsM);
+constexpr int kFragsM = kWarpRows / 16, kFragsN = kWarpCols / 16;
+static_assert(IG::kThreads % IG::BM == 0 && IG::BK % IG::kRun == 0, "thread slots must tile the chunk");
+static_assert(kFragsM * 16 * kWarpsM == IG::BM && kFragsN * 16 * (IG::kThreads / kWarp / kWarpsM) == IG::BN,
+              "warps must tile the block");
+}  // namespace fused
+
+template <typename T>
+__global__ void __launch_bounds__(ImplicitGemm::kThreads, 2) fused_forward_kernel(DeformParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using namespace fused;
+  using A = float;
+  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  T* As = reinterpret_cast<T*>(smem);
+  T* Bs = As + IG::BK * kLdA;
+  float* Cs = reinterpret_cast<float*>(smem);
+
+  const Geometry& g = p.geo;
+  const int64_t HW = g.H * g.W, kk = g.taps(), Cg = p.Cin / p.G;
+  const IG ig = IG::make(p.nb, p.Cin, p.Cout, kk, g.Ho * g.Wo);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * IG::BM, n0 = static_cast<int64_t>(blockIdx.y) * IG::BN;
+  const int t = threadIdx.x, warp = t / kWarp;
+  const int wm = (warp % kWarpsM) * kWarpRows, wn = (warp / kWarpsM) * kWarpCols;
+  const T* input = static_cast<const T*>(p.input);
+  const T* wt = static_cast<const T*>(p.weight_tk);
+
+  // This thread's A row: its image and pixel, fixed for the whole K walk.
+  const int a_row = IG::a_row(t), a_col = IG::a_col(t);
+  const int64_t m = m0 + a_row;
+  const bool row_ok = m < ig.M;
+  const int64_t b = row_ok ? p.b0 + ig.image(m) : 0, pix = row_ok ? ig.pixel(m) : 0;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragsM][kFragsN];
+#pragma unroll
+  for (int i = 0; i < kFragsM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+
+  for (int64_t k0 = 0; k0 < ig.K; k0 += IG::BK) {
+    // A: kRun samples; the position is recomputed only when the tap or offset group changes.
+    int64_t cached = -1;
+    Corners<A> cn{};
+    A mod = 0;
+#pragma unroll
+    for (int r = 0; r < IG::kRun; ++r) {
+      const int64_t k = k0 + a_col + r;
+      T v = from_acc<T>(0.0f);
+      if (row_ok && k < ig.K) {
+        const int64_t tap = ig.tap(k), c = ig.channel(k), go = c / Cg, key = tap * p.G + go;
+        if (key != cached) {
+          A y, x;
+          position<T, A>(p, b, go, tap, pix, &y, &x, &mod);
+          cn = corners(y, x, g.H, g.W, true);
+          cached = key;
+        }
+        v = sample(input + (b * p.Cin + c) * HW, cn, mod);
+      }
+      As[(a_col + r) * kLdA + a_row] = v;
+    }
+    // B: the Wt slice, consecutive threads on consecutive k of one output channel.
+    for (int i = t; i < IG::BN * IG::BK; i += IG::kThreads) {
+      const int n = i / IG::BK, kl = i % IG::BK;
+      const bool ok = n0 + n < ig.N && k0 + kl < ig.K;
+      Bs[n * kLdB + kl] = ok ? wt[(n0 + n) * ig.K + k0 + kl] : from_acc<T>(0.0f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kf = 0; kf < IG::BK; kf += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[kFragsM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[kFragsN];
+#pragma unroll
+      for (int i = 0; i < kFragsM; ++i) wmma::load_matrix_sync(fa[i], As + kf * kLdA + wm + 16 * i, kLdA);
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j) wmma::load_matrix_sync(fb[j], Bs + (wn + 16 * j) * kLdB + kf, kLdB);
+#pragma unroll
+      for (int i = 0; i < kFragsM; ++i) {
+#pragma unroll
+        for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < kFragsM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragsN; ++j) {
+      wmma::store_matrix_sync(Cs + (wn + 16 * j) * kLdC + wm + 16 * i, acc[i][j], kLdC, wmma::mem_col_major);
+    }
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int i = t; i < IG::BM * IG::BN; i += IG::kThreads) {
+    const int r = i % IG::BM, n = i / IG::BM;
+    const int64_t mm = m0 + r, nn = n0 + n;
+    if (mm < ig.M && nn < ig.N) {
+      const float v = Cs[n * kLdC + r] + (bias != nullptr ? to_acc(bias[nn]) : 0.0f);
+      out[ig.out_index(mm + p.b0 * ig.P, nn)] = from_acc<T>(v);
+    }
+  }
+#else
+  __trap();  // deform_forward_fused_supported() never selects this kernel below sm_80
+#endif
 }
 
 template <typename T>
@@ -165,6 +302,31 @@ cudaError_t deform_col2im_cuda(const DeformParams& p, cudaStream_t stream) {
     using T = decltype(tag);
     col2im_kernel<T><<<blocks_for(total, kThreads), kThreads, 0, stream>>>(p);
   });
+}
+
+bool deform_forward_fused_supported(const DeformParams& p, int64_t weight_groups) {
+  if ((p.dtype != DType::Float16 && p.dtype != DType::BFloat16) || weight_groups != 1) return false;
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         major >= 8;
+}
+
+cudaError_t deform_forward_fused_cuda(const DeformParams& p, cudaStream_t stream) {
+  const ImplicitGemm ig = ImplicitGemm::make(p.nb, p.Cin, p.Cout, p.geo.taps(), p.geo.Ho * p.geo.Wo);
+  if (ig.row_blocks() > 0x7fffffff || ig.col_blocks() > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(ig.row_blocks()), static_cast<unsigned>(ig.col_blocks()));
+  switch (p.dtype) {
+    case DType::Float16:
+      fused_forward_kernel<__half><<<grid, ImplicitGemm::kThreads, 0, stream>>>(p);
+      break;
+    case DType::BFloat16:
+      fused_forward_kernel<__nv_bfloat16><<<grid, ImplicitGemm::kThreads, 0, stream>>>(p);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
 }
 
 cudaError_t deform_col2im_coord_cuda(const DeformParams& p, cudaStream_t stream) {

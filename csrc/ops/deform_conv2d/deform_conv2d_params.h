@@ -1,6 +1,7 @@
 // Plain parameter struct and CUDA entry points of deformable convolution. Torch-free: filled by
-// deform_conv2d.cpp, consumed by deform_conv2d_cuda.cu. The launcher runs the channel-mixing
-// GEMMs itself (ATen on the current stream); these kernels do the sampling around them.
+// deform_conv2d.cpp, consumed by deform_conv2d_cuda.cu. fp16/bf16 forwards run as one fused
+// kernel; otherwise the launcher runs the channel-mixing GEMMs itself (ATen on the current
+// stream) and these kernels do the sampling around them.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -27,6 +28,12 @@ struct DeformParams {
   void* grad_input;       // backward: [B, Cin, H, W] in the accumulation type, zeroed
   void* grad_offset;      // backward: like offset
   void* grad_mask;        // backward: like mask, or null
+
+  // Fused forward (ImplicitGemm in deform_math.h) over images [b0, b0 + nb):
+  const void* weight_tk;  // [Cout, kk * Cin], tap-major columns
+  const void* bias;       // [Cout] or null
+  void* out;              // [B, Cout, Ho, Wo] contiguous
+  int64_t Cout;
 };
 
 // cols = bilinear samples (times the mask) of every (channel, tap, output pixel) of the chunk.
@@ -35,6 +42,10 @@ cudaError_t deform_im2col_cuda(const DeformParams& p, cudaStream_t stream);
 cudaError_t deform_col2im_cuda(const DeformParams& p, cudaStream_t stream);
 // grad_offset and grad_mask of the chunk, one thread per (offset group, tap, pixel).
 cudaError_t deform_col2im_coord_cuda(const DeformParams& p, cudaStream_t stream);
+// The whole forward in one kernel, sampling straight into tensor-core tiles: no column buffer.
+// fp16/bf16 on devices of compute capability >= 8.0 with one weight group (see the predicate).
+bool deform_forward_fused_supported(const DeformParams& p, int64_t weight_groups);
+cudaError_t deform_forward_fused_cuda(const DeformParams& p, cudaStream_t stream);
 
 }  // namespace deform
 }  // namespace tokenmix

@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 #include "gnconv_cpu.h"
@@ -17,6 +16,7 @@
 #if defined(TOKENMIX_WITH_CUDA)
 #include "gnconv_params.h"
 #include "tokenmix/cuda_launch.h"
+#include "tokenmix/env.h"
 #endif
 
 namespace tokenmix {
@@ -126,10 +126,7 @@ struct CudaBackend {
   }
 
   static bool cutlass_enabled() {
-    static const bool on = [] {
-      const char* e = std::getenv("TOKENMIX_GNCONV_CUTLASS");
-      return e == nullptr || std::string(e) != "0";
-    }();
+    static const bool on = env_enabled("TOKENMIX_GNCONV_CUTLASS");
     return on;
   }
 
