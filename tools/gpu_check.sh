@@ -9,7 +9,8 @@
 # A lease is short, so the steps run in order of what they prove and each one is cut off at the
 # deadline (SECONDS after the start, default 520): build, plain smoke run, CUDA tests, fp16 bench,
 # gnconv's fp16 bench again without its CUTLASS GEMMs and deform_conv2d's without its fused
-# forward (A/B, tables in bench.log), smoke under
+# forward (A/B, tables in bench.log), per-kernel times of every op (tools/cuda_profile.py, also
+# in bench.log), smoke under
 # compute-sanitizer, fp32 bench, bf16 deform bench, then the CPU tests on this machine's torch.
 #
 # Expects: python3 with torch (CUDA build) and pytest, nvcc, cmake, ninja, scikit-build-core.
@@ -85,6 +86,8 @@ stamp "bench gnconv without CUTLASS: rc $?"
 TOKENMIX_DEFORM_FUSED=0 step "bench deform_conv2d float16, unfused" 45 "$OUT/bench.log" "$PY" -m tokenmix \
   bench deform_conv2d --device cuda --dtype float16 --no-compile --quiet --reps 20
 stamp "bench deform_conv2d unfused: rc $?"
+step "kernel profile float16" 60 "$OUT/bench.log" "$PY" tools/cuda_profile.py --rows 12
+stamp "kernel profile: rc $?"
 
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 90 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
