@@ -8,10 +8,10 @@
 #
 # A lease is short, so the steps run in order of what they prove and each one is cut off at the
 # deadline (SECONDS after the start, default 520): build, plain smoke run, CUDA tests, fp16 bench,
-# gnconv's fp16 bench again without its CUTLASS GEMMs and deform_conv2d's without its fused
-# forward (A/B, tables in bench.log), per-kernel times of every op (tools/cuda_profile.py, also
-# in bench.log), smoke under
-# compute-sanitizer, fp32 bench, bf16 deform bench, then the CPU tests on this machine's torch.
+# smoke under compute-sanitizer, gnconv's fp16 bench again without its CUTLASS GEMMs and
+# deform_conv2d's without its fused forward (A/B), per-kernel times of every op
+# (tools/cuda_profile.py; these three into bench.log), fp32 bench, bf16 deform bench, then the CPU
+# tests on this machine's torch.
 #
 # Expects: python3 with torch (CUDA build) and pytest, nvcc, cmake, ninja, scikit-build-core.
 # Extra build dependencies come as wheels in .whl/ (installed with --no-index); CUTLASS's headers
@@ -80,6 +80,13 @@ bench() {
   stamp "bench $1: rc $?"
 }
 bench float16 120
+
+if command -v compute-sanitizer > /dev/null; then
+  step memcheck 90 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
+    "$PY" tools/cuda_smoke.py
+  stamp "memcheck: $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log" || echo 'no summary'), $(grep -c '^ok' "$OUT/memcheck.log") ok"
+fi
+
 TOKENMIX_GNCONV_CUTLASS=0 step "bench gnconv float16, ATen GEMMs" 45 "$OUT/bench.log" "$PY" -m tokenmix \
   bench gnconv --device cuda --dtype float16 --no-compile --quiet --reps 20
 stamp "bench gnconv without CUTLASS: rc $?"
@@ -88,12 +95,6 @@ TOKENMIX_DEFORM_FUSED=0 step "bench deform_conv2d float16, unfused" 45 "$OUT/ben
 stamp "bench deform_conv2d unfused: rc $?"
 step "kernel profile float16" 60 "$OUT/bench.log" "$PY" tools/cuda_profile.py --rows 12
 stamp "kernel profile: rc $?"
-
-if command -v compute-sanitizer > /dev/null; then
-  step memcheck 90 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
-    "$PY" tools/cuda_smoke.py
-  stamp "memcheck: $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log" || echo 'no summary'), $(grep -c '^ok' "$OUT/memcheck.log") ok"
-fi
 
 bench float32 90
 step "bench deform bfloat16" 60 "$OUT/bench.log" "$PY" -m tokenmix bench deform_conv2d --device cuda \
