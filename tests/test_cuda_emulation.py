@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROGRAMS = ["gnconv_strip_emulation.cpp", "deform_items_emulation.cpp", "deform_fused_emulation.cpp"]
+PROGRAMS = ["gnconv_strip_emulation.cpp", "deform_items_emulation.cpp", "deform_fused_emulation.cpp",
+            "window_index_emulation.cpp"]
 
 
 def _compiler() -> str | None:

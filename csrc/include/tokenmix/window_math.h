@@ -68,5 +68,17 @@ TM_HOST_DEVICE int64_t relative_index(const Geometry& g, int64_t tq, int64_t tk)
   return (dy + g.wh - 1) * (2 * g.ww - 1) + (dx + g.ww - 1);
 }
 
+// relative_index split into per-token terms, so a kernel computes each token's term once and a
+// pair's index is one subtraction: relative_index(g, q, k) ==
+// relative_pos(g, q) - relative_pos(g, k) + relative_offset(g), since the index is linear in
+// (dy, dx). Window-local, so int.
+TM_HOST_DEVICE int relative_pos(const Geometry& g, int t) {
+  const int ww = static_cast<int>(g.ww);
+  return (t / ww) * (2 * ww - 1) + t % ww;
+}
+TM_HOST_DEVICE int relative_offset(const Geometry& g) {
+  return static_cast<int>((g.wh - 1) * (2 * g.ww - 1) + (g.ww - 1));
+}
+
 }  // namespace window
 }  // namespace tokenmix

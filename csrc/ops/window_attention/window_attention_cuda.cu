@@ -15,6 +15,10 @@
 //   The per-warp bias tables are summed in warp order per block, the per-block partials in two
 //   fixed-order levels (chunks of 64 blocks, then the chunks) and the global query's per-window dQ
 //   in window order, by separate kernels: deterministic.
+// Index math inside a window is 32-bit, and a pair's bias-table row is the difference of two
+// per-token terms kept in shared memory (relative_pos): the 64-bit divisions of relative_index,
+// four per score, cost more than the score's 32-term dot product. head_dim 32 (every Swin and
+// GC ViT variant) is a compile-time constant, so the dot products and channel loops unroll.
 // Limits: tokens per window <= 256, head_dim <= 128, shared memory within the device's opt-in
 // limit (checked by the launcher with window_attention_smem_bytes).
 
@@ -46,8 +50,9 @@ struct Smem {
   A *rowP, *rowS;         // [kWarps, T]
   A* tables;              // [kWarps, table] (backward)
   int *ty, *tx, *treg;    // original row/col, Swin region (-1: outside the map)
+  int* tpos;              // relative_pos of each token (window_math.h)
 
-  __device__ Smem(unsigned char* raw, int64_t T, int64_t ld, int64_t table, bool backward) {
+  __device__ Smem(unsigned char* raw, int T, int ld, int table, bool backward) {
     A* a = reinterpret_cast<A*>(raw);
     Qs = a;
     Ks = Qs + T * ld;
@@ -67,7 +72,17 @@ struct Smem {
     ty = reinterpret_cast<int*>(a);
     tx = ty + T;
     treg = tx + T;
+    tpos = treg + T;
   }
+};
+
+// Window-local sizes fit in int (tokens <= 256, head_dim <= 128): 32-bit index math in the inner
+// loops, 64-bit only where global offsets are formed.
+struct Local {
+  int T, d, ld, table, rel0;
+  __device__ explicit Local(const WindowParams& p)
+      : T(static_cast<int>(p.geo.tokens())), d(static_cast<int>(p.d)), ld(static_cast<int>(p.d) + 1),
+        table(static_cast<int>(p.geo.table_size())), rel0(relative_offset(p.geo)) {}
 };
 
 __device__ __forceinline__ int64_t map_offset(const WindowParams& p, int64_t b, int64_t y,
@@ -82,16 +97,17 @@ __device__ __forceinline__ int64_t strided(const Strides4& s, int64_t b, int64_t
 
 // Window tokens' coordinates, then Q (scaled), K, V and optionally dO, into shared memory.
 template <typename T, typename A>
-__device__ void load_window(const WindowParams& p, int64_t b, int64_t win, int64_t h,
+__device__ void load_window(const WindowParams& p, const Local& l, int64_t b, int64_t win, int64_t h,
                             Smem<A>& s) {
   const Geometry& g = p.geo;
-  const int64_t Tn = g.tokens(), d = p.d, ld = d + 1;
-  for (int64_t t = threadIdx.x; t < Tn; t += blockDim.x) {
+  const int Tn = l.T, d = l.d, ld = l.ld;
+  for (int t = threadIdx.x; t < Tn; t += blockDim.x) {
     int64_t sy, sx;
     const bool exists = shifted_coords(g, win, t, &sy, &sx);
     s.ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
     s.tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
     s.treg[t] = exists ? region(g, sy, sx) : -1;
+    s.tpos[t] = relative_pos(g, t);
   }
   __syncthreads();
   const T* q = static_cast<const T*>(p.q);
@@ -99,8 +115,8 @@ __device__ void load_window(const WindowParams& p, int64_t b, int64_t win, int64
   const T* v = static_cast<const T*>(p.v);
   const T* grad = static_cast<const T*>(p.grad);
   const A scale = static_cast<A>(p.scale);
-  for (int64_t e = threadIdx.x; e < Tn * d; e += blockDim.x) {
-    const int64_t t = e / d, c = e - t * d;
+  for (int e = threadIdx.x; e < Tn * d; e += blockDim.x) {
+    const int t = e / d, c = e - t * d;
     const bool exists = s.treg[t] >= 0;
     const int64_t y = s.ty[t], x = s.tx[t];
     A qv = 0, kv = 0, vv = 0, gv = 0;
@@ -120,67 +136,77 @@ __device__ void load_window(const WindowParams& p, int64_t b, int64_t win, int64
   }
 }
 
-// Score of query i and key j (scaled dot product + bias); -inf when j is masked for i.
-template <typename T, typename A>
-__device__ __forceinline__ A score(const WindowParams& p, const Smem<A>& s, int64_t h, int64_t i,
-                                   int64_t j) {
-  if (s.treg[j] != s.treg[i]) return neg_inf<A>();
-  const int64_t ld = p.d + 1;
+// sum_c a[c] b[c] over the head dim: D when known at compile time (unrolled), else d.
+template <typename A, int D>
+__device__ __forceinline__ A dot_rows(const A* a, const A* b, int d) {
   A acc = 0;
-  for (int64_t c = 0; c < p.d; ++c) acc += s.Qs[i * ld + c] * s.Ks[j * ld + c];
-  if (p.bias_table != nullptr) {
-    acc += to_acc(static_cast<const T*>(p.bias_table)[relative_index(p.geo, i, j) * p.heads + h]);
+  if constexpr (D > 0) {
+#pragma unroll
+    for (int c = 0; c < D; ++c) acc += a[c] * b[c];
+  } else {
+    for (int c = 0; c < d; ++c) acc += a[c] * b[c];
   }
   return acc;
 }
 
-template <typename A>
-__device__ __forceinline__ A dot_rows(const A* a, const A* b, int64_t d) {
-  A acc = 0;
-  for (int64_t c = 0; c < d; ++c) acc += a[c] * b[c];
+// Score of query i and key j (scaled dot product + bias); -inf when j is masked for i.
+template <typename T, typename A, int D>
+__device__ __forceinline__ A score(const WindowParams& p, const Local& l, const Smem<A>& s, int64_t h,
+                                   int i, int j) {
+  if (s.treg[j] != s.treg[i]) return neg_inf<A>();
+  A acc = dot_rows<A, D>(s.Qs + i * l.ld, s.Ks + j * l.ld, l.d);
+  if (p.bias_table != nullptr) {
+    const int rel = s.tpos[i] - s.tpos[j] + l.rel0;
+    acc += to_acc(static_cast<const T*>(p.bias_table)[rel * p.heads + h]);
+  }
   return acc;
 }
 
-// out[c] = sum_j w[j] * M[j * ld + c] for the lane's channels c = lane + 32 u.
-template <typename A>
-__device__ __forceinline__ void weighted_rows(const A* w, const A* M, int64_t Tn, int64_t ld,
-                                              int64_t d, int lane, A (&out)[kChansPerLane]) {
+// Channels per lane that can hold a head-dim channel: all kChansPerLane unless D says fewer.
+template <int D>
+constexpr int kLaneChans = D > 0 ? (D + kWarp - 1) / kWarp : static_cast<int>(kChansPerLane);
+
+// out[u] = sum_j w[j] * M[j * ld + c] for the lane's channels c = lane + 32 u.
+template <typename A, int D>
+__device__ __forceinline__ void weighted_rows(const A* w, const A* M, const Local& l, int lane,
+                                              A (&out)[kChansPerLane]) {
 #pragma unroll
   for (int u = 0; u < kChansPerLane; ++u) out[u] = 0;
-  for (int64_t j = 0; j < Tn; ++j) {
+  for (int j = 0; j < l.T; ++j) {
     const A wj = w[j];
 #pragma unroll
-    for (int u = 0; u < kChansPerLane; ++u) {
-      const int64_t c = lane + kWarp * u;
-      if (c < d) out[u] += wj * M[j * ld + c];
+    for (int u = 0; u < kLaneChans<D>; ++u) {
+      const int c = lane + kWarp * u;
+      if (c < l.d) out[u] += wj * M[j * l.ld + c];
     }
   }
 }
 
-template <typename T>
+template <typename T, int D>
 __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Geometry& g = p.geo;
-  const int64_t Tn = g.tokens(), d = p.d, nW = g.windows();
-  Smem<A> s(smem_raw, Tn, d + 1, g.table_size(), false);
+  const Local l(p);
+  const int Tn = l.T;
+  const int64_t nW = p.geo.windows();
+  Smem<A> s(smem_raw, Tn, l.ld, l.table, false);
   const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
   const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
-  load_window<T, A>(p, b, win, h, s);
+  load_window<T, A>(p, l, b, win, h, s);
   __syncthreads();
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   A* row = s.rowP + warp * Tn;
   T* out = static_cast<T*>(p.out);
   A* lse = static_cast<A*>(p.lse);
-  for (int64_t i = warp; i < Tn; i += kWarps) {
+  for (int i = warp; i < Tn; i += kWarps) {
     if (s.treg[i] < 0) continue;
     A sc[kKeysPerLane];
     A m = neg_inf<A>();
 #pragma unroll
     for (int u = 0; u < kKeysPerLane; ++u) {
-      const int64_t j = lane + kWarp * u;
-      sc[u] = j < Tn ? score<T, A>(p, s, h, i, j) : neg_inf<A>();
+      const int j = lane + kWarp * u;
+      sc[u] = j < Tn ? score<T, A, D>(p, l, s, h, i, j) : neg_inf<A>();
       m = max_nan(m, sc[u]);
     }
     m = warp_max(m);
@@ -193,38 +219,39 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
     sum = warp_sum(sum);
 #pragma unroll
     for (int u = 0; u < kKeysPerLane; ++u) {
-      const int64_t j = lane + kWarp * u;
+      const int j = lane + kWarp * u;
       if (j < Tn) row[j] = sc[u] / sum;
     }
     __syncwarp();
     A o[kChansPerLane];
-    weighted_rows(row, s.Vs, Tn, d + 1, d, lane, o);
+    weighted_rows<A, D>(row, s.Vs, l, lane, o);
     const int64_t base = map_offset(p, b, s.ty[i], s.tx[i], h);
 #pragma unroll
-    for (int u = 0; u < kChansPerLane; ++u) {
-      const int64_t c = lane + kWarp * u;
-      if (c < d) out[base + c] = from_acc<T>(o[u]);
+    for (int u = 0; u < kLaneChans<D>; ++u) {
+      const int c = lane + kWarp * u;
+      if (c < l.d) out[base + c] = from_acc<T>(o[u]);
     }
     if (lane == 0 && lse != nullptr) lse[((b * nW + win) * Tn + i) * p.heads + h] = m + acc_log(sum);
     __syncwarp();
   }
 }
 
-template <typename T>
+template <typename T, int D>
 __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Geometry& g = p.geo;
-  const int64_t Tn = g.tokens(), d = p.d, ld = d + 1, nW = g.windows(), table = g.table_size();
+  const Local l(p);
+  const int Tn = l.T, ld = l.ld, table = l.table;
+  const int64_t nW = p.geo.windows();
   Smem<A> s(smem_raw, Tn, ld, table, true);
   const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
   const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
   const A* lse = static_cast<const A*>(p.lse);
-  for (int64_t e = threadIdx.x; e < kWarps * table; e += blockDim.x) s.tables[e] = 0;
-  for (int64_t t = threadIdx.x; t < Tn; t += blockDim.x) {
+  for (int e = threadIdx.x; e < kWarps * table; e += blockDim.x) s.tables[e] = 0;
+  for (int t = threadIdx.x; t < Tn; t += blockDim.x) {
     s.lse[t] = lse[((b * nW + win) * Tn + t) * p.heads + h];
   }
-  load_window<T, A>(p, b, win, h, s);
+  load_window<T, A>(p, l, b, win, h, s);
   __syncthreads();
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -238,42 +265,42 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   A* dq_partial = static_cast<A*>(p.dq_partial);
 
   // Phase 1: query rows.
-  for (int64_t i = warp; i < Tn; i += kWarps) {
+  for (int i = warp; i < Tn; i += kWarps) {
     if (s.treg[i] < 0) continue;
     A pr[kKeysPerLane], dp[kKeysPerLane];
     A dsum = 0;
 #pragma unroll
     for (int u = 0; u < kKeysPerLane; ++u) {
-      const int64_t j = lane + kWarp * u;
+      const int j = lane + kWarp * u;
       pr[u] = 0;
       dp[u] = 0;
       if (j < Tn) {
-        pr[u] = acc_exp(score<T, A>(p, s, h, i, j) - s.lse[i]);
-        dp[u] = dot_rows(s.dOs + i * ld, s.Vs + j * ld, d);
+        pr[u] = acc_exp(score<T, A, D>(p, l, s, h, i, j) - s.lse[i]);
+        dp[u] = dot_rows<A, D>(s.dOs + i * ld, s.Vs + j * ld, l.d);
         dsum += pr[u] * dp[u];
       }
     }
-    const A D = warp_sum(dsum);
-    if (lane == 0) s.D[i] = D;
+    const A D_i = warp_sum(dsum);
+    if (lane == 0) s.D[i] = D_i;
 #pragma unroll
     for (int u = 0; u < kKeysPerLane; ++u) {
-      const int64_t j = lane + kWarp * u;
+      const int j = lane + kWarp * u;
       if (j < Tn) {
-        const A ds = pr[u] * (dp[u] - D);
+        const A ds = pr[u] * (dp[u] - D_i);
         rowS[j] = ds;
         // Distinct keys of one row have distinct relative positions: no two lanes collide.
-        tab[relative_index(g, i, j)] += ds;
+        tab[s.tpos[i] - s.tpos[j] + l.rel0] += ds;
       }
     }
     __syncwarp();
     A o[kChansPerLane];
-    weighted_rows(rowS, s.Ks, Tn, ld, d, lane, o);
+    weighted_rows<A, D>(rowS, s.Ks, l, lane, o);
 #pragma unroll
-    for (int u = 0; u < kChansPerLane; ++u) {
-      const int64_t c = lane + kWarp * u;
-      if (c >= d) continue;
+    for (int u = 0; u < kLaneChans<D>; ++u) {
+      const int c = lane + kWarp * u;
+      if (c >= l.d) continue;
       if (p.global_q) {
-        dq_partial[(((b * nW + win) * Tn + i) * p.heads + h) * d + c] = o[u] * scale;
+        dq_partial[(((b * nW + win) * Tn + i) * p.heads + h) * p.d + c] = o[u] * scale;
       } else {
         dq[map_offset(p, b, s.ty[i], s.tx[i], h) + c] = from_acc<T>(o[u] * scale);
       }
@@ -283,29 +310,29 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   __syncthreads();
 
   // Phase 2: key rows.
-  for (int64_t j = warp; j < Tn; j += kWarps) {
+  for (int j = warp; j < Tn; j += kWarps) {
     if (s.treg[j] < 0) continue;
 #pragma unroll
     for (int u = 0; u < kKeysPerLane; ++u) {
-      const int64_t i = lane + kWarp * u;
+      const int i = lane + kWarp * u;
       if (i >= Tn) continue;
       A pij = 0, dsij = 0;
       if (s.treg[i] == s.treg[j]) {
-        pij = acc_exp(score<T, A>(p, s, h, i, j) - s.lse[i]);
-        dsij = pij * (dot_rows(s.dOs + i * ld, s.Vs + j * ld, d) - s.D[i]);
+        pij = acc_exp(score<T, A, D>(p, l, s, h, i, j) - s.lse[i]);
+        dsij = pij * (dot_rows<A, D>(s.dOs + i * ld, s.Vs + j * ld, l.d) - s.D[i]);
       }
       rowP[i] = pij;
       rowS[i] = dsij;
     }
     __syncwarp();
     A gv[kChansPerLane], gk[kChansPerLane];
-    weighted_rows(rowP, s.dOs, Tn, ld, d, lane, gv);
-    weighted_rows(rowS, s.Qs, Tn, ld, d, lane, gk);
+    weighted_rows<A, D>(rowP, s.dOs, l, lane, gv);
+    weighted_rows<A, D>(rowS, s.Qs, l, lane, gk);
     const int64_t base = map_offset(p, b, s.ty[j], s.tx[j], h);
 #pragma unroll
-    for (int u = 0; u < kChansPerLane; ++u) {
-      const int64_t c = lane + kWarp * u;
-      if (c < d) {
+    for (int u = 0; u < kLaneChans<D>; ++u) {
+      const int c = lane + kWarp * u;
+      if (c < l.d) {
         dv[base + c] = from_acc<T>(gv[u]);
         dk[base + c] = from_acc<T>(gk[u]);
       }
@@ -316,7 +343,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   if (p.dbias_partial != nullptr) {
     __syncthreads();
     A* part = static_cast<A*>(p.dbias_partial) + task * table;
-    for (int64_t r = threadIdx.x; r < table; r += blockDim.x) {
+    for (int r = threadIdx.x; r < table; r += blockDim.x) {
       A sum = 0;
       for (int w = 0; w < kWarps; ++w) sum += s.tables[w * table + r];
       part[r] = sum;
@@ -389,7 +416,7 @@ int64_t window_attention_smem_bytes(const WindowParams& p, bool backward) {
   const int64_t T = p.geo.tokens(), ld = p.d + 1;
   int64_t acc_elems = 3 * T * ld + 2 * kWarps * T;
   if (backward) acc_elems += T * ld + 2 * T + kWarps * p.geo.table_size();
-  return acc_elems * acc_bytes(p.dtype) + 3 * T * static_cast<int64_t>(sizeof(int));
+  return acc_elems * acc_bytes(p.dtype) + 4 * T * static_cast<int64_t>(sizeof(int));
 }
 
 cudaError_t window_attention_forward_cuda(const WindowParams& p, cudaStream_t stream) {
@@ -397,7 +424,7 @@ cudaError_t window_attention_forward_cuda(const WindowParams& p, cudaStream_t st
   cudaError_t err = cudaSuccess;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    err = launch(forward_kernel<T>, p, smem, stream);
+    err = p.d == 32 ? launch(forward_kernel<T, 32>, p, smem, stream) : launch(forward_kernel<T, 0>, p, smem, stream);
   });
   return err;
 }
@@ -407,7 +434,7 @@ cudaError_t window_attention_backward_cuda(const WindowParams& p, cudaStream_t s
   cudaError_t err = cudaSuccess;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    err = launch(backward_kernel<T>, p, smem, stream);
+    err = p.d == 32 ? launch(backward_kernel<T, 32>, p, smem, stream) : launch(backward_kernel<T, 0>, p, smem, stream);
     if (err != cudaSuccess) return;
     if (p.dbias_partial != nullptr) {
       const int64_t n = p.geo.table_size() * p.heads;
