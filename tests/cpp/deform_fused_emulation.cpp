@@ -1,9 +1,9 @@
 // Runs deform_conv2d's fused CUDA forward (fused_forward_kernel) on the host, block by block and
-// thread by thread in the kernel's order, with ImplicitGemm's tiling, tap-major columns and
-// output indexing from deform_math.h: each thread samples its run of A columns (recomputing the
-// position only when the tap or offset group changes), the block stages its slice of the
-// reordered weight, the tile product stands in for the tensor cores, and the epilogue writes the
-// output. Compares with a direct deformable convolution and checks that every output element is
+// thread by thread in the kernel's order, with ImplicitGemm's tiling, tap-major columns,
+// ColumnWalk and output indexing from deform_math.h: each thread samples its run of A columns
+// (reusing the sample position where ColumnWalk says it has not changed), the block stages its
+// slice of the reordered weight, the tile product stands in for the tensor cores, and the
+// epilogue writes the output. Compares with a direct deformable convolution and checks that every output element is
 // written exactly once. Exit status 0 on success.
 #include <cmath>
 #include <cstdio>
@@ -45,21 +45,32 @@ Problem make(const Case& c, std::mt19937& rng) {
   return p;
 }
 
-// Masked bilinear sample of channel c at tap `tap` of output pixel pix in image b.
-double sample(const Problem& p, int64_t b, int64_t c, int64_t tap, int64_t pix) {
+// Where tap `tap` of offset group go samples for output pixel pix of image b, and its mask.
+struct Position {
+  df::Corners<double> cn;
+  double m;
+};
+Position position(const Problem& p, int64_t b, int64_t go, int64_t tap, int64_t pix) {
   const df::Geometry& g = p.g;
-  const int64_t P = g.Ho * g.Wo, go = c / (p.c.Cin / p.c.G);
+  const int64_t P = g.Ho * g.Wo;
   const int64_t ch = df::offset_channel(p.c.G, g.taps(), b, go, tap);
   const double y = static_cast<double>(g.base_y(pix / g.Wo, tap)) + p.offset[(2 * ch) * P + pix];
   const double x = static_cast<double>(g.base_x(pix % g.Wo, tap)) + p.offset[(2 * ch + 1) * P + pix];
-  const double m = p.c.mask ? p.mask[ch * P + pix] : 1.0;
-  const df::Corners<double> cn = df::corners(y, x, g.H, g.W, true);
-  const double* plane = p.input.data() + (b * p.c.Cin + c) * g.H * g.W;
+  return {df::corners(y, x, g.H, g.W, true), p.c.mask ? p.mask[ch * P + pix] : 1.0};
+}
+
+// Masked bilinear sample of channel c of image b at a position.
+double sample_at(const Problem& p, int64_t b, int64_t c, const Position& at) {
+  const double* plane = p.input.data() + (b * p.c.Cin + c) * p.g.H * p.g.W;
   double v = 0;
   for (int k = 0; k < 4; ++k) {
-    if (cn.valid[k]) v += cn.w[k] * plane[cn.idx[k]];
+    if (at.cn.valid[k]) v += at.cn.w[k] * plane[at.cn.idx[k]];
   }
-  return v * m;
+  return v * at.m;
+}
+
+double sample(const Problem& p, int64_t b, int64_t c, int64_t tap, int64_t pix) {
+  return sample_at(p, b, c, position(p, b, c / (p.c.Cin / p.c.G), tap, pix));
 }
 
 // Direct definition: out[b, n, pix] = bias[n] + sum_{c, tap} W[n, c, tap] * sample(b, c, tap, pix).
@@ -100,13 +111,18 @@ std::vector<double> fused(const Problem& p, std::vector<int>& writes) {
           const int64_t m = m0 + a_row;
           const bool row_ok = m < ig.M;
           const int64_t b = row_ok ? ig.image(m) : 0, pix = row_ok ? ig.pixel(m) : 0;
-          for (int r = 0; r < IG::kRun; ++r) {
-            const int64_t k = k0 + a_col + r;
+          df::ColumnWalk col(k0 + a_col, p.c.Cin, Cg);
+          Position at{};
+          for (int r = 0; r < IG::kRun; ++r, col.next()) {
             double v = 0;
-            if (row_ok && k < ig.K) {
-              const int64_t tap = ig.tap(k), c = ig.channel(k);
-              if (c / Cg >= p.c.G) return {};
-              v = sample(p, b, c, tap, pix);
+            if (row_ok && col.k < ig.K) {
+              // The walk must agree with the direct decomposition of k.
+              if (col.tap != ig.tap(col.k) || col.c != ig.channel(col.k) || col.go != col.c / Cg ||
+                  col.go >= p.c.G) {
+                return {};
+              }
+              if (col.fresh) at = position(p, b, col.go, col.tap, pix);
+              v = sample_at(p, b, col.c, at);
             }
             As[(a_col + r) * IG::BM + a_row] = v;
             ++filled[(a_col + r) * IG::BM + a_row];

@@ -163,22 +163,19 @@ __global__ void __launch_bounds__(ImplicitGemm::kThreads, 2) fused_forward_kerne
 
   for (int64_t k0 = 0; k0 < ig.K; k0 += IG::BK) {
     // A: kRun samples; the position is recomputed only when the tap or offset group changes.
-    int64_t cached = -1;
+    ColumnWalk col(k0 + a_col, p.Cin, Cg);
     Corners<A> cn{};
     A mod = 0;
 #pragma unroll
-    for (int r = 0; r < IG::kRun; ++r) {
-      const int64_t k = k0 + a_col + r;
+    for (int r = 0; r < IG::kRun; ++r, col.next()) {
       T v = from_acc<T>(0.0f);
-      if (row_ok && k < ig.K) {
-        const int64_t tap = ig.tap(k), c = ig.channel(k), go = c / Cg, key = tap * p.G + go;
-        if (key != cached) {
+      if (row_ok && col.k < ig.K) {
+        if (col.fresh) {
           A y, x;
-          position<T, A>(p, b, go, tap, pix, &y, &x, &mod);
+          position<T, A>(p, b, col.go, col.tap, pix, &y, &x, &mod);
           cn = corners(y, x, g.H, g.W, true);
-          cached = key;
         }
-        v = sample(input + (b * p.Cin + c) * HW, cn, mod);
+        v = sample(input + (b * p.Cin + col.c) * HW, cn, mod);
       }
       As[(a_col + r) * kLdA + a_row] = v;
     }
