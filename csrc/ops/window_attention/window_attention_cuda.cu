@@ -18,7 +18,8 @@
 // Index math inside a window is 32-bit, and a pair's bias-table row is the difference of two
 // per-token terms kept in shared memory (relative_pos): the 64-bit divisions of relative_index,
 // four per score, cost more than the score's 32-term dot product. head_dim 32 (every Swin and
-// GC ViT variant) is a compile-time constant, so the dot products and channel loops unroll.
+// GC ViT variant) is a compile-time constant, so the dot products and channel loops unroll, and
+// windows of up to 64 tokens keep 2 scores per lane instead of 8.
 // Limits: tokens per window <= 256, head_dim <= 128, shared memory within the device's opt-in
 // limit (checked by the launcher with window_attention_smem_bytes).
 
@@ -182,7 +183,7 @@ __device__ __forceinline__ void weighted_rows(const A* w, const A* M, const Loca
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int KEYS>
 __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -201,10 +202,10 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
   A* lse = static_cast<A*>(p.lse);
   for (int i = warp; i < Tn; i += kWarps) {
     if (s.treg[i] < 0) continue;
-    A sc[kKeysPerLane];
+    A sc[KEYS];
     A m = neg_inf<A>();
 #pragma unroll
-    for (int u = 0; u < kKeysPerLane; ++u) {
+    for (int u = 0; u < KEYS; ++u) {
       const int j = lane + kWarp * u;
       sc[u] = j < Tn ? score<T, A, D>(p, l, s, h, i, j) : neg_inf<A>();
       m = max_nan(m, sc[u]);
@@ -212,13 +213,13 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
     m = warp_max(m);
     A sum = 0;
 #pragma unroll
-    for (int u = 0; u < kKeysPerLane; ++u) {
+    for (int u = 0; u < KEYS; ++u) {
       sc[u] = acc_exp(sc[u] - m);
       sum += sc[u];
     }
     sum = warp_sum(sum);
 #pragma unroll
-    for (int u = 0; u < kKeysPerLane; ++u) {
+    for (int u = 0; u < KEYS; ++u) {
       const int j = lane + kWarp * u;
       if (j < Tn) row[j] = sc[u] / sum;
     }
@@ -236,7 +237,7 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int KEYS>
 __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -267,10 +268,10 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   // Phase 1: query rows.
   for (int i = warp; i < Tn; i += kWarps) {
     if (s.treg[i] < 0) continue;
-    A pr[kKeysPerLane], dp[kKeysPerLane];
+    A pr[KEYS], dp[KEYS];
     A dsum = 0;
 #pragma unroll
-    for (int u = 0; u < kKeysPerLane; ++u) {
+    for (int u = 0; u < KEYS; ++u) {
       const int j = lane + kWarp * u;
       pr[u] = 0;
       dp[u] = 0;
@@ -283,7 +284,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
     const A D_i = warp_sum(dsum);
     if (lane == 0) s.D[i] = D_i;
 #pragma unroll
-    for (int u = 0; u < kKeysPerLane; ++u) {
+    for (int u = 0; u < KEYS; ++u) {
       const int j = lane + kWarp * u;
       if (j < Tn) {
         const A ds = pr[u] * (dp[u] - D_i);
@@ -313,7 +314,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   for (int j = warp; j < Tn; j += kWarps) {
     if (s.treg[j] < 0) continue;
 #pragma unroll
-    for (int u = 0; u < kKeysPerLane; ++u) {
+    for (int u = 0; u < KEYS; ++u) {
       const int i = lane + kWarp * u;
       if (i >= Tn) continue;
       A pij = 0, dsij = 0;
@@ -400,6 +401,15 @@ __global__ void dq_reduce_kernel(WindowParams p) {
   }
 }
 
+// The instantiation for this problem: head_dim 32 unrolled, and windows of up to 64 tokens (7x7,
+// 8x8) with 2 keys per lane instead of kKeysPerLane, which would leave most of a row's score
+// registers, and their exponentials, unused.
+using KernelFn = void (*)(WindowParams);
+KernelFn pick(KernelFn d32_small, KernelFn d32, KernelFn generic, const WindowParams& p) {
+  if (p.d != 32) return generic;
+  return p.geo.tokens() <= 2 * kWarp ? d32_small : d32;
+}
+
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, const WindowParams& p, int64_t smem, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -424,7 +434,8 @@ cudaError_t window_attention_forward_cuda(const WindowParams& p, cudaStream_t st
   cudaError_t err = cudaSuccess;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    err = p.d == 32 ? launch(forward_kernel<T, 32>, p, smem, stream) : launch(forward_kernel<T, 0>, p, smem, stream);
+    err = launch(pick(forward_kernel<T, 32, 2>, forward_kernel<T, 32, kKeysPerLane>,
+                      forward_kernel<T, 0, kKeysPerLane>, p), p, smem, stream);
   });
   return err;
 }
@@ -434,7 +445,8 @@ cudaError_t window_attention_backward_cuda(const WindowParams& p, cudaStream_t s
   cudaError_t err = cudaSuccess;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    err = p.d == 32 ? launch(backward_kernel<T, 32>, p, smem, stream) : launch(backward_kernel<T, 0>, p, smem, stream);
+    err = launch(pick(backward_kernel<T, 32, 2>, backward_kernel<T, 32, kKeysPerLane>,
+                      backward_kernel<T, 0, kKeysPerLane>, p), p, smem, stream);
     if (err != cudaSuccess) return;
     if (p.dbias_partial != nullptr) {
       const int64_t n = p.geo.table_size() * p.heads;
