@@ -44,6 +44,7 @@ CASES = [
     (2, 16, 16, 2, 8, 8, 4),
     (2, 12, 18, 2, 8, (4, 6), (2, 3)),  # rectangular window and shift
     (1, 24, 24, 1, 8, 12, 6),
+    (1, 24, 24, 1, 32, 12, 6),       # head_dim 32 in a window of more than 64 tokens
     (1, 28, 14, 2, 8, 14, 0),
     (2, 13, 17, 2, 8, 7, 0),         # partial border windows
 ]
