@@ -14,7 +14,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1
-CUTLASS ?= nvidia-cutlass>=4.0,<5
+CUTLASS ?= nvidia-cutlass==4.2.0.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tokenmix-deps

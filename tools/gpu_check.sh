@@ -16,7 +16,7 @@
 # Expects: python3 with torch (CUDA build) and pytest, nvcc, cmake, ninja, scikit-build-core.
 # Extra build dependencies come as wheels in .whl/ (installed with --no-index); CUTLASS's headers
 # are one of them where the machine has no nvidia-cutlass:
-#   pip download --no-deps -d .whl "nvidia-cutlass>=4.0,<5"
+#   pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0
 # Exit status: 0 when every step that ran succeeded and none was skipped for lack of time.
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR [SECONDS]}
