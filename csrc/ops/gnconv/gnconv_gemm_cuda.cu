@@ -150,27 +150,29 @@ cudaError_t launch(typename Gemm::Arguments const& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename Element>
-cudaError_t run_forward(const GatedGemmParams& p, cudaStream_t stream) {
-  using Gemm = GatedGemm<Element, GateMode::kForward>;
-  typename Gemm::Arguments args(
-      cutlass::gemm::GemmUniversalMode::kGemm,
-      {static_cast<int>(p.M), static_cast<int>(p.N), static_cast<int>(p.K)}, 1,
-      typename Gemm::EpilogueOutputOp::Params(p.scale), p.a, p.w, p.gate, p.z,
-      const_cast<void*>(p.bias), p.t, 0, 0, 0, 0, 0, 0, p.lda, p.ldw, p.ld_gate, p.ld_z, 0,
-      p.t != nullptr ? p.ld_t : p.ld_z);
-  return launch<Gemm>(args, stream);
+// The broadcast-epilogue GEMM's arguments: one batch, no batch strides, the bias vector (ldr 0:
+// the same row for every tile row). The single-source form (kForward) takes the gate as its C;
+// the two-source form (kBackward) takes the gate and `pre` as C1 and C2.
+template <typename Element, GateMode kMode>
+typename GatedGemm<Element, kMode>::Arguments arguments(const GatedGemmParams& p) {
+  using Gemm = GatedGemm<Element, kMode>;
+  const cutlass::gemm::GemmCoord size(static_cast<int>(p.M), static_cast<int>(p.N), static_cast<int>(p.K));
+  const typename Gemm::EpilogueOutputOp::Params epilogue(p.scale);
+  const auto mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  void* bias = const_cast<void*>(p.bias);
+  const int64_t ld_t = p.t != nullptr ? p.ld_t : p.ld_z;
+  if constexpr (kMode == GateMode::kForward) {
+    return {mode, size, 1, epilogue, p.a, p.w, p.gate, p.z, bias, p.t,
+            0, 0, 0, 0, 0, 0, p.lda, p.ldw, p.ld_gate, p.ld_z, 0, ld_t};
+  } else {
+    return {mode, size, 1, epilogue, p.a, p.w, p.gate, p.pre, p.z, bias, p.t,
+            0, 0, 0, 0, 0, 0, 0, p.lda, p.ldw, p.ld_gate, p.ld_pre, p.ld_z, 0, ld_t};
+  }
 }
 
-template <typename Element>
-cudaError_t run_backward(const GatedGemmParams& p, cudaStream_t stream) {
-  using Gemm = GatedGemm<Element, GateMode::kBackward>;
-  typename Gemm::Arguments args(
-      cutlass::gemm::GemmUniversalMode::kGemm,
-      {static_cast<int>(p.M), static_cast<int>(p.N), static_cast<int>(p.K)}, 1,
-      typename Gemm::EpilogueOutputOp::Params(p.scale), p.a, p.w, p.gate, p.pre, p.z, nullptr,
-      p.t, 0, 0, 0, 0, 0, 0, 0, p.lda, p.ldw, p.ld_gate, p.ld_pre, p.ld_z, 0, p.ld_t);
-  return launch<Gemm>(args, stream);
+template <typename Element, GateMode kMode>
+cudaError_t run(const GatedGemmParams& p, cudaStream_t stream) {
+  return launch<GatedGemm<Element, kMode>>(arguments<Element, kMode>(p), stream);
 }
 
 bool aligned(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -200,9 +202,11 @@ cudaError_t gnconv_gated_gemm_cuda(const GatedGemmParams& p, cudaStream_t stream
   if (!gnconv_gated_gemm_supported(p)) return cudaErrorInvalidValue;
   const bool half = p.dtype == DType::Float16;
   if (p.mode == GateMode::kForward) {
-    return half ? run_forward<cutlass::half_t>(p, stream) : run_forward<cutlass::bfloat16_t>(p, stream);
+    return half ? run<cutlass::half_t, GateMode::kForward>(p, stream)
+                : run<cutlass::bfloat16_t, GateMode::kForward>(p, stream);
   }
-  return half ? run_backward<cutlass::half_t>(p, stream) : run_backward<cutlass::bfloat16_t>(p, stream);
+  return half ? run<cutlass::half_t, GateMode::kBackward>(p, stream)
+              : run<cutlass::bfloat16_t, GateMode::kBackward>(p, stream);
 }
 
 #else  // built without CUTLASS: the launcher always takes the GEMM + elementwise path
