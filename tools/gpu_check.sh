@@ -94,6 +94,8 @@ TOKENMIX_DEFORM_FUSED=0 step "bench deform_conv2d float16, unfused" 45 "$OUT/ben
   bench deform_conv2d --device cuda --dtype float16 --no-compile --quiet --reps 20
 stamp "bench deform_conv2d unfused: rc $?"
 step "kernel profile float16" 60 "$OUT/bench.log" "$PY" tools/cuda_profile.py --rows 12
+step "model profile float16" 45 "$OUT/bench.log" "$PY" tools/cuda_profile.py "swin_tiny (model)" \
+  --models --eager --rows 15
 stamp "kernel profile: rc $?"
 
 bench float32 90
