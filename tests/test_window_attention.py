@@ -45,6 +45,10 @@ CASES = [
     (2, 12, 18, 2, 8, (4, 6), (2, 3)),  # rectangular window and shift
     (1, 24, 24, 1, 8, 12, 6),
     (1, 24, 24, 1, 32, 12, 6),       # head_dim 32 in a window of more than 64 tokens
+    # head_dim 32 in windows of <= 64 tokens: the CUDA tensor-core forward, shifted and partial
+    (2, 14, 14, 2, 32, 7, 3),
+    (2, 13, 17, 2, 32, 7, 0),
+    (1, 16, 16, 2, 32, 8, 4),
     (1, 28, 14, 2, 8, 14, 0),
     (2, 13, 17, 2, 8, 7, 0),         # partial border windows
 ]
@@ -57,9 +61,9 @@ def test_window_attention(device, dtype, B, H, W, heads, d, window, shift):
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
-@pytest.mark.parametrize("B,H,W", [(1, 14, 14), (3, 14, 21)])
-def test_global_query(device, dtype, B, H, W):
-    run_case(device, dtype, B, H, W, 2, 16, 7, 0, global_q=True)
+@pytest.mark.parametrize("B,H,W,d", [(1, 14, 14, 16), (3, 14, 21, 16), (2, 13, 11, 32)])
+def test_global_query(device, dtype, B, H, W, d):
+    run_case(device, dtype, B, H, W, 2, d, 7, 0, global_q=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -30,6 +30,15 @@ def cases():
         q, k, v, window_size=(4, 6)), [q[:, :13, :11], k[:, :13, :11], v[:, :13, :11]]
     yield "window_attention global q", lambda q, k, v, t: tm.window_attention(
         q, k, v, window_size=7, bias_table=t), [r(2, 7, 7, 2, 16), k, v, r(169, 2)]
+    # head_dim 32, <= 64 tokens: fp16/bf16 forwards run on tensor cores.
+    yield "window_attention d32 shifted", lambda q, k, v, t: tm.window_attention(
+        q, k, v, window_size=7, shift_size=3, bias_table=t), [
+        r(2, 14, 14, 2, 32), r(2, 14, 14, 2, 32), r(2, 14, 14, 2, 32), r(169, 2)]
+    k32, v32 = r(2, 13, 11, 2, 32), r(2, 13, 11, 2, 32)
+    yield "window_attention d32 partial", lambda q, k, v: tm.window_attention(
+        q, k, v, window_size=7), [r(2, 13, 11, 2, 32), k32, v32]
+    yield "window_attention d32 global q", lambda q, k, v, t: tm.window_attention(
+        q, k, v, window_size=7, bias_table=t), [r(2, 7, 7, 2, 32), k32, v32, r(169, 2)]
     off = 2 * r(2, 2 * 2 * 9, 6, 6)
     yield "deform_conv2d", lambda a, o, w, b, m: tm.deform_conv2d(a, o, w, b, padding=1, mask=m), [
         r(2, 4, 6, 6), off, r(4, 4, 3, 3), r(4), torch.rand(2, 2 * 9, 6, 6, generator=g)]

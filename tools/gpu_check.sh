@@ -8,8 +8,8 @@
 #
 # A lease is short, so the steps run in order of what they prove and each one is cut off at the
 # deadline (SECONDS after the start, default 520): build, plain smoke run, CUDA tests, fp16 bench,
-# smoke under compute-sanitizer, gnconv's fp16 bench again without its CUTLASS GEMMs and
-# deform_conv2d's without its fused forward (A/B), per-kernel times of every op
+# smoke under compute-sanitizer, the fp16 bench of gnconv, deform_conv2d and window_attention
+# again with their new fused paths off (A/B), per-kernel times of every op and of swin_tiny
 # (tools/cuda_profile.py; these three into bench.log), fp32 bench, bf16 deform bench, then the CPU
 # tests on this machine's torch.
 #
@@ -87,12 +87,11 @@ if command -v compute-sanitizer > /dev/null; then
   stamp "memcheck: $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log" || echo 'no summary'), $(grep -c '^ok' "$OUT/memcheck.log") ok"
 fi
 
-TOKENMIX_GNCONV_CUTLASS=0 step "bench gnconv float16, ATen GEMMs" 45 "$OUT/bench.log" "$PY" -m tokenmix \
-  bench gnconv --device cuda --dtype float16 --no-compile --quiet --reps 20
-stamp "bench gnconv without CUTLASS: rc $?"
-TOKENMIX_DEFORM_FUSED=0 step "bench deform_conv2d float16, unfused" 45 "$OUT/bench.log" "$PY" -m tokenmix \
-  bench deform_conv2d --device cuda --dtype float16 --no-compile --quiet --reps 20
-stamp "bench deform_conv2d unfused: rc $?"
+# A/B: the same fp16 cases with the new fused paths switched off (the table lands in bench.log).
+TOKENMIX_GNCONV_CUTLASS=0 TOKENMIX_DEFORM_FUSED=0 TOKENMIX_WINDOW_TENSOR_CORES=0 \
+  step "bench float16, fused paths off" 100 "$OUT/bench.log" "$PY" -m tokenmix bench gnconv \
+  deform_conv2d window_attention --device cuda --dtype float16 --no-compile --quiet --reps 20
+stamp "bench with fused paths off: rc $?"
 step "kernel profile float16" 60 "$OUT/bench.log" "$PY" tools/cuda_profile.py --rows 12
 step "model profile float16" 45 "$OUT/bench.log" "$PY" tools/cuda_profile.py "swin_tiny (model)" \
   --models --eager --rows 15

@@ -15,6 +15,7 @@
 
 #if defined(TOKENMIX_WITH_CUDA)
 #include "tokenmix/cuda_launch.h"
+#include "tokenmix/env.h"
 #include "window_attention_params.h"
 #endif
 
@@ -114,6 +115,8 @@ struct CudaBackend {
     w.scale = p.scale;
     w.global_q = p.global_q;
     w.dtype = to_dtype(p.k.scalar_type());
+    static const bool tensor_cores = env_enabled("TOKENMIX_WINDOW_TENSOR_CORES");
+    w.tensor_cores = tensor_cores;
     return w;
   }
   // The kernels keep a window in shared memory and a query row in one warp's registers.

@@ -8,7 +8,8 @@
 // reductions, and nothing of size T x T reaches global memory.
 //
 // Forward: a warp per query row: scores + bias + region mask, softmax, P V; saves the row's
-//   log-sum-exp.
+//   log-sum-exp. fp16/bf16 with head_dim 32 and windows of <= 64 tokens take forward_tc_kernel
+//   instead (tensor cores; see its banner).
 // Backward: phase 1, a warp per query row: P from the saved log-sum-exp, dP = dO V^T,
 //   D = rowsum(P * dP), dS = P (dP - D), dQ = scale dS K, bias gradient into a per-warp table;
 //   phase 2, a warp per key row: P and dS of its column recomputed, dV = P^T dO, dK = dS^T Qs.
@@ -22,6 +23,8 @@
 // windows of up to 64 tokens keep 2 scores per lane instead of 8.
 // Limits: tokens per window <= 256, head_dim <= 128, shared memory within the device's opt-in
 // limit (checked by the launcher with window_attention_smem_bytes).
+
+#include <mma.h>
 
 #include <cstdint>
 
@@ -237,6 +240,159 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
   }
 }
 
+// Tensor-core forward for what Swin and GC ViT run: fp16/bf16, head_dim 32, windows of at most
+// 64 tokens (padded to 64). WMMA 16x16x16 with fp32 accumulation; warp w owns query rows
+// [16 w, 16 w + 16): S = Q K^T for its rows, then per row the scale, bias, region mask and softmax
+// in fp32 (scores and the log-sum-exp as the SIMT kernels compute them, up to summation order),
+// P rounded to the input dtype as eager attention does, O = P V, written from shared memory with
+// a lane per channel. Padding tokens and tokens outside the map are zero rows of Q, K and V and
+// masked keys. Limits: sm_80+ (bf16 fragments); about 43 KB of static shared memory per block.
+namespace tc {
+constexpr int kT = 64, kD = 32;
+constexpr int kLdQ = kD + 8;   // Qs, Ks, Vs: [kT][kLdQ] in the input dtype
+constexpr int kLdS = kT + 4;   // S (then O): [kT][kLdS] fp32
+constexpr int kLdP = kT + 8;   // P: [kT][kLdP] in the input dtype
+constexpr int kRegionPad = -2;  // treg of padding rows: never equal to a real region or to -1
+}  // namespace tc
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock) forward_tc_kernel(WindowParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using namespace tc;
+  __shared__ __align__(128) T Qs[kT * kLdQ];
+  __shared__ __align__(128) T Ks[kT * kLdQ];
+  __shared__ __align__(128) T Vs[kT * kLdQ];
+  __shared__ __align__(128) float S[kT * kLdS];
+  __shared__ __align__(128) T Ps[kT * kLdP];
+  __shared__ int ty[kT], tx[kT], treg[kT], tpos[kT];
+
+  const Geometry& g = p.geo;
+  const Local l(p);
+  const int Tn = l.T;
+  const int64_t nW = g.windows();
+  const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
+  const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
+
+  for (int t = threadIdx.x; t < kT; t += blockDim.x) {
+    int64_t sy = 0, sx = 0;
+    const bool exists = t < Tn && shifted_coords(g, win, t, &sy, &sx);
+    ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
+    tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
+    treg[t] = t >= Tn ? kRegionPad : (exists ? region(g, sy, sx) : -1);
+    tpos[t] = t < Tn ? relative_pos(g, t) : 0;
+  }
+  __syncthreads();
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T zero = from_acc<T>(0.0f);
+  for (int e = threadIdx.x; e < kT * kD; e += blockDim.x) {
+    const int t = e / kD, c = e % kD;
+    const bool exists = treg[t] >= 0;
+    T qv = zero, kv = zero, vv = zero;
+    if (p.global_q && t < Tn) qv = q[strided(p.q_strides, b, t / g.ww, t % g.ww, h) + c];
+    if (exists) {
+      if (!p.global_q) qv = q[strided(p.q_strides, b, ty[t], tx[t], h) + c];
+      kv = k[strided(p.k_strides, b, ty[t], tx[t], h) + c];
+      vv = v[strided(p.v_strides, b, ty[t], tx[t], h) + c];
+    }
+    Qs[t * kLdQ + c] = qv;
+    Ks[t * kLdQ + c] = kv;
+    Vs[t * kLdQ + c] = vv;
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, r0 = 16 * warp;
+  {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kT / 16];
+#pragma unroll
+    for (int j = 0; j < kT / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
+#pragma unroll
+    for (int kf = 0; kf < kD; kf += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, Qs + r0 * kLdQ + kf, kLdQ);
+#pragma unroll
+      for (int j = 0; j < kT / 16; ++j) {
+        // B(kf + x, key) = K[key][kf + x]: K's rows read column-major.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bk;
+        wmma::load_matrix_sync(bk, Ks + 16 * j * kLdQ + kf, kLdQ);
+        wmma::mma_sync(acc[j], a, bk, acc[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kT / 16; ++j) {
+      wmma::store_matrix_sync(S + r0 * kLdS + 16 * j, acc[j], kLdS, wmma::mem_row_major);
+    }
+  }
+  __syncwarp();
+
+  const float scale = static_cast<float>(p.scale);
+  const T* table = static_cast<const T*>(p.bias_table);
+  float* lse = static_cast<float*>(p.lse);
+  for (int i = r0; i < r0 + 16; ++i) {
+    float sc[kT / kWarp];
+    float m = neg_inf<float>();
+#pragma unroll
+    for (int u = 0; u < kT / kWarp; ++u) {
+      const int j = lane + kWarp * u;
+      sc[u] = neg_inf<float>();
+      if (treg[i] >= 0 && treg[j] == treg[i]) {
+        sc[u] = S[i * kLdS + j] * scale;
+        if (table != nullptr) sc[u] += to_acc(table[(tpos[i] - tpos[j] + l.rel0) * p.heads + h]);
+      }
+      m = max_nan(m, sc[u]);
+    }
+    m = warp_max(m);
+    float sum = 0;
+#pragma unroll
+    for (int u = 0; u < kT / kWarp; ++u) {
+      sc[u] = treg[i] >= 0 ? acc_exp(sc[u] - m) : 0.0f;
+      sum += sc[u];
+    }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int u = 0; u < kT / kWarp; ++u) {
+      Ps[i * kLdP + lane + kWarp * u] = from_acc<T>(treg[i] >= 0 ? sc[u] / sum : 0.0f);
+    }
+    if (lane == 0 && lse != nullptr && treg[i] >= 0) {
+      lse[((b * nW + win) * Tn + i) * p.heads + h] = m + acc_log(sum);
+    }
+  }
+  __syncwarp();
+
+  {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[kD / 16];
+#pragma unroll
+    for (int n = 0; n < kD / 16; ++n) wmma::fill_fragment(o[n], 0.0f);
+#pragma unroll
+    for (int kf = 0; kf < kT; kf += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, Ps + r0 * kLdP + kf, kLdP);
+#pragma unroll
+      for (int n = 0; n < kD / 16; ++n) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
+        wmma::load_matrix_sync(bv, Vs + kf * kLdQ + 16 * n, kLdQ);
+        wmma::mma_sync(o[n], a, bv, o[n]);
+      }
+    }
+    // The warp's own rows of S are free again: O goes there.
+#pragma unroll
+    for (int n = 0; n < kD / 16; ++n) {
+      wmma::store_matrix_sync(S + r0 * kLdS + 16 * n, o[n], kLdS, wmma::mem_row_major);
+    }
+  }
+  __syncwarp();
+  T* out = static_cast<T*>(p.out);
+  for (int i = r0; i < r0 + 16; ++i) {
+    if (treg[i] < 0) continue;
+    out[map_offset(p, b, ty[i], tx[i], h) + lane] = from_acc<T>(S[i * kLdS + lane]);
+  }
+#else
+  __trap();  // window_attention_forward_cuda selects this kernel only on sm_80+
+#endif
+}
+
 template <typename T, int D, int KEYS>
 __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   using A = typename AccOf<T>::type;
@@ -420,6 +576,18 @@ cudaError_t launch(Kernel kernel, const WindowParams& p, int64_t smem, cudaStrea
   return cudaGetLastError();
 }
 
+// Whether forward_tc_kernel covers these parameters on this device.
+bool tensor_core_forward(const WindowParams& p) {
+  if ((p.dtype != DType::Float16 && p.dtype != DType::BFloat16) || p.d != tc::kD ||
+      p.geo.tokens() > tc::kT) {
+    return false;
+  }
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         major >= 8;
+}
+
 }  // namespace
 
 int64_t window_attention_smem_bytes(const WindowParams& p, bool backward) {
@@ -430,6 +598,15 @@ int64_t window_attention_smem_bytes(const WindowParams& p, bool backward) {
 }
 
 cudaError_t window_attention_forward_cuda(const WindowParams& p, cudaStream_t stream) {
+  if (p.tensor_cores && tensor_core_forward(p)) {
+    const auto blocks = static_cast<unsigned>(p.B * p.geo.windows() * p.heads);
+    if (p.dtype == DType::Float16) {
+      forward_tc_kernel<__half><<<blocks, kBlock, 0, stream>>>(p);
+    } else {
+      forward_tc_kernel<__nv_bfloat16><<<blocks, kBlock, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
+  }
   const int64_t smem = window_attention_smem_bytes(p, false);
   cudaError_t err = cudaSuccess;
   dispatch_dtype(p.dtype, [&](auto tag) {
