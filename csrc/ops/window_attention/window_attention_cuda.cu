@@ -9,7 +9,7 @@
 //
 // Forward: a warp per query row: scores + bias + region mask, softmax, P V; saves the row's
 //   log-sum-exp. fp16/bf16 with head_dim 32 and windows of <= 64 tokens take forward_tc_kernel
-//   instead (tensor cores; see its banner).
+//   and backward_tc_kernel instead (tensor cores; see their banners).
 // Backward: phase 1, a warp per query row: P from the saved log-sum-exp, dP = dO V^T,
 //   D = rowsum(P * dP), dS = P (dP - D), dQ = scale dS K, bias gradient into a per-warp table;
 //   phase 2, a warp per key row: P and dS of its column recomputed, dV = P^T dO, dK = dS^T Qs.
@@ -27,6 +27,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tokenmix/cuda_common.cuh"
 #include "window_attention_params.h"
@@ -393,6 +394,257 @@ __global__ void __launch_bounds__(kBlock) forward_tc_kernel(WindowParams p) {
 #endif
 }
 
+// Tensor-core backward for the forward_tc_kernel cases. Phase 1, warp w on query rows
+// [16 w, 16 w + 16): S = Q K^T, P from the saved log-sum-exp (fp32, kept in registers; P also
+// rounded into shared memory for phase 2), dP = dO V^T, D = rowsum(P dP), dS = P (dP - D) (into
+// shared memory and the warp's bias table), dQ = scale dS K. Phase 2, warp w on key rows
+// [16 w, 16 w + 16): dV = P^T dO and dK = scale dS^T Q, read column-major out of the row-major P
+// and dS. The bias table and the global query's dQ go through the same deterministic reductions
+// as the SIMT backward. Limits as forward_tc_kernel; about 60 KB of dynamic shared memory.
+namespace tc {
+// Shared-memory carve-up of backward_tc_kernel: arrays in this order, each starting on a 128-byte
+// boundary (WMMA needs 32-byte aligned tiles).
+struct BwdSmem {
+  static constexpr int kQKV = kT * kLdQ;  // elements of each of Qs, Ks, Vs, dOs
+  __host__ __device__ static int64_t round(int64_t bytes) { return (bytes + 127) / 128 * 128; }
+  template <typename T>
+  static int64_t bytes(int table) {
+    return 4 * round(kQKV * sizeof(T)) + round(kT * kLdS * 4) + 2 * round(kT * kLdP * sizeof(T)) +
+           round(kT * 4) + round(int64_t{kWarps} * table * 4) + 4 * round(kT * sizeof(int));
+  }
+};
+}  // namespace tc
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock) backward_tc_kernel(WindowParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using namespace tc;
+  // The only shared memory of this kernel, so it starts at the block's (aligned) window.
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  const Geometry& g = p.geo;
+  const Local l(p);
+  const int Tn = l.T, table = l.table;
+  // Carve-up, each array starting on a 128-byte boundary for WMMA's 32-byte alignment.
+  unsigned char* cur = smem_tc;
+  const auto take = [&cur](int64_t bytes) {
+    unsigned char* at = cur;
+    cur += BwdSmem::round(bytes);
+    return at;
+  };
+  T* Qs = reinterpret_cast<T*>(take(BwdSmem::kQKV * sizeof(T)));
+  T* Ks = reinterpret_cast<T*>(take(BwdSmem::kQKV * sizeof(T)));
+  T* Vs = reinterpret_cast<T*>(take(BwdSmem::kQKV * sizeof(T)));
+  T* dOs = reinterpret_cast<T*>(take(BwdSmem::kQKV * sizeof(T)));
+  float* S = reinterpret_cast<float*>(take(kT * kLdS * 4));
+  T* Pm = reinterpret_cast<T*>(take(kT * kLdP * sizeof(T)));
+  T* dSm = reinterpret_cast<T*>(take(kT * kLdP * sizeof(T)));
+  float* lse_s = reinterpret_cast<float*>(take(kT * 4));
+  float* tables = reinterpret_cast<float*>(take(kWarps * table * 4));
+  int* ty = reinterpret_cast<int*>(take(kT * sizeof(int)));
+  int* tx = reinterpret_cast<int*>(take(kT * sizeof(int)));
+  int* treg = reinterpret_cast<int*>(take(kT * sizeof(int)));
+  int* tpos = reinterpret_cast<int*>(take(kT * sizeof(int)));
+
+  const int64_t nW = g.windows();
+  const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
+  const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
+  const float* lse = static_cast<const float*>(p.lse);
+  for (int e = threadIdx.x; e < kWarps * table; e += blockDim.x) tables[e] = 0;
+  for (int t = threadIdx.x; t < kT; t += blockDim.x) {
+    int64_t sy = 0, sx = 0;
+    const bool exists = t < Tn && shifted_coords(g, win, t, &sy, &sx);
+    ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
+    tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
+    treg[t] = t >= Tn ? kRegionPad : (exists ? region(g, sy, sx) : -1);
+    tpos[t] = t < Tn ? relative_pos(g, t) : 0;
+    lse_s[t] = exists ? lse[((b * nW + win) * Tn + t) * p.heads + h] : 0.0f;
+  }
+  __syncthreads();
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* grad = static_cast<const T*>(p.grad);
+  const T zero = from_acc<T>(0.0f);
+  for (int e = threadIdx.x; e < kT * kD; e += blockDim.x) {
+    const int t = e / kD, c = e % kD;
+    const bool exists = treg[t] >= 0;
+    T qv = zero, kv = zero, vv = zero, gv = zero;
+    if (p.global_q && t < Tn) qv = q[strided(p.q_strides, b, t / g.ww, t % g.ww, h) + c];
+    if (exists) {
+      if (!p.global_q) qv = q[strided(p.q_strides, b, ty[t], tx[t], h) + c];
+      kv = k[strided(p.k_strides, b, ty[t], tx[t], h) + c];
+      vv = v[strided(p.v_strides, b, ty[t], tx[t], h) + c];
+      gv = grad[map_offset(p, b, ty[t], tx[t], h) + c];
+    }
+    Qs[t * kLdQ + c] = qv;
+    Ks[t * kLdQ + c] = kv;
+    Vs[t * kLdQ + c] = vv;
+    dOs[t * kLdQ + c] = gv;
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, r0 = 16 * warp;
+  const float scale = static_cast<float>(p.scale);
+  const T* bias = static_cast<const T*>(p.bias_table);
+  float* tab = tables + warp * table;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  using RowA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+  using ColA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
+  using RowB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+  using ColB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+
+  // rows x keys = X Y^T for the warp's 16 rows of X ([kT][kLdQ]) and all rows of Y, into S.
+  const auto rows_times_rows = [&](const T* X, const T* Y) {
+    Acc acc[kT / 16];
+#pragma unroll
+    for (int j = 0; j < kT / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
+#pragma unroll
+    for (int kf = 0; kf < kD; kf += 16) {
+      RowA a;
+      wmma::load_matrix_sync(a, X + r0 * kLdQ + kf, kLdQ);
+#pragma unroll
+      for (int j = 0; j < kT / 16; ++j) {
+        ColB y;
+        wmma::load_matrix_sync(y, Y + 16 * j * kLdQ + kf, kLdQ);
+        wmma::mma_sync(acc[j], a, y, acc[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kT / 16; ++j) {
+      wmma::store_matrix_sync(S + r0 * kLdS + 16 * j, acc[j], kLdS, wmma::mem_row_major);
+    }
+  };
+
+  // Phase 1: P from the scores, kept in fp32 registers for dS.
+  rows_times_rows(Qs, Ks);
+  __syncwarp();
+  float pr[16][kT / kWarp];
+#pragma unroll
+  for (int ii = 0; ii < 16; ++ii) {
+    const int i = r0 + ii;
+#pragma unroll
+    for (int u = 0; u < kT / kWarp; ++u) {
+      const int j = lane + kWarp * u;
+      float pij = 0.0f;
+      if (treg[i] >= 0 && treg[j] == treg[i]) {
+        float sc = S[i * kLdS + j] * scale;
+        if (bias != nullptr) sc += to_acc(bias[(tpos[i] - tpos[j] + l.rel0) * p.heads + h]);
+        pij = acc_exp(sc - lse_s[i]);
+      }
+      pr[ii][u] = pij;
+      Pm[i * kLdP + j] = from_acc<T>(pij);
+    }
+  }
+  __syncwarp();
+  rows_times_rows(dOs, Vs);  // dP
+  __syncwarp();
+#pragma unroll
+  for (int ii = 0; ii < 16; ++ii) {
+    const int i = r0 + ii;
+    float dsum = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kT / kWarp; ++u) dsum += pr[ii][u] * S[i * kLdS + lane + kWarp * u];
+    const float Di = warp_sum(dsum);
+#pragma unroll
+    for (int u = 0; u < kT / kWarp; ++u) {
+      const int j = lane + kWarp * u;
+      const float ds = pr[ii][u] * (S[i * kLdS + j] - Di);
+      dSm[i * kLdP + j] = from_acc<T>(ds);
+      // Distinct keys of one row have distinct relative positions: no two lanes collide.
+      if (treg[i] >= 0 && treg[j] == treg[i]) tab[tpos[i] - tpos[j] + l.rel0] += ds;
+    }
+  }
+  __syncwarp();
+  {
+    // dQ = scale dS K for the warp's rows, staged in its rows of S.
+    Acc dq[kD / 16];
+#pragma unroll
+    for (int n = 0; n < kD / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
+#pragma unroll
+    for (int kf = 0; kf < kT; kf += 16) {
+      RowA a;
+      wmma::load_matrix_sync(a, dSm + r0 * kLdP + kf, kLdP);
+#pragma unroll
+      for (int n = 0; n < kD / 16; ++n) {
+        RowB kb;
+        wmma::load_matrix_sync(kb, Ks + kf * kLdQ + 16 * n, kLdQ);
+        wmma::mma_sync(dq[n], a, kb, dq[n]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kD / 16; ++n) {
+      wmma::store_matrix_sync(S + r0 * kLdS + 16 * n, dq[n], kLdS, wmma::mem_row_major);
+    }
+  }
+  __syncwarp();
+  T* dqo = static_cast<T*>(p.dq);
+  float* dq_partial = static_cast<float*>(p.dq_partial);
+  for (int i = r0; i < r0 + 16; ++i) {
+    if (treg[i] < 0) continue;
+    const float val = S[i * kLdS + lane] * scale;
+    if (p.global_q) {
+      dq_partial[(((b * nW + win) * Tn + i) * p.heads + h) * p.d + lane] = val;
+    } else {
+      dqo[map_offset(p, b, ty[i], tx[i], h) + lane] = from_acc<T>(val);
+    }
+  }
+  __syncthreads();
+
+  // Phase 2: key rows [r0, r0 + 16). dV = P^T dO into S columns [0, 32), dK = dS^T Q into
+  // columns [32, 64) of those rows.
+  {
+    Acc dv[kD / 16], dk[kD / 16];
+#pragma unroll
+    for (int n = 0; n < kD / 16; ++n) {
+      wmma::fill_fragment(dv[n], 0.0f);
+      wmma::fill_fragment(dk[n], 0.0f);
+    }
+#pragma unroll
+    for (int kf = 0; kf < kT; kf += 16) {
+      // A(key, i) = P[i][key]: the row-major P read column-major.
+      ColA pt, dst;
+      wmma::load_matrix_sync(pt, Pm + kf * kLdP + r0, kLdP);
+      wmma::load_matrix_sync(dst, dSm + kf * kLdP + r0, kLdP);
+#pragma unroll
+      for (int n = 0; n < kD / 16; ++n) {
+        RowB ob, qb;
+        wmma::load_matrix_sync(ob, dOs + kf * kLdQ + 16 * n, kLdQ);
+        wmma::load_matrix_sync(qb, Qs + kf * kLdQ + 16 * n, kLdQ);
+        wmma::mma_sync(dv[n], pt, ob, dv[n]);
+        wmma::mma_sync(dk[n], dst, qb, dk[n]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kD / 16; ++n) {
+      wmma::store_matrix_sync(S + r0 * kLdS + 16 * n, dv[n], kLdS, wmma::mem_row_major);
+      wmma::store_matrix_sync(S + r0 * kLdS + kD + 16 * n, dk[n], kLdS, wmma::mem_row_major);
+    }
+  }
+  __syncwarp();
+  T* dvo = static_cast<T*>(p.dv);
+  T* dko = static_cast<T*>(p.dk);
+  for (int j = r0; j < r0 + 16; ++j) {
+    if (treg[j] < 0) continue;
+    const int64_t base = map_offset(p, b, ty[j], tx[j], h);
+    dvo[base + lane] = from_acc<T>(S[j * kLdS + lane]);
+    dko[base + lane] = from_acc<T>(S[j * kLdS + kD + lane] * scale);
+  }
+
+  if (p.dbias_partial != nullptr) {
+    __syncthreads();
+    float* part = static_cast<float*>(p.dbias_partial) + task * table;
+    for (int r = threadIdx.x; r < table; r += blockDim.x) {
+      float sum = 0;
+      for (int w = 0; w < kWarps; ++w) sum += tables[w * table + r];
+      part[r] = sum;
+    }
+  }
+#else
+  __trap();  // window_attention_backward_cuda selects this kernel only on sm_80+
+#endif
+}
+
 template <typename T, int D, int KEYS>
 __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   using A = typename AccOf<T>::type;
@@ -618,12 +870,21 @@ cudaError_t window_attention_forward_cuda(const WindowParams& p, cudaStream_t st
 }
 
 cudaError_t window_attention_backward_cuda(const WindowParams& p, cudaStream_t stream) {
-  const int64_t smem = window_attention_smem_bytes(p, true);
+  const bool tensor_cores = p.tensor_cores && tensor_core_forward(p);
   cudaError_t err = cudaSuccess;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    err = launch(pick(backward_kernel<T, 32, 2>, backward_kernel<T, 32, kKeysPerLane>,
-                      backward_kernel<T, 0, kKeysPerLane>, p), p, smem, stream);
+    if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+      if (tensor_cores) {
+        err = launch(backward_tc_kernel<T>, p, tc::BwdSmem::bytes<T>(static_cast<int>(p.geo.table_size())),
+                     stream);
+      }
+    }
+    if (!tensor_cores) {
+      err = launch(pick(backward_kernel<T, 32, 2>, backward_kernel<T, 32, kKeysPerLane>,
+                        backward_kernel<T, 0, kKeysPerLane>, p),
+                   p, window_attention_smem_bytes(p, true), stream);
+    }
     if (err != cudaSuccess) return;
     if (p.dbias_partial != nullptr) {
       const int64_t n = p.geo.table_size() * p.heads;

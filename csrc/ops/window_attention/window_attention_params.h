@@ -29,7 +29,7 @@ struct WindowParams {
   double scale;
   bool global_q;
   DType dtype;
-  bool tensor_cores;  // forward: the tensor-core kernel where it applies (fp16/bf16, d 32, <= 64 tokens)
+  bool tensor_cores;  // the tensor-core kernels where they apply (fp16/bf16, d 32, <= 64 tokens)
 
   void* out;  // forward: [B, H, W, heads, d] contiguous
   void* lse;  // [B, windows, tokens, heads], float (double for Float64); forward: may be null
