@@ -254,6 +254,110 @@ constexpr int kLdQ = kD + 8;   // Qs, Ks, Vs: [kT][kLdQ] in the input dtype
 constexpr int kLdS = kT + 4;   // S (then O): [kT][kLdS] fp32
 constexpr int kLdP = kT + 8;   // P: [kT][kLdP] in the input dtype
 constexpr int kRegionPad = -2;  // treg of padding rows: never equal to a real region or to -1
+
+// A window as the tensor-core kernels hold it in shared memory: tokens padded to kT, rows of the
+// input dtype kLdQ apart; dO and the saved log-sum-exp only in backward (else null).
+template <typename T>
+struct Window {
+  T *Qs, *Ks, *Vs, *dOs;
+  float* lse;
+  int *ty, *tx, *treg, *tpos;
+};
+
+// Fills w for window `win` of image b, head h: coordinates, region (-1 outside the map,
+// kRegionPad for padding), relative positions, then Q (unscaled), K, V (, dO, lse); zeros where a
+// token has no value. Ends with a block barrier.
+template <typename T>
+__device__ void load_window(const WindowParams& p, const Local& l, int64_t b, int64_t win, int64_t h,
+                            const Window<T>& w) {
+  const Geometry& g = p.geo;
+  const int64_t nW = g.windows();
+  for (int t = threadIdx.x; t < kT; t += blockDim.x) {
+    int64_t sy = 0, sx = 0;
+    const bool exists = t < l.T && shifted_coords(g, win, t, &sy, &sx);
+    w.ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
+    w.tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
+    w.treg[t] = t >= l.T ? kRegionPad : (exists ? region(g, sy, sx) : -1);
+    w.tpos[t] = t < l.T ? relative_pos(g, t) : 0;
+    if (w.lse != nullptr) {
+      w.lse[t] = exists ? static_cast<const float*>(p.lse)[((b * nW + win) * l.T + t) * p.heads + h] : 0.0f;
+    }
+  }
+  __syncthreads();
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* grad = static_cast<const T*>(p.grad);
+  const T zero = from_acc<T>(0.0f);
+  for (int e = threadIdx.x; e < kT * kD; e += blockDim.x) {
+    const int t = e / kD, c = e % kD;
+    const bool exists = w.treg[t] >= 0;
+    T qv = zero, kv = zero, vv = zero, gv = zero;
+    if (p.global_q && t < l.T) qv = q[strided(p.q_strides, b, t / g.ww, t % g.ww, h) + c];
+    if (exists) {
+      const int y = w.ty[t], x = w.tx[t];
+      if (!p.global_q) qv = q[strided(p.q_strides, b, y, x, h) + c];
+      kv = k[strided(p.k_strides, b, y, x, h) + c];
+      vv = v[strided(p.v_strides, b, y, x, h) + c];
+      if (w.dOs != nullptr) gv = grad[map_offset(p, b, y, x, h) + c];
+    }
+    w.Qs[t * kLdQ + c] = qv;
+    w.Ks[t * kLdQ + c] = kv;
+    w.Vs[t * kLdQ + c] = vv;
+    if (w.dOs != nullptr) w.dOs[t * kLdQ + c] = gv;
+  }
+  __syncthreads();
+}
+
+// S rows [r0, r0 + 16) = X Y^T over the head dim for those rows of X and every row of Y
+// (both [kT][kLdQ]): Y's rows read column-major as the B operand.
+template <typename T>
+__device__ void rows_by_rows(const T* X, const T* Y, float* S, int r0) {
+  using namespace nvcuda;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kT / 16];
+#pragma unroll
+  for (int j = 0; j < kT / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
+#pragma unroll
+  for (int kf = 0; kf < kD; kf += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+    wmma::load_matrix_sync(a, X + r0 * kLdQ + kf, kLdQ);
+#pragma unroll
+    for (int j = 0; j < kT / 16; ++j) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> y;
+      wmma::load_matrix_sync(y, Y + 16 * j * kLdQ + kf, kLdQ);
+      wmma::mma_sync(acc[j], a, y, acc[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kT / 16; ++j) {
+    wmma::store_matrix_sync(S + r0 * kLdS + 16 * j, acc[j], kLdS, wmma::mem_row_major);
+  }
+}
+
+// S rows [r0, r0 + 16), columns [0, kD) = A M over the kT tokens, for those rows of A
+// ([kT][kLdP]) and M ([kT][kLdQ], row-major): P V in forward, dS K in backward.
+template <typename T>
+__device__ void rows_by_tokens(const T* A, const T* M, float* S, int r0) {
+  using namespace nvcuda;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kD / 16];
+#pragma unroll
+  for (int n = 0; n < kD / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+#pragma unroll
+  for (int kf = 0; kf < kT; kf += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+    wmma::load_matrix_sync(a, A + r0 * kLdP + kf, kLdP);
+#pragma unroll
+    for (int n = 0; n < kD / 16; ++n) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> m;
+      wmma::load_matrix_sync(m, M + kf * kLdQ + 16 * n, kLdQ);
+      wmma::mma_sync(acc[n], a, m, acc[n]);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kD / 16; ++n) {
+    wmma::store_matrix_sync(S + r0 * kLdS + 16 * n, acc[n], kLdS, wmma::mem_row_major);
+  }
+}
 }  // namespace tc
 
 template <typename T>
@@ -274,58 +378,10 @@ __global__ void __launch_bounds__(kBlock) forward_tc_kernel(WindowParams p) {
   const int64_t nW = g.windows();
   const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
   const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
-
-  for (int t = threadIdx.x; t < kT; t += blockDim.x) {
-    int64_t sy = 0, sx = 0;
-    const bool exists = t < Tn && shifted_coords(g, win, t, &sy, &sx);
-    ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
-    tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
-    treg[t] = t >= Tn ? kRegionPad : (exists ? region(g, sy, sx) : -1);
-    tpos[t] = t < Tn ? relative_pos(g, t) : 0;
-  }
-  __syncthreads();
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  const T zero = from_acc<T>(0.0f);
-  for (int e = threadIdx.x; e < kT * kD; e += blockDim.x) {
-    const int t = e / kD, c = e % kD;
-    const bool exists = treg[t] >= 0;
-    T qv = zero, kv = zero, vv = zero;
-    if (p.global_q && t < Tn) qv = q[strided(p.q_strides, b, t / g.ww, t % g.ww, h) + c];
-    if (exists) {
-      if (!p.global_q) qv = q[strided(p.q_strides, b, ty[t], tx[t], h) + c];
-      kv = k[strided(p.k_strides, b, ty[t], tx[t], h) + c];
-      vv = v[strided(p.v_strides, b, ty[t], tx[t], h) + c];
-    }
-    Qs[t * kLdQ + c] = qv;
-    Ks[t * kLdQ + c] = kv;
-    Vs[t * kLdQ + c] = vv;
-  }
-  __syncthreads();
+  load_window<T>(p, l, b, win, h, Window<T>{Qs, Ks, Vs, nullptr, nullptr, ty, tx, treg, tpos});
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, r0 = 16 * warp;
-  {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kT / 16];
-#pragma unroll
-    for (int j = 0; j < kT / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
-#pragma unroll
-    for (int kf = 0; kf < kD; kf += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, Qs + r0 * kLdQ + kf, kLdQ);
-#pragma unroll
-      for (int j = 0; j < kT / 16; ++j) {
-        // B(kf + x, key) = K[key][kf + x]: K's rows read column-major.
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bk;
-        wmma::load_matrix_sync(bk, Ks + 16 * j * kLdQ + kf, kLdQ);
-        wmma::mma_sync(acc[j], a, bk, acc[j]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kT / 16; ++j) {
-      wmma::store_matrix_sync(S + r0 * kLdS + 16 * j, acc[j], kLdS, wmma::mem_row_major);
-    }
-  }
+  rows_by_rows(Qs, Ks, S, r0);
   __syncwarp();
 
   const float scale = static_cast<float>(p.scale);
@@ -361,28 +417,7 @@ __global__ void __launch_bounds__(kBlock) forward_tc_kernel(WindowParams p) {
     }
   }
   __syncwarp();
-
-  {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[kD / 16];
-#pragma unroll
-    for (int n = 0; n < kD / 16; ++n) wmma::fill_fragment(o[n], 0.0f);
-#pragma unroll
-    for (int kf = 0; kf < kT; kf += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, Ps + r0 * kLdP + kf, kLdP);
-#pragma unroll
-      for (int n = 0; n < kD / 16; ++n) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(bv, Vs + kf * kLdQ + 16 * n, kLdQ);
-        wmma::mma_sync(o[n], a, bv, o[n]);
-      }
-    }
-    // The warp's own rows of S are free again: O goes there.
-#pragma unroll
-    for (int n = 0; n < kD / 16; ++n) {
-      wmma::store_matrix_sync(S + r0 * kLdS + 16 * n, o[n], kLdS, wmma::mem_row_major);
-    }
-  }
+  rows_by_tokens(Ps, Vs, S, r0);  // O = P V into the warp's own rows of S, free again
   __syncwarp();
   T* out = static_cast<T*>(p.out);
   for (int i = r0; i < r0 + 16; ++i) {
@@ -449,75 +484,16 @@ __global__ void __launch_bounds__(kBlock) backward_tc_kernel(WindowParams p) {
   const int64_t nW = g.windows();
   const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
   const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
-  const float* lse = static_cast<const float*>(p.lse);
   for (int e = threadIdx.x; e < kWarps * table; e += blockDim.x) tables[e] = 0;
-  for (int t = threadIdx.x; t < kT; t += blockDim.x) {
-    int64_t sy = 0, sx = 0;
-    const bool exists = t < Tn && shifted_coords(g, win, t, &sy, &sx);
-    ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
-    tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
-    treg[t] = t >= Tn ? kRegionPad : (exists ? region(g, sy, sx) : -1);
-    tpos[t] = t < Tn ? relative_pos(g, t) : 0;
-    lse_s[t] = exists ? lse[((b * nW + win) * Tn + t) * p.heads + h] : 0.0f;
-  }
-  __syncthreads();
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  const T* grad = static_cast<const T*>(p.grad);
-  const T zero = from_acc<T>(0.0f);
-  for (int e = threadIdx.x; e < kT * kD; e += blockDim.x) {
-    const int t = e / kD, c = e % kD;
-    const bool exists = treg[t] >= 0;
-    T qv = zero, kv = zero, vv = zero, gv = zero;
-    if (p.global_q && t < Tn) qv = q[strided(p.q_strides, b, t / g.ww, t % g.ww, h) + c];
-    if (exists) {
-      if (!p.global_q) qv = q[strided(p.q_strides, b, ty[t], tx[t], h) + c];
-      kv = k[strided(p.k_strides, b, ty[t], tx[t], h) + c];
-      vv = v[strided(p.v_strides, b, ty[t], tx[t], h) + c];
-      gv = grad[map_offset(p, b, ty[t], tx[t], h) + c];
-    }
-    Qs[t * kLdQ + c] = qv;
-    Ks[t * kLdQ + c] = kv;
-    Vs[t * kLdQ + c] = vv;
-    dOs[t * kLdQ + c] = gv;
-  }
-  __syncthreads();
+  load_window<T>(p, l, b, win, h, Window<T>{Qs, Ks, Vs, dOs, lse_s, ty, tx, treg, tpos});
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, r0 = 16 * warp;
   const float scale = static_cast<float>(p.scale);
   const T* bias = static_cast<const T*>(p.bias_table);
   float* tab = tables + warp * table;
-  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  using RowA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-  using ColA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
-  using RowB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-  using ColB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
-
-  // rows x keys = X Y^T for the warp's 16 rows of X ([kT][kLdQ]) and all rows of Y, into S.
-  const auto rows_times_rows = [&](const T* X, const T* Y) {
-    Acc acc[kT / 16];
-#pragma unroll
-    for (int j = 0; j < kT / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
-#pragma unroll
-    for (int kf = 0; kf < kD; kf += 16) {
-      RowA a;
-      wmma::load_matrix_sync(a, X + r0 * kLdQ + kf, kLdQ);
-#pragma unroll
-      for (int j = 0; j < kT / 16; ++j) {
-        ColB y;
-        wmma::load_matrix_sync(y, Y + 16 * j * kLdQ + kf, kLdQ);
-        wmma::mma_sync(acc[j], a, y, acc[j]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kT / 16; ++j) {
-      wmma::store_matrix_sync(S + r0 * kLdS + 16 * j, acc[j], kLdS, wmma::mem_row_major);
-    }
-  };
 
   // Phase 1: P from the scores, kept in fp32 registers for dS.
-  rows_times_rows(Qs, Ks);
+  rows_by_rows(Qs, Ks, S, r0);
   __syncwarp();
   float pr[16][kT / kWarp];
 #pragma unroll
@@ -537,7 +513,7 @@ __global__ void __launch_bounds__(kBlock) backward_tc_kernel(WindowParams p) {
     }
   }
   __syncwarp();
-  rows_times_rows(dOs, Vs);  // dP
+  rows_by_rows(dOs, Vs, S, r0);  // dP
   __syncwarp();
 #pragma unroll
   for (int ii = 0; ii < 16; ++ii) {
@@ -556,27 +532,7 @@ __global__ void __launch_bounds__(kBlock) backward_tc_kernel(WindowParams p) {
     }
   }
   __syncwarp();
-  {
-    // dQ = scale dS K for the warp's rows, staged in its rows of S.
-    Acc dq[kD / 16];
-#pragma unroll
-    for (int n = 0; n < kD / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
-#pragma unroll
-    for (int kf = 0; kf < kT; kf += 16) {
-      RowA a;
-      wmma::load_matrix_sync(a, dSm + r0 * kLdP + kf, kLdP);
-#pragma unroll
-      for (int n = 0; n < kD / 16; ++n) {
-        RowB kb;
-        wmma::load_matrix_sync(kb, Ks + kf * kLdQ + 16 * n, kLdQ);
-        wmma::mma_sync(dq[n], a, kb, dq[n]);
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kD / 16; ++n) {
-      wmma::store_matrix_sync(S + r0 * kLdS + 16 * n, dq[n], kLdS, wmma::mem_row_major);
-    }
-  }
+  rows_by_tokens(dSm, Ks, S, r0);  // dQ / scale, staged in the warp's rows of S
   __syncwarp();
   T* dqo = static_cast<T*>(p.dq);
   float* dq_partial = static_cast<float*>(p.dq_partial);
@@ -594,6 +550,9 @@ __global__ void __launch_bounds__(kBlock) backward_tc_kernel(WindowParams p) {
   // Phase 2: key rows [r0, r0 + 16). dV = P^T dO into S columns [0, 32), dK = dS^T Q into
   // columns [32, 64) of those rows.
   {
+    using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+    using ColA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
+    using RowB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
     Acc dv[kD / 16], dk[kD / 16];
 #pragma unroll
     for (int n = 0; n < kD / 16; ++n) {
