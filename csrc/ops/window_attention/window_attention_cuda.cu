@@ -309,54 +309,45 @@ __device__ void load_window(const WindowParams& p, const Local& l, int64_t b, in
   __syncthreads();
 }
 
-// S rows [r0, r0 + 16) = X Y^T over the head dim for those rows of X and every row of Y
-// (both [kT][kLdQ]): Y's rows read column-major as the B operand.
-template <typename T>
-__device__ void rows_by_rows(const T* X, const T* Y, float* S, int r0) {
+// S rows [r0, r0 + 16), columns [0, kN) = A B over kK, for rows r0.. of the row-major A (lda
+// apart) and B read with layout BLayout: the fragment for k-slice kf and column block n starts
+// at B + kf * k_stride + 16 n * n_stride.
+template <typename T, typename BLayout, int kN, int kK>
+__device__ void rows_product(const T* A, int lda, const T* B, int ldb, int k_stride, int n_stride,
+                             float* S, int r0) {
   using namespace nvcuda;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kT / 16];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kN / 16];
 #pragma unroll
-  for (int j = 0; j < kT / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  for (int n = 0; n < kN / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
 #pragma unroll
-  for (int kf = 0; kf < kD; kf += 16) {
+  for (int kf = 0; kf < kK; kf += 16) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-    wmma::load_matrix_sync(a, X + r0 * kLdQ + kf, kLdQ);
+    wmma::load_matrix_sync(a, A + r0 * lda + kf, lda);
 #pragma unroll
-    for (int j = 0; j < kT / 16; ++j) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> y;
-      wmma::load_matrix_sync(y, Y + 16 * j * kLdQ + kf, kLdQ);
-      wmma::mma_sync(acc[j], a, y, acc[j]);
+    for (int n = 0; n < kN / 16; ++n) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> bf;
+      wmma::load_matrix_sync(bf, B + kf * k_stride + 16 * n * n_stride, ldb);
+      wmma::mma_sync(acc[n], a, bf, acc[n]);
     }
   }
 #pragma unroll
-  for (int j = 0; j < kT / 16; ++j) {
-    wmma::store_matrix_sync(S + r0 * kLdS + 16 * j, acc[j], kLdS, wmma::mem_row_major);
+  for (int n = 0; n < kN / 16; ++n) {
+    wmma::store_matrix_sync(S + r0 * kLdS + 16 * n, acc[n], kLdS, wmma::mem_row_major);
   }
 }
 
-// S rows [r0, r0 + 16), columns [0, kD) = A M over the kT tokens, for those rows of A
-// ([kT][kLdP]) and M ([kT][kLdQ], row-major): P V in forward, dS K in backward.
+// X Y^T over the head dim for the warp's rows of X and every row of Y (both [kT][kLdQ]; Y's rows
+// are B read column-major): scores, or dP = dO V^T.
+template <typename T>
+__device__ void rows_by_rows(const T* X, const T* Y, float* S, int r0) {
+  rows_product<T, nvcuda::wmma::col_major, kT, kD>(X, kLdQ, Y, kLdQ, 1, kLdQ, S, r0);
+}
+
+// A M over the tokens for the warp's rows of A ([kT][kLdP]) and M ([kT][kLdQ], row-major):
+// O = P V in forward, dS K in backward.
 template <typename T>
 __device__ void rows_by_tokens(const T* A, const T* M, float* S, int r0) {
-  using namespace nvcuda;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kD / 16];
-#pragma unroll
-  for (int n = 0; n < kD / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
-#pragma unroll
-  for (int kf = 0; kf < kT; kf += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-    wmma::load_matrix_sync(a, A + r0 * kLdP + kf, kLdP);
-#pragma unroll
-    for (int n = 0; n < kD / 16; ++n) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> m;
-      wmma::load_matrix_sync(m, M + kf * kLdQ + 16 * n, kLdQ);
-      wmma::mma_sync(acc[n], a, m, acc[n]);
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < kD / 16; ++n) {
-    wmma::store_matrix_sync(S + r0 * kLdS + 16 * n, acc[n], kLdS, wmma::mem_row_major);
-  }
+  rows_product<T, nvcuda::wmma::row_major, kD, kT>(A, kLdP, M, kLdQ, kLdQ, 1, S, r0);
 }
 }  // namespace tc
 
