@@ -42,10 +42,14 @@ namespace {
 constexpr int64_t kTilePixels = 1024;
 // Output pixels per register block of the depthwise conv: its sums and one kernel row's inputs
 // (kStrip + k - 1 vectors) stay in registers; AVX-512 has 32 of them, the other ISAs 16.
+// kStripAlt serves rows whose width it divides and kStrip does not: HorNet's 28-, 14- and 7-wide
+// maps would otherwise compute 1/8 of their outputs in strip tails that are thrown away.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kStrip = 8;
+constexpr int64_t kStripAlt = 7;
 #else
 constexpr int64_t kStrip = 4;
+constexpr int64_t kStripAlt = kStrip;
 #endif
 
 template <typename A>
@@ -183,10 +187,11 @@ struct PackedBand {
   int64_t y0, pad, pw, strips, rows, blocks;
   A* data;
 
-  PackedBand(const DwGeometry& g, int64_t S, int64_t y0_, int64_t y1, int64_t pad_, Slot slot)
-      : y0(y0_), pad(pad_), strips((g.W + kStrip - 1) / kStrip), rows(y1 - y0_ + 2 * pad_),
+  PackedBand(const DwGeometry& g, int64_t S, int64_t y0_, int64_t y1, int64_t pad_, Slot slot,
+             int64_t strip = kStrip)
+      : y0(y0_), pad(pad_), strips((g.W + strip - 1) / strip), rows(y1 - y0_ + 2 * pad_),
         blocks((S + V - 1) / V) {
-    pw = strips * kStrip + 2 * pad;
+    pw = strips * strip + 2 * pad;
     data = scratch<A>(slot, blocks * rows * pw * V);
   }
   const A* at(int64_t cb, int64_t y, int64_t x) const {
@@ -225,28 +230,28 @@ struct PackedBand {
   }
 };
 
-// acc[j] = init + sum over taps t of w[t] * (the band at pixel j + tap t's offset), for kStrip
+// acc[j] = init + sum over taps t of w[t] * (the band at pixel j + tap t's offset), for SW
 // consecutive pixels of one row; win: the band at the window's top-left corner, pw vectors per
-// row. For a kernel size known at compile time, each kernel row's kStrip + k - 1 input vectors
-// are loaded into registers once and feed all k of its taps.
-template <typename A, int K>
+// row. For a kernel size known at compile time, each kernel row's SW + k - 1 input vectors are
+// loaded into registers once and feed all k of its taps.
+template <typename A, int K, int64_t SW>
 inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const Vec<A>* wv, const Vec<A>& init,
                             Vec<A>* out) {
   constexpr int64_t V = Vec<A>::size();
-  Vec<A> acc[kStrip];
+  Vec<A> acc[SW];
 #pragma GCC unroll 16
-  for (int64_t j = 0; j < kStrip; ++j) acc[j] = init;
+  for (int64_t j = 0; j < SW; ++j) acc[j] = init;
   if constexpr (K > 0) {
     for (int64_t ky = 0; ky < K; ++ky) {
       const A* row = win + ky * pw * V;
-      Vec<A> in[kStrip + K - 1];
+      Vec<A> in[SW + K - 1];
 #pragma GCC unroll 16
-      for (int64_t j = 0; j < kStrip + K - 1; ++j) in[j] = Vec<A>::loadu(row + j * V);
+      for (int64_t j = 0; j < SW + K - 1; ++j) in[j] = Vec<A>::loadu(row + j * V);
 #pragma GCC unroll 7
       for (int64_t kx = 0; kx < K; ++kx) {
         const Vec<A> w = wv[ky * K + kx];
 #pragma GCC unroll 16
-        for (int64_t j = 0; j < kStrip; ++j) acc[j] = at::vec::fmadd(in[j + kx], w, acc[j]);
+        for (int64_t j = 0; j < SW; ++j) acc[j] = at::vec::fmadd(in[j + kx], w, acc[j]);
       }
     }
   } else {
@@ -255,25 +260,25 @@ inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const Vec<A>
         const Vec<A> w = wv[ky * k_rt + kx];
         const A* r = win + (ky * pw + kx) * V;
 #pragma GCC unroll 16
-        for (int64_t j = 0; j < kStrip; ++j) acc[j] = at::vec::fmadd(Vec<A>::loadu(r + j * V), w, acc[j]);
+        for (int64_t j = 0; j < SW; ++j) acc[j] = at::vec::fmadd(Vec<A>::loadu(r + j * V), w, acc[j]);
       }
     }
   }
 #pragma GCC unroll 16
-  for (int64_t j = 0; j < kStrip; ++j) out[j] = acc[j];
+  for (int64_t j = 0; j < SW; ++j) out[j] = acc[j];
 }
 
 // dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] q[pixel + o_t, c]), c < S, for the pixels of
 // rows [y0, y1) of one image, q = src + add (add may be null) inside the map and zero outside.
 // src: the image's pixel 0, ld_src apart;
 // w: [k * k, S] tap-major; bias may be null; dst: pixel (y0, 0), ld_dst apart. K: the kernel size
-// when known at compile time (0: g.k), so the tap loops unroll.
-template <typename A, int K>
+// when known at compile time (0: g.k), so the tap loops unroll; SW the strip width.
+template <typename A, int K, int64_t SW>
 void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, const A* bias, A scale, int64_t S,
                     const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
   constexpr int64_t V = Vec<A>::size();
   const int64_t k = K > 0 ? K : g.k;
-  PackedBand<A> band(g, S, y0, y1, k / 2, kBand);
+  PackedBand<A> band(g, S, y0, y1, k / 2, kBand, SW);
   band.pack(src, ld_src, g, S, add);
   std::vector<Vec<A>> wv(k * k);
   const Vec<A> vs(scale);
@@ -284,24 +289,35 @@ void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, cons
     for (int64_t y = y0; y < y1; ++y) {
       A* drow = dst + (y - y0) * g.W * ld_dst + c;
       for (int64_t s = 0; s < band.strips; ++s) {
-        const int64_t x0 = s * kStrip, m = std::min(kStrip, g.W - x0);
-        Vec<A> acc[kStrip];
-        depthwise_strip<A, K>(band.at(cb, y - k / 2, x0 - k / 2), band.pw, k, wv.data(), init, acc);
+        const int64_t x0 = s * SW, m = std::min(SW, g.W - x0);
+        Vec<A> acc[SW];
+        depthwise_strip<A, K, SW>(band.at(cb, y - k / 2, x0 - k / 2), band.pw, k, wv.data(), init, acc);
         for (int64_t j = 0; j < m; ++j) store_n<A>(acc[j] * vs, drow + (x0 + j) * ld_dst, n);
       }
     }
   }
 }
 
+template <typename A, int64_t SW>
+void depthwise_sw(const A* src, int64_t ld_src, const A* add, const A* w, const A* bias, A scale, int64_t S,
+                  const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
+  switch (g.k) {
+    case 7: return depthwise_impl<A, 7, SW>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    case 5: return depthwise_impl<A, 5, SW>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    case 3: return depthwise_impl<A, 3, SW>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    default: return depthwise_impl<A, 0, SW>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+  }
+}
+
 template <typename A>
 void depthwise(const A* src, int64_t ld_src, const A* add, const A* w, const A* bias, A scale, int64_t S,
                const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
-  switch (g.k) {
-    case 7: return depthwise_impl<A, 7>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    case 5: return depthwise_impl<A, 5>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    case 3: return depthwise_impl<A, 3>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    default: return depthwise_impl<A, 0>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+  if constexpr (kStripAlt != kStrip) {
+    if (g.W % kStrip != 0 && g.W % kStripAlt == 0) {
+      return depthwise_sw<A, kStripAlt>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    }
   }
+  depthwise_sw<A, kStrip>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
 }
 
 // gw[t, c] += sum over pixels p of rows [y0, y1): dy[p, c] * q[p + o_t, c], q = src + add inside
