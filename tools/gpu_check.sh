@@ -93,9 +93,10 @@ TOKENMIX_GNCONV_CUTLASS=0 TOKENMIX_DEFORM_FUSED=0 TOKENMIX_WINDOW_TENSOR_CORES=0
   deform_conv2d window_attention --device cuda --dtype float16 --no-compile --quiet --reps 20
 stamp "bench with fused paths off: rc $?"
 step "kernel profile float16" 60 "$OUT/bench.log" "$PY" tools/cuda_profile.py --rows 12
+stamp "kernel profile: rc $?"
 step "model profile float16" 45 "$OUT/bench.log" "$PY" tools/cuda_profile.py "swin_tiny (model)" \
   --models --eager --rows 15
-stamp "kernel profile: rc $?"
+stamp "model profile: rc $?"
 
 bench float32 90
 step "bench deform bfloat16" 60 "$OUT/bench.log" "$PY" -m tokenmix bench deform_conv2d --device cuda \
