@@ -25,15 +25,16 @@ OP_TESTS := tests/test_gather.py tests/test_window_attention.py tests/test_defor
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)" "scikit-build-core>=0.10" "ninja>=1.10" numpy
-	# CUTLASS headers for the CUDA build (gnconv's gated GEMMs); only the headers are used.
-	$(PIP) install --no-deps "$(CUTLASS)"
 	@if ! cmake --version 2>/dev/null | awk 'NR==1 { split($$3, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 25)) }'; then \
 		echo "no CMake >= 3.25 on PATH: installing it into $(VENV)"; \
 		$(PIP) install "cmake>=3.25,<4"; \
 	fi
 	touch $@
 
+# CUTLASS's headers for the CUDA build (gnconv's gated GEMMs), checked on every setup so that an
+# older .venv gets them too; only the headers are used, hence --no-deps.
 setup: $(STAMP)
+	$(PIP) install -q --no-deps "$(CUTLASS)"
 	$(PIP) install --no-build-isolation -e ".[test,bench]"
 
 test: setup
