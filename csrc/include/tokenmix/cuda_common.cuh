@@ -90,6 +90,16 @@ __device__ __forceinline__ long long warp_min(long long v) {
   return v;
 }
 
+// Whether the current device runs the fp16/bf16 tensor-core kernels: the dtype is one of those
+// two and the device has compute capability >= 8.0 (bf16 MMA fragments, cp.async).
+inline bool tensor_core_dtype_on_device(DType dtype) {
+  if (dtype != DType::Float16 && dtype != DType::BFloat16) return false;
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         major >= 8;
+}
+
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {

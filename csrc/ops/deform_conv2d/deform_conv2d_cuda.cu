@@ -302,11 +302,7 @@ cudaError_t deform_col2im_cuda(const DeformParams& p, cudaStream_t stream) {
 }
 
 bool deform_forward_fused_supported(const DeformParams& p, int64_t weight_groups) {
-  if ((p.dtype != DType::Float16 && p.dtype != DType::BFloat16) || weight_groups != 1) return false;
-  int device = 0, major = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-         major >= 8;
+  return weight_groups == 1 && cu::tensor_core_dtype_on_device(p.dtype);
 }
 
 cudaError_t deform_forward_fused_cuda(const DeformParams& p, cudaStream_t stream) {

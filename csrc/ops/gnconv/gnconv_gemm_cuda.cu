@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "gnconv_params.h"
+#include "tokenmix/cuda_common.cuh"
 
 #if defined(TOKENMIX_HAVE_CUTLASS)
 #include <cutlass/array.h>
@@ -181,13 +182,7 @@ bool aligned(int64_t ld) { return ld % kAlign == 0; }
 }  // namespace
 
 bool gnconv_gated_gemm_supported(const GatedGemmParams& p) {
-  if (p.dtype != DType::Float16 && p.dtype != DType::BFloat16) return false;
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      major < 8) {
-    return false;
-  }
+  if (!cu::tensor_core_dtype_on_device(p.dtype)) return false;
   constexpr int64_t kIntMax = 2147483647;
   if (p.M <= 0 || p.N <= 0 || p.K <= 0 || p.M > kIntMax) return false;
   const bool backward = p.mode == GateMode::kBackward;

@@ -100,20 +100,26 @@ __device__ __forceinline__ int64_t strided(const Strides4& s, int64_t b, int64_t
   return b * s.b + y * s.y + x * s.x + h * s.h;
 }
 
+// Token t of window `win`: its original row and column, Swin region (-1 outside the map) and
+// relative position, into the shared arrays; returns whether it lies inside the map.
+__device__ __forceinline__ bool place_token(const Geometry& g, int64_t win, int t, int* ty, int* tx,
+                                            int* treg, int* tpos) {
+  int64_t sy = 0, sx = 0;
+  const bool exists = shifted_coords(g, win, t, &sy, &sx);
+  ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
+  tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
+  treg[t] = exists ? region(g, sy, sx) : -1;
+  tpos[t] = relative_pos(g, t);
+  return exists;
+}
+
 // Window tokens' coordinates, then Q (scaled), K, V and optionally dO, into shared memory.
 template <typename T, typename A>
 __device__ void load_window(const WindowParams& p, const Local& l, int64_t b, int64_t win, int64_t h,
                             Smem<A>& s) {
   const Geometry& g = p.geo;
   const int Tn = l.T, d = l.d, ld = l.ld;
-  for (int t = threadIdx.x; t < Tn; t += blockDim.x) {
-    int64_t sy, sx;
-    const bool exists = shifted_coords(g, win, t, &sy, &sx);
-    s.ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
-    s.tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
-    s.treg[t] = exists ? region(g, sy, sx) : -1;
-    s.tpos[t] = relative_pos(g, t);
-  }
+  for (int t = threadIdx.x; t < Tn; t += blockDim.x) place_token(g, win, t, s.ty, s.tx, s.treg, s.tpos);
   __syncthreads();
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -273,12 +279,13 @@ __device__ void load_window(const WindowParams& p, const Local& l, int64_t b, in
   const Geometry& g = p.geo;
   const int64_t nW = g.windows();
   for (int t = threadIdx.x; t < kT; t += blockDim.x) {
-    int64_t sy = 0, sx = 0;
-    const bool exists = t < l.T && shifted_coords(g, win, t, &sy, &sx);
-    w.ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
-    w.tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
-    w.treg[t] = t >= l.T ? kRegionPad : (exists ? region(g, sy, sx) : -1);
-    w.tpos[t] = t < l.T ? relative_pos(g, t) : 0;
+    bool exists = false;
+    if (t < l.T) {
+      exists = place_token(g, win, t, w.ty, w.tx, w.treg, w.tpos);
+    } else {
+      w.ty[t] = w.tx[t] = w.tpos[t] = 0;
+      w.treg[t] = kRegionPad;
+    }
     if (w.lse != nullptr) {
       w.lse[t] = exists ? static_cast<const float*>(p.lse)[((b * nW + win) * l.T + t) * p.heads + h] : 0.0f;
     }
@@ -780,14 +787,7 @@ cudaError_t launch(Kernel kernel, const WindowParams& p, int64_t smem, cudaStrea
 
 // Whether forward_tc_kernel covers these parameters on this device.
 bool tensor_core_forward(const WindowParams& p) {
-  if ((p.dtype != DType::Float16 && p.dtype != DType::BFloat16) || p.d != tc::kD ||
-      p.geo.tokens() > tc::kT) {
-    return false;
-  }
-  int device = 0, major = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-         major >= 8;
+  return p.d == tc::kD && p.geo.tokens() <= tc::kT && tensor_core_dtype_on_device(p.dtype);
 }
 
 }  // namespace
