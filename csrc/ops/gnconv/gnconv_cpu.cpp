@@ -5,16 +5,17 @@
 // independent of the thread count. Inside a tile everything is channels-last rows [pixel, channel]
 // in the accumulation type.
 //
-// Forward:
-//   A. F = x W_in^T, one batched GEMM (x read in place, NCHW or NHWC). The depthwise conv reads
-//      k/2 rows of F beyond its band, so F is the one full-size intermediate; proj_in's bias is
+// Forward, per tile:
+//   A. F = x W_in^T for the rows of the band and its depthwise halo not yet computed, one GEMM
+//      per chunk of rows (x read in place, NCHW or NHWC) into the thread's copy of the image's F,
+//      so that F is mostly read back from cache and never exists at full size; proj_in's bias is
 //      added where F is read.
-//   B. per tile: the depthwise k x k conv of F's gate channels (packed into a zero-bordered band
-//      first) + bias, times the scale, then the first gate (p0 * g_0), while the band is in
-//      cache; each pws step is a small GEMM whose output is gated (+ bias, * g_i) before it
-//      leaves cache; proj_out's GEMM, its bias folded in, writes the output tile in x's memory
-//      format.
-// Backward saves nothing but the operands: pass A recomputes F, pass B recomputes each tile's
+//   B. the depthwise k x k conv of F's gate channels (packed into a zero-bordered band first)
+//      + bias, times the scale, then the first gate (p0 * g_0), while the band is in cache; each
+//      pws step is a small GEMM whose output is gated (+ bias, * g_i) before it leaves cache;
+//      proj_out's GEMM, its bias folded in, writes the output tile in x's memory format.
+// Backward saves nothing but the operands: pass A recomputes all of F with the same band GEMMs,
+// pass B recomputes each tile's
 // gates and chain and runs it backwards (weight-gradient partials per tile, the gate gradient dD
 // and dL/dp0 into full-size buffers), pass C turns dD into dL/dq (the depthwise conv with the
 // flipped kernel), the depthwise weight/bias gradients, and then grad_x = dF W_in and W_in's
@@ -29,6 +30,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -40,6 +42,9 @@ namespace gnconv {
 namespace {
 
 constexpr int64_t kTilePixels = 1024;
+// Largest per-thread copy of one image's projection F kept between calls; a larger one (a big
+// detection-size map) is allocated for the call, so idle threads do not hold on to it.
+constexpr int64_t kMaxCachedImageF = int64_t(8) << 20;
 // Output pixels per register block of the depthwise conv: its sums and one kernel row's inputs
 // (kStrip + k - 1 vectors) stay in registers; AVX-512 has 32 of them, the other ISAs 16.
 // kStripAlt serves rows whose width it divides and kStrip does not: HorNet's 28-, 14- and 7-wide
@@ -55,18 +60,31 @@ constexpr int64_t kStripAlt = kStrip;
 template <typename A>
 using Vec = at::vec::Vectorized<A>;
 
-// Bands of rows of one image; tile t covers image t / bands, rows [y0, y1).
+// Bands of rows of one image; tile t covers image t / bands, rows [y0, y1). The bands of an image
+// are as even as whole rows allow: a short last band would pay the depthwise halo for few rows.
+// proj_in's output F is computed in chunks, the bands shifted down by the depthwise halo: chunk j
+// holds the rows band j's conv reads that band j - 1's did not, so a tile reads most of its F
+// right after computing it.
 struct Tiling {
-  int64_t B, H, W, HW, rows, bands, count;
+  int64_t B, H, W, HW, pad, rows, bands, count;
 
   Tiling(int64_t B_, const DwGeometry& g)
-      : B(B_), H(g.H), W(g.W), HW(g.H * g.W),
-        rows(std::clamp<int64_t>(kTilePixels / std::max<int64_t>(g.W, 1), 1, std::max<int64_t>(g.H, 1))),
-        bands((g.H + rows - 1) / rows), count(B_ * bands) {}
+      : B(B_), H(g.H), W(g.W), HW(g.H * g.W), pad(g.pad()), count(0) {
+    const int64_t h = std::max<int64_t>(H, 1);
+    const int64_t target = std::clamp<int64_t>(kTilePixels / std::max<int64_t>(W, 1), 1, h);
+    bands = (h + target - 1) / target;
+    rows = (h + bands - 1) / bands;
+    bands = (h + rows - 1) / rows;
+    count = B * bands;
+  }
   int64_t image(int64_t t) const { return t / bands; }
-  int64_t y0(int64_t t) const { return (t % bands) * rows; }
+  int64_t band(int64_t t) const { return t % bands; }
+  int64_t y0(int64_t t) const { return band(t) * rows; }
   int64_t y1(int64_t t) const { return std::min(H, y0(t) + rows); }
   int64_t max_pixels() const { return rows * W; }
+  int64_t chunk_y0(int64_t j) const { return j == 0 ? 0 : std::min(H, j * rows + pad); }
+  int64_t chunk_y1(int64_t j) const { return std::min(H, (j + 1) * rows + pad); }
+  int64_t chunk_of_row(int64_t y) const { return y < pad ? 0 : std::min(bands - 1, (y - pad) / rows); }
 };
 
 template <typename A>
@@ -76,15 +94,29 @@ at::Tensor blob(A* p, at::IntArrayRef sizes) {
 
 // Scratch memory of the calling thread, one buffer per use, kept between calls so that the
 // kernels do not fault in fresh pages every time (it grows to the largest tile seen, bounded by
-// kTilePixels times the channel count). Left uninitialised: every kernel writes before it reads.
-enum Slot { kBand, kGradBand, kGates, kYs, kZs, kGradA, kGradB, kGradX, kSlots };
+// kTilePixels times the channel count; kImageF by kMaxCachedImageF). Cache-line aligned, so
+// that a GEMM into it sees the same alignment whichever thread runs it. Left uninitialised: every
+// kernel writes before it reads.
+enum Slot { kBand, kGradBand, kGates, kYs, kZs, kGradA, kGradB, kGradX, kImageF, kSlots };
+
+struct AlignedFree {
+  void operator()(void* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+
+template <typename A>
+using AlignedBuffer = std::unique_ptr<A[], AlignedFree>;
+
+template <typename A>
+AlignedBuffer<A> aligned_buffer(int64_t n) {
+  return AlignedBuffer<A>(static_cast<A*>(::operator new[](n * sizeof(A), std::align_val_t(64))));
+}
 
 template <typename A>
 A* scratch(Slot slot, int64_t n) {
-  static thread_local std::unique_ptr<A[]> buf[kSlots];
+  static thread_local AlignedBuffer<A> buf[kSlots];
   static thread_local int64_t cap[kSlots] = {};
   if (n > cap[slot]) {
-    buf[slot].reset(new A[n]);
+    buf[slot] = aligned_buffer<A>(n);
     cap[slot] = n;
   }
   return buf[slot].get();
@@ -214,16 +246,22 @@ struct PackedBand {
         }
       }
       if (y < 0 || y >= g.H) continue;
-      // Block by block along the row: sequential stores, a fixed stride for the loads.
-      for (int64_t cb = 0; cb < blocks; ++cb) {
-        const int64_t n = std::min(V, S - cb * V);
-        const Vec<A> a = add ? load_n(add + cb * V, n) : Vec<A>(A(0));
-        const A* in = src + y * g.W * ld + cb * V;
-        A* out = data + cb * block + (r * pw + pad) * V;
-        if (n == V) {
-          for (int64_t x = 0; x < g.W; ++x) (Vec<A>::loadu(in + x * ld) + a).store(out + x * V);
-        } else {
-          for (int64_t x = 0; x < g.W; ++x) (Vec<A>::loadu(in + x * ld, n) + a).store(out + x * V);
+      // Pixel by pixel: each pixel's channels are one sequential read, and each block's row one
+      // sequential stream of stores. Reading a block's row instead would step ld floats between
+      // loads and take a cache line per load, every line of the row once per block.
+      const A* in = src + y * g.W * ld;
+      A* out = data + (r * pw + pad) * V;
+      const int64_t full = S / V, n = S - full * V;
+      for (int64_t x = 0; x < g.W; ++x) {
+        const A* px = in + x * ld;
+        A* o = out + x * V;
+        for (int64_t cb = 0; cb < full; ++cb) {
+          const Vec<A> v = Vec<A>::loadu(px + cb * V);
+          (add ? v + Vec<A>::loadu(add + cb * V) : v).store(o + cb * block);
+        }
+        if (n > 0) {
+          const Vec<A> v = Vec<A>::loadu(px + full * V, n);
+          (add ? v + Vec<A>::loadu(add + full * V, n) : v).store(o + full * block);
         }
       }
     }
@@ -278,12 +316,13 @@ void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, cons
                     const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
   constexpr int64_t V = Vec<A>::size();
   const int64_t k = K > 0 ? K : g.k;
-  PackedBand<A> band(g, S, y0, y1, k / 2, kBand, SW);
-  band.pack(src, ld_src, g, S, add);
   std::vector<Vec<A>> wv(k * k);
   const Vec<A> vs(scale);
   for (int64_t c = 0; c < S; c += V) {
-    const int64_t n = std::min(V, S - c), cb = c / V;
+    const int64_t n = std::min(V, S - c);
+    // One block at a time: the packed copy stays small enough to leave the source in cache.
+    PackedBand<A> band(g, n, y0, y1, k / 2, kBand, SW);
+    band.pack(src + c, ld_src, g, n, add ? add + c : nullptr);
     for (int64_t t = 0; t < k * k; ++t) wv[t] = load_n(w + t * S + c, n);
     const Vec<A> init = bias ? load_n(bias + c, n) : Vec<A>(A(0));
     for (int64_t y = y0; y < y1; ++y) {
@@ -291,7 +330,7 @@ void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, cons
       for (int64_t s = 0; s < band.strips; ++s) {
         const int64_t x0 = s * SW, m = std::min(SW, g.W - x0);
         Vec<A> acc[SW];
-        depthwise_strip<A, K, SW>(band.at(cb, y - k / 2, x0 - k / 2), band.pw, k, wv.data(), init, acc);
+        depthwise_strip<A, K, SW>(band.at(0, y - k / 2, x0 - k / 2), band.pw, k, wv.data(), init, acc);
         for (int64_t j = 0; j < m; ++j) store_n<A>(acc[j] * vs, drow + (x0 + j) * ld_dst, n);
       }
     }
@@ -371,27 +410,54 @@ void depthwise_weight_grad(const A* src, int64_t ld_src, const A* add, const A* 
 // Weights in the accumulation type and the layouts the kernels read.
 // proj_out's bias rides in its GEMM as one more input channel of ones (w_out_aug =
 // [W_out | b_out]), which costs nothing where a bias pass over the output would not.
+// Built with plain loops and views: at HorNet's late stages the per-call setup is otherwise a
+// few percent of the whole op.
+template <typename scalar_t>
 struct Weights {
+  using A = at::opmath_type<scalar_t>;
   at::Tensor w_in, b_in, w_dw, b_dw, w_out, b_out;  // w_dw: [k * k, S] tap-major
   std::vector<at::Tensor> w_pw, b_pw;               // w_*: [out, in]
   at::Tensor w_out_aug;                             // [dim, dim + 1]
 
-  // Detached: the worker threads of at::parallel_for do not inherit the caller's
-  // below-autograd dispatch state, and out= GEMMs refuse operands that require grad.
-  Weights(const Problem& p, at::ScalarType acc) {
-    const auto vec = [acc](const at::Tensor& b) { return b.detach().to(acc); };
-    const auto mat = [&](const at::Tensor& w) { return vec(w).view({w.size(0), w.size(1)}); };
+  // Plain tensors: the worker threads of at::parallel_for do not inherit the caller's
+  // below-autograd dispatch state, and out= GEMMs refuse operands that require grad. In the
+  // accumulation type already, a parameter's own (contiguous) memory is used as is.
+  static at::Tensor acc(const at::Tensor& t, at::IntArrayRef sizes) {
+    if constexpr (std::is_same_v<scalar_t, A>) {
+      return blob(const_cast<A*>(t.const_data_ptr<A>()), sizes);
+    } else {
+      return t.detach().to(c10::CppTypeToScalarType<A>::value).view(sizes);
+    }
+  }
+
+  explicit Weights(const Problem& p) {
+    const auto mat = [](const at::Tensor& w) { return acc(w, {w.size(0), w.size(1)}); };
+    const auto vec = [](const at::Tensor& b) { return acc(b, {b.size(0)}); };
     w_in = mat(p.w_in);
     w_out = mat(p.w_out);
     b_in = vec(p.b_in);
     b_out = vec(p.b_out);
     b_dw = vec(p.b_dw);
-    w_dw = vec(p.w_dw).view({p.lay.S, -1}).t().contiguous();
     for (size_t i = 0; i < p.w_pw.size(); ++i) {
       w_pw.push_back(mat(p.w_pw[i]));
       b_pw.push_back(vec(p.b_pw[i]));
     }
-    w_out_aug = at::cat({w_out, b_out.view({-1, 1})}, 1);
+    const int64_t S = p.lay.S, taps = p.geo.taps(), C = p.lay.dim;
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
+    w_dw = at::empty({taps, S}, opts);
+    const scalar_t* wd = p.w_dw.const_data_ptr<scalar_t>();
+    A* t = w_dw.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < S; ++c) {
+      for (int64_t k = 0; k < taps; ++k) t[k * S + c] = static_cast<A>(wd[c * taps + k]);
+    }
+    w_out_aug = at::empty({C, C + 1}, opts);
+    const scalar_t* wo = p.w_out.const_data_ptr<scalar_t>();
+    const scalar_t* bo = p.b_out.const_data_ptr<scalar_t>();
+    A* a = w_out_aug.mutable_data_ptr<A>();
+    for (int64_t r = 0; r < C; ++r) {
+      for (int64_t c = 0; c < C; ++c) a[r * (C + 1) + c] = static_cast<A>(wo[r * C + c]);
+      a[r * (C + 1) + C] = static_cast<A>(bo[r]);
+    }
   }
   // The depthwise kernel rotated by 180 degrees, tap-major: backward's transposed convolution.
   at::Tensor w_dw_flipped(const Problem& p) const {
@@ -407,18 +473,16 @@ struct Call {
   const Layout& L;
   const DwGeometry& g;
   Tiling tiles;
-  Weights w;
+  Weights<scalar_t> w;
   at::Tensor xa;  // x in the accumulation type, x's memory format
-  at::Tensor F;   // [B * H * W, 2 dim]
+  at::Tensor F;   // [B * H * W, 2 dim], made by project_in() (backward)
   int64_t P2;     // 2 dim
 
   explicit Call(const Problem& p_)
       : p(p_), L(p_.lay), g(p_.geo), tiles(p_.x.size(0), p_.geo),
-        w(p_, acc_scalar_type(p_.x.scalar_type())),
+        w(p_),
         xa(p_.x.detach().to(acc_scalar_type(p_.x.scalar_type()))),
-        P2(p_.lay.proj_width()) {
-    F = at::empty({tiles.B * tiles.HW, P2}, xa.options().memory_format(at::MemoryFormat::Contiguous));
-  }
+        P2(p_.lay.proj_width()) {}
 
   // x rows [pix0, pix0 + np) of image b as an [np, dim] matrix (a transposed view for NCHW).
   at::Tensor x_rows(int64_t b, int64_t pix0, int64_t np) const {
@@ -426,12 +490,23 @@ struct Call {
   }
   A* F_image(int64_t b) const { return F.mutable_data_ptr<A>() + b * tiles.HW * P2; }
 
-  // Pass A: F = x W_in^T for every pixel, one batched GEMM (x read in place, NCHW or NHWC).
-  // proj_in's bias is added where F is read (the first gate, the depthwise conv's packing),
-  // which saves a pass over F.
-  void project_in() const {
-    at::Tensor F3 = F.view({tiles.B, tiles.HW, P2});
-    at::bmm_out(F3, xa.flatten(2).transpose(1, 2), w.w_in.t().expand({tiles.B, -1, -1}));
+  // F = x W_in^T for the pixels of chunk j of image b, into F_img (the image's pixel 0): one
+  // GEMM (x read in place, NCHW or NHWC) whose shape depends on the chunk alone, so F's bits do
+  // not depend on which thread computes it or on the thread count. proj_in's bias is added where
+  // F is read (the first gate, the depthwise conv's packing), which saves a pass over F.
+  void project_chunk(int64_t b, int64_t j, A* F_img) const {
+    const int64_t pix0 = tiles.chunk_y0(j) * g.W, np = tiles.chunk_y1(j) * g.W - pix0;
+    if (np <= 0) return;
+    at::Tensor dst = blob(F_img + pix0 * P2, {np, P2});
+    at::mm_out(dst, x_rows(b, pix0, np), w.w_in.t());
+  }
+
+  // Pass A (backward): F for every pixel.
+  void project_in() {
+    F = at::empty({tiles.B * tiles.HW, P2}, xa.options().memory_format(at::MemoryFormat::Contiguous));
+    for_each_tile([&] {
+      return [&](int64_t t) { project_chunk(tiles.image(t), tiles.band(t), F_image(tiles.image(t))); };
+    });
   }
 
   // Runs make_worker()(t) on every tile t; make_worker() builds a thread's callable.
@@ -443,16 +518,53 @@ struct Call {
     });
   }
 
-  // The tile's gates g = scale * (dwconv(q) + b_dw), [np, S].
-  void gates(int64_t t, A* gbuf) const {
-    const A* Fb = F_image(tiles.image(t));
-    depthwise<A>(Fb + L.dims[0], P2, w.b_in.template const_data_ptr<A>() + L.dims[0], w.w_dw.const_data_ptr<A>(), w.b_dw.const_data_ptr<A>(),
+  // The tile's gates g = scale * (dwconv(q) + b_dw), [np, S]; Fb: F of the tile's image.
+  void gates(int64_t t, const A* Fb, A* gbuf) const {
+    depthwise<A>(Fb + L.dims[0], P2, w.b_in.template const_data_ptr<A>() + L.dims[0],
+                 w.w_dw.template const_data_ptr<A>(), w.b_dw.template const_data_ptr<A>(),
                  static_cast<A>(p.scale), L.S, g, tiles.y0(t), tiles.y1(t), gbuf, L.S);
   }
 
   // Element (pixel, c) of image b of a tensor in x's memory format: base + pixel * ps + c * cs.
   int64_t pixel_stride() const { return p.x.stride(3); }
   int64_t channel_stride() const { return p.x.stride(1); }
+};
+
+// The forward's F of one image, kept by the thread that works on its bands: computed chunk by
+// chunk as the depthwise halo reaches it, so that the gates and the first gate read it from
+// cache. Only the chunk before another thread's share is computed twice.
+template <typename scalar_t>
+class ImageProjection {
+  using A = at::opmath_type<scalar_t>;
+  const Call<scalar_t>& call;
+  AlignedBuffer<A> own;
+  A* F;
+  int64_t image = -1, lo = 0, hi = 0;  // chunks [lo, hi) of `image` are in F
+
+ public:
+  explicit ImageProjection(const Call<scalar_t>& c) : call(c) {
+    const int64_t n = c.tiles.HW * c.P2;
+    if (n * int64_t(sizeof(A)) <= kMaxCachedImageF) {
+      F = scratch<A>(kImageF, n);
+    } else {
+      own = aligned_buffer<A>(n);
+      F = own.get();
+    }
+  }
+
+  // F of tile t's image, valid on the rows the tile's depthwise conv reads.
+  const A* rows_for(int64_t t) {
+    const Tiling& tl = call.tiles;
+    const int64_t pad = tl.pad;
+    const int64_t first = tl.chunk_of_row(std::max<int64_t>(0, tl.y0(t) - pad));
+    const int64_t last = tl.chunk_of_row(std::min(tl.H, tl.y1(t) + pad) - 1);
+    if (tl.image(t) != image || first < lo || first > hi) {
+      image = tl.image(t);
+      lo = hi = first;
+    }
+    for (; hi <= last; ++hi) call.project_chunk(image, hi, F);
+    return F;
+  }
 };
 
 template <typename scalar_t>
@@ -465,18 +577,18 @@ void forward_typed(const Problem& p, at::Tensor& out) {
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t ps = out.stride(3), cs = out.stride(1);
 
-  call.project_in();
   call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
     return [&, gbuf = scratch<A>(kGates, mp * L.S), y = scratch<A>(kYs, mp * (C + 1)),
-            z = scratch<A>(kZs, mp * C)](int64_t t) {
+            z = scratch<A>(kZs, mp * C), proj = ImageProjection<scalar_t>(call)](int64_t t) mutable {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * p.geo.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * p.geo.W;
       // y_i rows are dims[i] wide, the last one C + 1: its column C holds the ones proj_out's
       // augmented weight turns into the bias.
       const auto ld = [&](int64_t i) { return i == n - 1 ? C + 1 : L.dims[i]; };
-      call.gates(t, gbuf);
-      bias_gate<A>(np, L.dims[0], y, ld(0), call.F_image(b) + pix0 * P2, P2,
+      const A* Fb = proj.rows_for(t);
+      call.gates(t, Fb, gbuf);
+      bias_gate<A>(np, L.dims[0], y, ld(0), Fb + pix0 * P2, P2,
                    call.w.b_in.template const_data_ptr<A>(), gbuf, L.S);
       for (int64_t i = 1; i < n; ++i) {
         at::Tensor zt = blob(z, {np, L.dims[i]});
@@ -510,7 +622,8 @@ struct Partials {
   at::Tensor w_in, b_in, w_dw, b_dw, w_out, b_out;
   std::vector<at::Tensor> w_pw, b_pw;
 
-  Partials(int64_t T, const Weights& w, const Layout& L) {
+  template <class W>
+  Partials(int64_t T, const W& w, const Layout& L) {
     const auto like = [T](const at::Tensor& t) {
       std::vector<int64_t> s{T};
       s.insert(s.end(), t.sizes().begin(), t.sizes().end());
@@ -547,14 +660,14 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   const auto mul_scaled = [scale](auto u, auto v) { return u * v * decltype(u)(scale); };
   Partials<A> part(tiles.count, call.w, L);
   const at::Tensor w_dw_flip = call.w.w_dw_flipped(p);
-  // dD: gradient of the gates before the scale (of dwconv(q) + b_dw), [N, S]; dF: of F, [N, 2 dim].
-  at::Tensor dD = at::empty({tiles.B * tiles.HW, S}, call.F.options());
-  at::Tensor dF = at::empty_like(call.F);
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const int64_t ps = call.pixel_stride(), cs = call.channel_stride();
 
   // Pass A again, then B: the tile's gates and chain recomputed and run backwards.
   call.project_in();
+  // dD: gradient of the gates before the scale (of dwconv(q) + b_dw), [N, S]; dF: of F, [N, 2 dim].
+  at::Tensor dD = at::empty({tiles.B * tiles.HW, S}, call.F.options());
+  at::Tensor dF = at::empty_like(call.F);
   call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
     return [&, gbuf = scratch<A>(kGates, mp * S), ys = scratch<A>(kYs, mp * S), zs = scratch<A>(kZs, mp * S),
@@ -564,7 +677,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       const A* Ft = call.F_image(b) + pix0 * P2;
       A* dDt = dD.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
-      call.gates(t, gbuf);
+      call.gates(t, call.F_image(b), gbuf);
       // y_i at ys + np * offs[i], pre-gate z_i (bias included) at zs + np * offs[i].
       const auto Y = [&](int64_t i) { return ys + np * L.offs[i]; };
       const auto Z = [&](int64_t i) { return zs + np * L.offs[i]; };

@@ -4,9 +4,14 @@ Every case is timed forward (under no_grad) and forward+backward. The variants o
 interleaved, round after round, and each reports its median, so slow drifts of the machine hit all
 variants alike; ratios measured in one run are what we compare across machines. Memory-bound
 cases also report achieved GB/s against a plain tensor copy of the same bytes timed in that run.
+
+On CPU the process's heap keeps the memory it frees (see `steady_heap`): with glibc's defaults a
+multi-megabyte tensor is mapped fresh, or its pages handed back, depending on what was allocated
+before, so one variant pays page faults in one run and not in the next.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import json
 import os
@@ -264,9 +269,25 @@ def git_commit() -> str | None:
         return None
 
 
+def steady_heap() -> bool:
+    """Make glibc serve large allocations from the heap and keep freed memory there, as the
+    caching allocators PyTorch's CPU tuning guides recommend (jemalloc, tcmalloc) do, so that no
+    variant's time depends on whether its tensors happen to get fresh pages. Every variant gets
+    the same heap. Returns whether the setting took (False: not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; freed memory is never trimmed.
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: int = 30,
         compile_ref: bool = True, progress: bool = True) -> dict:
     """Run every case; return the JSON-ready result (metadata + rows)."""
+    heap = steady_heap() if device.type == "cpu" else None
     rows: list[Row] = []
     bar = Progress(len(cases), progress)
     for case in cases:
@@ -283,6 +304,7 @@ def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: i
         "commit": git_commit(),
         "date": _dt.date.today().isoformat(),
         "reps": reps,
+        "steady_heap": heap,
         "rows": [asdict(r) for r in rows],
     }
 
