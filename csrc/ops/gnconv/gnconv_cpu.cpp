@@ -306,6 +306,43 @@ inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const Vec<A>
   for (int64_t j = 0; j < SW; ++j) out[j] = acc[j];
 }
 
+// The same for two output rows at once (out0: the row at win + pad rows, out1: the one below).
+// Each input row is loaded once for both, and 2 SW independent sums keep both FMA pipes busy,
+// where SW sums of 49 dependent FMAs each would wait on the FMA latency.
+template <typename A, int K, int64_t SW>
+inline void depthwise_strip2(const A* win, int64_t pw, const Vec<A>* wv, const Vec<A>& init, Vec<A>* out0,
+                             Vec<A>* out1) {
+  constexpr int64_t V = Vec<A>::size();
+  Vec<A> acc0[SW], acc1[SW];
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < SW; ++j) acc0[j] = acc1[j] = init;
+#pragma GCC unroll 1
+  for (int64_t r = 0; r <= K; ++r) {
+    const A* p = win + r * pw * V;
+    Vec<A> in[SW + K - 1];
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < SW + K - 1; ++j) in[j] = Vec<A>::loadu(p + j * V);
+#pragma GCC unroll 7
+    for (int64_t kx = 0; kx < K; ++kx) {
+      if (r < K) {
+        const Vec<A> w = wv[r * K + kx];
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < SW; ++j) acc0[j] = at::vec::fmadd(in[j + kx], w, acc0[j]);
+      }
+      if (r > 0) {
+        const Vec<A> w = wv[(r - 1) * K + kx];
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < SW; ++j) acc1[j] = at::vec::fmadd(in[j + kx], w, acc1[j]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < SW; ++j) {
+    out0[j] = acc0[j];
+    out1[j] = acc1[j];
+  }
+}
+
 // dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] q[pixel + o_t, c]), c < S, for the pixels of
 // rows [y0, y1) of one image, q = src + add (add may be null) inside the map and zero outside.
 // src: the image's pixel 0, ld_src apart;
@@ -325,7 +362,22 @@ void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, cons
     band.pack(src + c, ld_src, g, n, add ? add + c : nullptr);
     for (int64_t t = 0; t < k * k; ++t) wv[t] = load_n(w + t * S + c, n);
     const Vec<A> init = bias ? load_n(bias + c, n) : Vec<A>(A(0));
-    for (int64_t y = y0; y < y1; ++y) {
+    int64_t y = y0;
+    if constexpr (K > 0) {
+      for (; y + 1 < y1; y += 2) {
+        A* drow = dst + (y - y0) * g.W * ld_dst + c;
+        for (int64_t s = 0; s < band.strips; ++s) {
+          const int64_t x0 = s * SW, m = std::min(SW, g.W - x0);
+          Vec<A> acc0[SW], acc1[SW];
+          depthwise_strip2<A, K, SW>(band.at(0, y - k / 2, x0 - k / 2), band.pw, wv.data(), init, acc0, acc1);
+          for (int64_t j = 0; j < m; ++j) {
+            store_n<A>(acc0[j] * vs, drow + (x0 + j) * ld_dst, n);
+            store_n<A>(acc1[j] * vs, drow + (g.W + x0 + j) * ld_dst, n);
+          }
+        }
+      }
+    }
+    for (; y < y1; ++y) {
       A* drow = dst + (y - y0) * g.W * ld_dst + c;
       for (int64_t s = 0; s < band.strips; ++s) {
         const int64_t x0 = s * SW, m = std::min(SW, g.W - x0);
