@@ -13,13 +13,13 @@
 //   B. the depthwise k x k conv of F's gate channels (packed into a zero-bordered band first)
 //      + bias, times the scale, then the first gate (p0 * g_0), while the band is in cache; each
 //      pws step is a small GEMM whose output is gated (+ bias, * g_i) before it leaves cache;
-//      proj_out's GEMM, its bias folded in, writes the output tile in x's memory format.
-// Backward saves nothing but the operands: pass A recomputes all of F with the same band GEMMs,
-// pass B recomputes each tile's
-// gates and chain and runs it backwards (weight-gradient partials per tile, the gate gradient dD
-// and dL/dp0 into full-size buffers), pass C turns dD into dL/dq (the depthwise conv with the
-// flipped kernel), the depthwise weight/bias gradients, and then grad_x = dF W_in and W_in's
-// gradient per tile.
+//      proj_out's GEMM writes the output tile in x's memory format, and its bias is added while
+//      the tile is in cache.
+// Backward saves nothing but the operands: pass A recomputes all of F with the same chunk
+// GEMMs, pass B recomputes each tile's gates and chain and runs it backwards (weight-gradient
+// partials per tile, the gate gradient dD and dL/dp0 into full-size buffers), pass C turns dD
+// into dL/dq (the depthwise conv with the flipped kernel), the depthwise weight/bias gradients,
+// and then grad_x = dF W_in and W_in's gradient per tile.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -460,8 +460,6 @@ void depthwise_weight_grad(const A* src, int64_t ld_src, const A* add, const A* 
 // ---- the op -----------------------------------------------------------------------------------
 
 // Weights in the accumulation type and the layouts the kernels read.
-// proj_out's bias rides in its GEMM as one more input channel of ones (w_out_aug =
-// [W_out | b_out]), which costs nothing where a bias pass over the output would not.
 // Built with plain loops and views: at HorNet's late stages the per-call setup is otherwise a
 // few percent of the whole op.
 template <typename scalar_t>
@@ -469,7 +467,6 @@ struct Weights {
   using A = at::opmath_type<scalar_t>;
   at::Tensor w_in, b_in, w_dw, b_dw, w_out, b_out;  // w_dw: [k * k, S] tap-major
   std::vector<at::Tensor> w_pw, b_pw;               // w_*: [out, in]
-  at::Tensor w_out_aug;                             // [dim, dim + 1]
 
   // Plain tensors: the worker threads of at::parallel_for do not inherit the caller's
   // below-autograd dispatch state, and out= GEMMs refuse operands that require grad. In the
@@ -494,21 +491,13 @@ struct Weights {
       w_pw.push_back(mat(p.w_pw[i]));
       b_pw.push_back(vec(p.b_pw[i]));
     }
-    const int64_t S = p.lay.S, taps = p.geo.taps(), C = p.lay.dim;
+    const int64_t S = p.lay.S, taps = p.geo.taps();
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
     w_dw = at::empty({taps, S}, opts);
     const scalar_t* wd = p.w_dw.const_data_ptr<scalar_t>();
     A* t = w_dw.mutable_data_ptr<A>();
     for (int64_t c = 0; c < S; ++c) {
       for (int64_t k = 0; k < taps; ++k) t[k * S + c] = static_cast<A>(wd[c * taps + k]);
-    }
-    w_out_aug = at::empty({C, C + 1}, opts);
-    const scalar_t* wo = p.w_out.const_data_ptr<scalar_t>();
-    const scalar_t* bo = p.b_out.const_data_ptr<scalar_t>();
-    A* a = w_out_aug.mutable_data_ptr<A>();
-    for (int64_t r = 0; r < C; ++r) {
-      for (int64_t c = 0; c < C; ++c) a[r * (C + 1) + c] = static_cast<A>(wo[r * C + c]);
-      a[r * (C + 1) + C] = static_cast<A>(bo[r]);
     }
   }
   // The depthwise kernel rotated by 180 degrees, tap-major: backward's transposed convolution.
@@ -631,37 +620,43 @@ void forward_typed(const Problem& p, at::Tensor& out) {
 
   call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
-    return [&, gbuf = scratch<A>(kGates, mp * L.S), y = scratch<A>(kYs, mp * (C + 1)),
+    return [&, gbuf = scratch<A>(kGates, mp * L.S), y = scratch<A>(kYs, mp * C),
             z = scratch<A>(kZs, mp * C), proj = ImageProjection<scalar_t>(call)](int64_t t) mutable {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * p.geo.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * p.geo.W;
-      // y_i rows are dims[i] wide, the last one C + 1: its column C holds the ones proj_out's
-      // augmented weight turns into the bias.
-      const auto ld = [&](int64_t i) { return i == n - 1 ? C + 1 : L.dims[i]; };
       const A* Fb = proj.rows_for(t);
       call.gates(t, Fb, gbuf);
-      bias_gate<A>(np, L.dims[0], y, ld(0), Fb + pix0 * P2, P2,
+      bias_gate<A>(np, L.dims[0], y, L.dims[0], Fb + pix0 * P2, P2,
                    call.w.b_in.template const_data_ptr<A>(), gbuf, L.S);
       for (int64_t i = 1; i < n; ++i) {
         at::Tensor zt = blob(z, {np, L.dims[i]});
         at::mm_out(zt, blob(y, {np, L.dims[i - 1]}), call.w.w_pw[i - 1].t());
-        bias_gate<A>(np, L.dims[i], y, ld(i), z, L.dims[i],
+        bias_gate<A>(np, L.dims[i], y, L.dims[i], z, L.dims[i],
                      call.w.b_pw[i - 1].template const_data_ptr<A>(), gbuf + L.offs[i], L.S);
       }
-      for (int64_t r = 0; r < np; ++r) y[r * (C + 1) + C] = A(1);
-      const at::Tensor yt = blob(y, {np, C + 1});
+      const at::Tensor yt = blob(y, {np, C});
+      const A* bo = call.w.b_out.template const_data_ptr<A>();
+      const auto add = [](auto u, auto v) { return u + v; };
       if constexpr (std::is_same_v<scalar_t, A>) {
-        // out rows (NHWC) or out^T columns (NCHW) of this band, written by the GEMM in place.
+        // out rows (NHWC) or out^T columns (NCHW) of this band, written by the GEMM in place,
+        // then the bias while they are in cache.
+        A* ob = o + b * out.stride(0) + pix0 * ps;
         if (cs == 1) {
           at::Tensor dst = out[b].permute({1, 2, 0}).reshape({-1, C}).narrow(0, pix0, np);
-          at::mm_out(dst, yt, call.w.w_out_aug.t());
+          at::mm_out(dst, yt, call.w.w_out.t());
+          rowwise<A>(np, C, ob, ps, add, Rows<A>{ob, ps}, Rows<A>{bo, 0});
         } else {
           at::Tensor dst = out[b].view({C, -1}).narrow(1, pix0, np);
-          at::mm_out(dst, call.w.w_out_aug, yt.t());
+          at::mm_out(dst, call.w.w_out, yt.t());
+          for (int64_t c = 0; c < C; ++c) {
+            const Vec<A> bc(bo[c]);
+            at::vec::map([bc](Vec<A> v) { return v + bc; }, ob + c * cs, ob + c * cs, np);
+          }
         }
       } else {
         at::Tensor ot = blob(z, {np, C});
-        at::mm_out(ot, yt, call.w.w_out_aug.t());
+        at::mm_out(ot, yt, call.w.w_out.t());
+        rowwise<A>(np, C, z, C, add, Rows<A>{z, C}, Rows<A>{bo, 0});
         store_tile<scalar_t, A>(z, np, C, o + b * out.stride(0) + pix0 * ps, ps, cs);
       }
     };
