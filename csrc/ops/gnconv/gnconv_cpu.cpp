@@ -29,6 +29,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -506,6 +508,40 @@ struct Weights {
   }
 };
 
+// A contiguous range of tiles [front, back) that its owner takes from the front and other
+// threads from the back; both ends live in one atomic word.
+class TileShare {
+  std::atomic<uint64_t> ends{0};
+  static uint64_t pack(uint64_t front, uint64_t back) { return front << 32 | back; }
+
+ public:
+  void reset(int64_t front, int64_t back) {
+    TORCH_INTERNAL_ASSERT(0 <= front && front <= back && back < (int64_t(1) << 32));
+    ends.store(pack(front, back));
+  }
+  int64_t left() const {
+    const uint64_t e = ends.load(std::memory_order_relaxed);
+    return static_cast<int64_t>(e & 0xffffffffu) - static_cast<int64_t>(e >> 32);
+  }
+  // The tile taken, or -1 when none is left.
+  int64_t take_front() {
+    uint64_t e = ends.load();
+    for (;;) {
+      const uint64_t front = e >> 32, back = e & 0xffffffffu;
+      if (front >= back) return -1;
+      if (ends.compare_exchange_weak(e, pack(front + 1, back))) return static_cast<int64_t>(front);
+    }
+  }
+  int64_t take_back() {
+    uint64_t e = ends.load();
+    for (;;) {
+      const uint64_t front = e >> 32, back = e & 0xffffffffu;
+      if (front >= back) return -1;
+      if (ends.compare_exchange_weak(e, pack(front, back - 1))) return static_cast<int64_t>(back - 1);
+    }
+  }
+};
+
 // Per-call views shared by the passes.
 template <typename scalar_t>
 struct Call {
@@ -550,12 +586,40 @@ struct Call {
     });
   }
 
-  // Runs make_worker()(t) on every tile t; make_worker() builds a thread's callable.
+  // Runs make_worker()(t) on every tile t; make_worker() builds a thread's callable. Each thread
+  // works through an even, contiguous share of the tiles in order (neighbouring bands share F's
+  // rows), and one that runs out takes tiles from the end of the share with the most left, so
+  // that a thread the machine slows down does not hold back the call. Tiles write disjoint
+  // outputs and partials, so who runs a tile never changes a result.
   template <class MakeWorker>
   void for_each_tile(const MakeWorker& make_worker) const {
-    at::parallel_for(0, tiles.count, 1, [&](int64_t begin, int64_t end) {
+    const int64_t T = tiles.count;
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), T);
+    if (workers <= 1) {
       auto work = make_worker();
-      for (int64_t t = begin; t < end; ++t) work(t);
+      for (int64_t t = 0; t < T; ++t) work(t);
+      return;
+    }
+    std::unique_ptr<TileShare[]> shares(new TileShare[workers]);
+    for (int64_t i = 0; i < workers; ++i) shares[i].reset(i * T / workers, (i + 1) * T / workers);
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      auto work = make_worker();
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t t; (t = shares[i].take_front()) >= 0;) work(t);
+      }
+      for (;;) {
+        int64_t victim = -1, most = 0;
+        for (int64_t i = 0; i < workers; ++i) {
+          const int64_t left = shares[i].left();
+          if (left > most) {
+            victim = i;
+            most = left;
+          }
+        }
+        if (victim < 0) break;
+        const int64_t t = shares[victim].take_back();
+        if (t >= 0) work(t);
+      }
     });
   }
 
