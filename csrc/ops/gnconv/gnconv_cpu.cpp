@@ -571,10 +571,11 @@ struct Call {
   // GEMM (x read in place, NCHW or NHWC) whose shape depends on the chunk alone, so F's bits do
   // not depend on which thread computes it or on the thread count. proj_in's bias is added where
   // F is read (the first gate, the depthwise conv's packing), which saves a pass over F.
-  void project_chunk(int64_t b, int64_t j, A* F_img) const {
+  void project_chunk(int64_t b, int64_t j, A* F_img, int64_t ld) const {
     const int64_t pix0 = tiles.chunk_y0(j) * g.W, np = tiles.chunk_y1(j) * g.W - pix0;
     if (np <= 0) return;
-    at::Tensor dst = blob(F_img + pix0 * P2, {np, P2});
+    at::Tensor dst = at::from_blob(F_img + pix0 * ld, {np, P2}, {ld, 1},
+                                   at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
     at::mm_out(dst, x_rows(b, pix0, np), w.w_in.t());
   }
 
@@ -582,7 +583,7 @@ struct Call {
   void project_in() {
     F = at::empty({tiles.B * tiles.HW, P2}, xa.options().memory_format(at::MemoryFormat::Contiguous));
     for_each_tile([&] {
-      return [&](int64_t t) { project_chunk(tiles.image(t), tiles.band(t), F_image(tiles.image(t))); };
+      return [&](int64_t t) { project_chunk(tiles.image(t), tiles.band(t), F_image(tiles.image(t)), P2); };
     });
   }
 
@@ -624,8 +625,8 @@ struct Call {
   }
 
   // The tile's gates g = scale * (dwconv(q) + b_dw), [np, S]; Fb: F of the tile's image.
-  void gates(int64_t t, const A* Fb, A* gbuf) const {
-    depthwise<A>(Fb + L.dims[0], P2, w.b_in.template const_data_ptr<A>() + L.dims[0],
+  void gates(int64_t t, const A* Fb, int64_t ld, A* gbuf) const {
+    depthwise<A>(Fb + L.dims[0], ld, w.b_in.template const_data_ptr<A>() + L.dims[0],
                  w.w_dw.template const_data_ptr<A>(), w.b_dw.template const_data_ptr<A>(),
                  static_cast<A>(p.scale), L.S, g, tiles.y0(t), tiles.y1(t), gbuf, L.S);
   }
@@ -647,8 +648,12 @@ class ImageProjection {
   int64_t image = -1, lo = 0, hi = 0;  // chunks [lo, hi) of `image` are in F
 
  public:
+  // Floats between pixels: one cache line more than a pixel's channels, so that a run of pixels'
+  // loads of one channel block does not fall into a few cache sets.
+  int64_t pitch() const { return call.P2 + 64 / int64_t(sizeof(A)); }
+
   explicit ImageProjection(const Call<scalar_t>& c) : call(c) {
-    const int64_t n = c.tiles.HW * c.P2;
+    const int64_t n = c.tiles.HW * pitch();
     if (n * int64_t(sizeof(A)) <= kMaxCachedImageF) {
       F = scratch<A>(kImageF, n);
     } else {
@@ -667,7 +672,7 @@ class ImageProjection {
       image = tl.image(t);
       lo = hi = first;
     }
-    for (; hi <= last; ++hi) call.project_chunk(image, hi, F);
+    for (; hi <= last; ++hi) call.project_chunk(image, hi, F, pitch());
     return F;
   }
 };
@@ -689,8 +694,8 @@ void forward_typed(const Problem& p, at::Tensor& out) {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * p.geo.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * p.geo.W;
       const A* Fb = proj.rows_for(t);
-      call.gates(t, Fb, gbuf);
-      bias_gate<A>(np, L.dims[0], y, L.dims[0], Fb + pix0 * P2, P2,
+      call.gates(t, Fb, proj.pitch(), gbuf);
+      bias_gate<A>(np, L.dims[0], y, L.dims[0], Fb + pix0 * proj.pitch(), proj.pitch(),
                    call.w.b_in.template const_data_ptr<A>(), gbuf, L.S);
       for (int64_t i = 1; i < n; ++i) {
         at::Tensor zt = blob(z, {np, L.dims[i]});
@@ -788,7 +793,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       const A* Ft = call.F_image(b) + pix0 * P2;
       A* dDt = dD.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
-      call.gates(t, call.F_image(b), gbuf);
+      call.gates(t, call.F_image(b), P2, gbuf);
       // y_i at ys + np * offs[i], pre-gate z_i (bias included) at zs + np * offs[i].
       const auto Y = [&](int64_t i) { return ys + np * L.offs[i]; };
       const auto Z = [&](int64_t i) { return zs + np * L.offs[i]; };
