@@ -638,7 +638,7 @@ struct Call {
 
 // The forward's F of one image, kept by the thread that works on its bands: computed chunk by
 // chunk as the depthwise halo reaches it, so that the gates and the first gate read it from
-// cache. Only the chunk before another thread's share is computed twice.
+// cache. Only a chunk next to a band another thread ran is computed twice.
 template <typename scalar_t>
 class ImageProjection {
   using A = at::opmath_type<scalar_t>;
@@ -668,10 +668,13 @@ class ImageProjection {
     const int64_t pad = tl.pad;
     const int64_t first = tl.chunk_of_row(std::max<int64_t>(0, tl.y0(t) - pad));
     const int64_t last = tl.chunk_of_row(std::min(tl.H, tl.y1(t) + pad) - 1);
-    if (tl.image(t) != image || first < lo || first > hi) {
+    // The computed chunks stay one contiguous run: a thread that helps with another share walks
+    // its bands backwards, and extends the run downwards.
+    if (tl.image(t) != image || last + 1 < lo || first > hi) {
       image = tl.image(t);
       lo = hi = first;
     }
+    for (; lo > first; --lo) call.project_chunk(image, lo - 1, F, pitch());
     for (; hi <= last; ++hi) call.project_chunk(image, hi, F, pitch());
     return F;
   }
