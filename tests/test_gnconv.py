@@ -101,20 +101,49 @@ def test_gradcheck(device):
         check_gradcheck(flat(tm.gnconv, order), [t.to(device) for t in [x] + make_params(dim, order, k)])
 
 
-def test_deterministic_backward():
+# Maps wide enough that the CPU kernel splits each image into several bands of rows, whose
+# depthwise halos reach into the neighbouring bands' rows of proj_in's output; k=11 over 3-row
+# bands reaches two bands away.
+MULTI_BAND = [(32, 3, 3, 61, 60, 7), (8, 2, 2, 23, 300, 11)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", MULTI_BAND, ids=[f"{c[3]}x{c[4]}-k{c[5]}" for c in MULTI_BAND])
+def test_gnconv_multi_band(dtype, cfg):
+    dim, order, B, H, W, k = cfg
+    x = torch.randn(B, dim, H, W, generator=GEN, dtype=torch.float64)
+    check_against_oracle(flat(tm.gnconv, order), flat(ref.gnconv, order), [x] + make_params(dim, order, k), dtype)
+
+
+def test_gnconv_large_map():
+    # One image's projection above the 8 MB a CPU thread keeps between calls.
+    dim, order = 64, 2
+    x = torch.randn(1, dim, 124, 124, generator=GEN, dtype=torch.float64)
+    params = make_params(dim, order)
+    with torch.no_grad():
+        out = flat(tm.gnconv, order)(x.float(), *[p.float() for p in params])
+        exact = flat(ref.gnconv, order)(x, *params)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("B,H,W", [(3, 20, 23), (3, 61, 60)])
+def test_deterministic(B, H, W):
+    # Forward and backward bit for bit the same on 1, 2 and 3 threads, also when images have
+    # several bands that threads share out.
     dim, order = 32, 3
-    ins = [t.float().requires_grad_() for t in [torch.randn(3, dim, 20, 23, generator=GEN)] + make_params(dim, order)]
+    ins = [t.float().requires_grad_() for t in [torch.randn(B, dim, H, W, generator=GEN)] + make_params(dim, order)]
     runs = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             out = flat(tm.gnconv, order)(*ins)
-            runs.append(torch.autograd.grad(out.square().sum(), ins))
+            runs.append((out.detach(),) + torch.autograd.grad(out.square().sum(), ins))
         finally:
             torch.set_num_threads(prev)
-    for a, c in zip(*runs):
-        assert torch.equal(a, c)
+    for run in runs[1:]:
+        for a, c in zip(runs[0], run):
+            assert torch.equal(a, c)
 
 
 def test_empty_batch():

@@ -459,6 +459,69 @@ void depthwise_weight_grad(const A* src, int64_t ld_src, const A* add, const A* 
   }
 }
 
+// out[r, c] = sum over pixels p < np, in order, of a[p, r] * b[p, c] for r < R, c < N: a weight
+// gradient over one tile. Element (p, r) of a at a + p * a_p + r * a_r, row p of b at b + p * ldb,
+// element (r, c) of out at out + r * o_r + c * o_c. Not the BLAS: MKL's result for a reduction
+// this long can change with the thread that calls it, and the gradients must not depend on the
+// thread count. 4 rows x 4 vectors of sums stay in registers.
+template <typename A>
+void weight_grad(int64_t np, int64_t R, int64_t N, const A* a, int64_t a_p, int64_t a_r, const A* b, int64_t ldb,
+                 A* out, int64_t o_r, int64_t o_c) {
+  constexpr int64_t V = Vec<A>::size(), RB = 4, CB = 4;
+  const auto part = [](const A* p, int64_t n) {
+    return n >= V ? Vec<A>::loadu(p) : n > 0 ? Vec<A>::loadu(p, n) : Vec<A>(A(0));
+  };
+  for (int64_t r0 = 0; r0 < R; r0 += RB) {
+    const int64_t rn = std::min(RB, R - r0);
+    for (int64_t c0 = 0; c0 < N; c0 += CB * V) {
+      const int64_t cn = std::min(CB * V, N - c0);
+      Vec<A> acc[RB][CB];
+      for (auto& row : acc) {
+        for (auto& v : row) v = Vec<A>(A(0));
+      }
+      if (rn == RB && cn == CB * V) {
+        for (int64_t p = 0; p < np; ++p) {
+          const A* bp = b + p * ldb + c0;
+          const A* ap = a + p * a_p + r0 * a_r;
+          Vec<A> bv[CB];
+#pragma GCC unroll 4
+          for (int64_t j = 0; j < CB; ++j) bv[j] = Vec<A>::loadu(bp + j * V);
+#pragma GCC unroll 4
+          for (int64_t i = 0; i < RB; ++i) {
+            const Vec<A> av(ap[i * a_r]);
+#pragma GCC unroll 4
+            for (int64_t j = 0; j < CB; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
+          }
+        }
+      } else {
+        for (int64_t p = 0; p < np; ++p) {
+          const A* bp = b + p * ldb + c0;
+          const A* ap = a + p * a_p + r0 * a_r;
+          Vec<A> bv[CB];
+          for (int64_t j = 0; j < CB; ++j) bv[j] = part(bp + j * V, cn - j * V);
+          for (int64_t i = 0; i < rn; ++i) {
+            const Vec<A> av(ap[i * a_r]);
+            for (int64_t j = 0; j < CB; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
+          }
+        }
+      }
+      for (int64_t i = 0; i < rn; ++i) {
+        for (int64_t j = 0; j < CB && j * V < cn; ++j) {
+          const int64_t n = std::min(V, cn - j * V);
+          A* o = out + (r0 + i) * o_r + (c0 + j * V) * o_c;
+          if (o_c == 1) {
+            store_n<A>(acc[i][j], o, n);
+          } else {
+            A tmp[V];
+            acc[i][j].store(tmp);
+            for (int64_t e = 0; e < n; ++e) o[e * o_c] = tmp[e];
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---- the op -----------------------------------------------------------------------------------
 
 // Weights in the accumulation type and the layouts the kernels read.
@@ -813,8 +876,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       // proj_out
       load_tile<scalar_t, A>(gp + b * grad.stride(0) + pix0 * ps, ps, cs, np, C, da);
       const at::Tensor dO = blob(da, {np, C});
-      at::Tensor gwo = part.w_out[t];
-      at::mm_out(gwo, dO.t(), blob(Y(n - 1), {np, C}));
+      weight_grad<A>(np, C, C, da, C, 1, Y(n - 1), C, part.w_out[t].template mutable_data_ptr<A>(), C, 1);
       column_sums<A>(np, C, da, C, part.b_out[t].template mutable_data_ptr<A>());
       A* dy = db;
       A* spare = da;
@@ -826,8 +888,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
         rowwise<A>(np, di, dDt + L.offs[i], S, mul_scaled, Rows<A>{dy, di}, Rows<A>{Z(i), di});
         rowwise<A>(np, di, dy, di, mul, Rows<A>{dy, di}, Rows<A>{gbuf + L.offs[i], S});
         const at::Tensor dz = blob(dy, {np, di});
-        at::Tensor gwi = part.w_pw[i - 1][t];
-        at::mm_out(gwi, dz.t(), blob(Y(i - 1), {np, dp}));
+        weight_grad<A>(np, di, dp, dy, di, 1, Y(i - 1), dp, part.w_pw[i - 1][t].template mutable_data_ptr<A>(), dp, 1);
         column_sums<A>(np, di, dy, di, part.b_pw[i - 1][t].template mutable_data_ptr<A>());
         at::Tensor nxt = blob(spare, {np, dp});
         at::mm_out(nxt, dz, call.w.w_pw[i - 1]);
@@ -855,8 +916,15 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       column_sums<A>(np, S, dDb + pix0 * S, S, part.b_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, P2, dFt, P2, part.b_in[t].template mutable_data_ptr<A>());
       const at::Tensor dFm = blob(dFt, {np, P2});
-      at::Tensor gwi = part.w_in[t];
-      at::mm_out(gwi, dFm.t(), call.x_rows(b, pix0, np));
+      // W_in's gradient dF^T x, vectorised along whichever of its sides is contiguous.
+      const int64_t xp = call.xa.stride(3), xc = call.xa.stride(1);
+      const A* xt = call.xa.template const_data_ptr<A>() + b * call.xa.stride(0) + pix0 * xp;
+      A* gwi = part.w_in[t].template mutable_data_ptr<A>();
+      if (xc == 1) {
+        weight_grad<A>(np, P2, C, dFt, P2, 1, xt, xp, gwi, C, 1);
+      } else {
+        weight_grad<A>(np, C, P2, xt, xp, xc, dFt, P2, gwi, 1, C);
+      }
       at::Tensor dxt = blob(dx, {np, C});
       at::mm_out(dxt, dFm, call.w.w_in);
       store_tile<scalar_t, A>(dx, np, C, gx + b * gr.x.stride(0) + pix0 * gps, gps, gcs);
