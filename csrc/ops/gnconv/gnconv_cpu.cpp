@@ -270,6 +270,24 @@ struct PackedBand {
   }
 };
 
+// in[j] = the N vectors from p on.
+template <typename A, int64_t N>
+inline void load_row(const A* p, Vec<A>* in) {
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < N; ++j) in[j] = Vec<A>::loadu(p + j * Vec<A>::size());
+}
+
+// acc[j] += sum over kx < K of w[kx] * in[j + kx]: one kernel row's taps for SW outputs.
+template <typename A, int K, int64_t SW>
+inline void row_taps(const Vec<A>* in, const Vec<A>* w, Vec<A>* acc) {
+#pragma GCC unroll 7
+  for (int64_t kx = 0; kx < K; ++kx) {
+    const Vec<A> wk = w[kx];
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < SW; ++j) acc[j] = at::vec::fmadd(in[j + kx], wk, acc[j]);
+  }
+}
+
 // acc[j] = init + sum over taps t of w[t] * (the band at pixel j + tap t's offset), for SW
 // consecutive pixels of one row; win: the band at the window's top-left corner, pw vectors per
 // row. For a kernel size known at compile time, each kernel row's SW + k - 1 input vectors are
@@ -283,16 +301,9 @@ inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const Vec<A>
   for (int64_t j = 0; j < SW; ++j) acc[j] = init;
   if constexpr (K > 0) {
     for (int64_t ky = 0; ky < K; ++ky) {
-      const A* row = win + ky * pw * V;
       Vec<A> in[SW + K - 1];
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < SW + K - 1; ++j) in[j] = Vec<A>::loadu(row + j * V);
-#pragma GCC unroll 7
-      for (int64_t kx = 0; kx < K; ++kx) {
-        const Vec<A> w = wv[ky * K + kx];
-#pragma GCC unroll 16
-        for (int64_t j = 0; j < SW; ++j) acc[j] = at::vec::fmadd(in[j + kx], w, acc[j]);
-      }
+      load_row<A, SW + K - 1>(win + ky * pw * V, in);
+      row_taps<A, K, SW>(in, wv + ky * K, acc);
     }
   } else {
     for (int64_t ky = 0; ky < k_rt; ++ky) {
@@ -320,10 +331,9 @@ inline void depthwise_strip2(const A* win, int64_t pw, const Vec<A>* wv, const V
   for (int64_t j = 0; j < SW; ++j) acc0[j] = acc1[j] = init;
 #pragma GCC unroll 1
   for (int64_t r = 0; r <= K; ++r) {
-    const A* p = win + r * pw * V;
     Vec<A> in[SW + K - 1];
-#pragma GCC unroll 16
-    for (int64_t j = 0; j < SW + K - 1; ++j) in[j] = Vec<A>::loadu(p + j * V);
+    load_row<A, SW + K - 1>(win + r * pw * V, in);
+    // Tap by tap for both rows: the two sums' FMAs interleave.
 #pragma GCC unroll 7
     for (int64_t kx = 0; kx < K; ++kx) {
       if (r < K) {
