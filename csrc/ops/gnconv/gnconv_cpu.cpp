@@ -478,9 +478,6 @@ template <typename A>
 void weight_grad(int64_t np, int64_t R, int64_t N, const A* a, int64_t a_p, int64_t a_r, const A* b, int64_t ldb,
                  A* out, int64_t o_r, int64_t o_c) {
   constexpr int64_t V = Vec<A>::size(), RB = 4, CB = 4;
-  const auto part = [](const A* p, int64_t n) {
-    return n >= V ? Vec<A>::loadu(p) : n > 0 ? Vec<A>::loadu(p, n) : Vec<A>(A(0));
-  };
   for (int64_t r0 = 0; r0 < R; r0 += RB) {
     const int64_t rn = std::min(RB, R - r0);
     for (int64_t c0 = 0; c0 < N; c0 += CB * V) {
@@ -489,31 +486,31 @@ void weight_grad(int64_t np, int64_t R, int64_t N, const A* a, int64_t a_p, int6
       for (auto& row : acc) {
         for (auto& v : row) v = Vec<A>(A(0));
       }
+      // Whole 4 x 4 blocks with trip counts the compiler knows; edge blocks with masked loads.
+      const auto sweep = [&](auto whole) {
+        constexpr bool kWhole = decltype(whole)::value;
+        const int64_t rows = kWhole ? RB : rn;
+        for (int64_t p = 0; p < np; ++p) {
+          const A* bp = b + p * ldb + c0;
+          const A* ap = a + p * a_p + r0 * a_r;
+          Vec<A> bv[CB];
+#pragma GCC unroll 4
+          for (int64_t j = 0; j < CB; ++j) {
+            bv[j] = kWhole ? Vec<A>::loadu(bp + j * V)
+                           : j * V < cn ? load_n(bp + j * V, std::min(V, cn - j * V)) : Vec<A>(A(0));
+          }
+#pragma GCC unroll 4
+          for (int64_t i = 0; i < rows; ++i) {
+            const Vec<A> av(ap[i * a_r]);
+#pragma GCC unroll 4
+            for (int64_t j = 0; j < CB; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
+          }
+        }
+      };
       if (rn == RB && cn == CB * V) {
-        for (int64_t p = 0; p < np; ++p) {
-          const A* bp = b + p * ldb + c0;
-          const A* ap = a + p * a_p + r0 * a_r;
-          Vec<A> bv[CB];
-#pragma GCC unroll 4
-          for (int64_t j = 0; j < CB; ++j) bv[j] = Vec<A>::loadu(bp + j * V);
-#pragma GCC unroll 4
-          for (int64_t i = 0; i < RB; ++i) {
-            const Vec<A> av(ap[i * a_r]);
-#pragma GCC unroll 4
-            for (int64_t j = 0; j < CB; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
-          }
-        }
+        sweep(std::true_type{});
       } else {
-        for (int64_t p = 0; p < np; ++p) {
-          const A* bp = b + p * ldb + c0;
-          const A* ap = a + p * a_p + r0 * a_r;
-          Vec<A> bv[CB];
-          for (int64_t j = 0; j < CB; ++j) bv[j] = part(bp + j * V, cn - j * V);
-          for (int64_t i = 0; i < rn; ++i) {
-            const Vec<A> av(ap[i * a_r]);
-            for (int64_t j = 0; j < CB; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
-          }
-        }
+        sweep(std::false_type{});
       }
       for (int64_t i = 0; i < rn; ++i) {
         for (int64_t j = 0; j < CB && j * V < cn; ++j) {
@@ -566,18 +563,20 @@ struct Weights {
       w_pw.push_back(mat(p.w_pw[i]));
       b_pw.push_back(vec(p.b_pw[i]));
     }
-    const int64_t S = p.lay.S, taps = p.geo.taps();
-    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
-    w_dw = at::empty({taps, S}, opts);
-    const scalar_t* wd = p.w_dw.const_data_ptr<scalar_t>();
-    A* t = w_dw.mutable_data_ptr<A>();
-    for (int64_t c = 0; c < S; ++c) {
-      for (int64_t k = 0; k < taps; ++k) t[k * S + c] = static_cast<A>(wd[c * taps + k]);
-    }
+    w_dw = tap_major(p, false);
   }
-  // The depthwise kernel rotated by 180 degrees, tap-major: backward's transposed convolution.
-  at::Tensor w_dw_flipped(const Problem& p) const {
-    return w_dw.t().reshape({p.lay.S, p.geo.k, p.geo.k}).flip({1, 2}).reshape({p.lay.S, -1}).t().contiguous();
+
+  // The depthwise kernel [S, k * k] as [k * k, S]; flipped: rotated by 180 degrees (tap t read
+  // from tap k * k - 1 - t), backward's transposed convolution.
+  static at::Tensor tap_major(const Problem& p, bool flipped) {
+    const int64_t S = p.lay.S, taps = p.geo.taps();
+    at::Tensor out = at::empty({taps, S}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+    const scalar_t* wd = p.w_dw.const_data_ptr<scalar_t>();
+    A* t = out.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < S; ++c) {
+      for (int64_t k = 0; k < taps; ++k) t[k * S + c] = static_cast<A>(wd[c * taps + (flipped ? taps - 1 - k : k)]);
+    }
+    return out;
   }
 };
 
@@ -759,7 +758,7 @@ void forward_typed(const Problem& p, at::Tensor& out) {
   Call<scalar_t> call(p);
   const Layout& L = p.lay;
   const Tiling& tiles = call.tiles;
-  const int64_t P2 = call.P2, C = L.dim, n = L.order;
+  const int64_t C = L.dim, n = L.order;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t ps = out.stride(3), cs = out.stride(1);
 
@@ -851,7 +850,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   const auto mul = [](auto u, auto v) { return u * v; };
   const auto mul_scaled = [scale](auto u, auto v) { return u * v * decltype(u)(scale); };
   Partials<A> part(tiles.count, call.w, L);
-  const at::Tensor w_dw_flip = call.w.w_dw_flipped(p);
+  const at::Tensor w_dw_flip = Weights<scalar_t>::tap_major(p, true);
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const int64_t ps = call.pixel_stride(), cs = call.channel_stride();
 
@@ -921,8 +920,8 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       const A* dDb = dD.const_data_ptr<A>() + b * tiles.HW * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
       depthwise<A>(dDb, S, nullptr, w_dw_flip.const_data_ptr<A>(), nullptr, A(1), S, g, y0, y1, dFt + d0, P2);
-      depthwise_weight_grad<A>(call.F_image(b) + d0, P2, call.w.b_in.template const_data_ptr<A>() + d0, dDb, S, S, g, y0, y1,
-                               part.w_dw[t].template mutable_data_ptr<A>());
+      depthwise_weight_grad<A>(call.F_image(b) + d0, P2, call.w.b_in.template const_data_ptr<A>() + d0, dDb, S, S, g,
+                               y0, y1, part.w_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, S, dDb + pix0 * S, S, part.b_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, P2, dFt, P2, part.b_in[t].template mutable_data_ptr<A>());
       const at::Tensor dFm = blob(dFt, {np, P2});
