@@ -277,12 +277,13 @@ inline void load_row(const A* p, Vec<A>* in) {
   for (int64_t j = 0; j < N; ++j) in[j] = Vec<A>::loadu(p + j * Vec<A>::size());
 }
 
-// acc[j] += sum over kx < K of w[kx] * in[j + kx]: one kernel row's taps for SW outputs.
+// acc[j] += sum over kx < K of w[kx] * in[j + kx]: one kernel row's taps for SW outputs; w: K
+// vectors.
 template <typename A, int K, int64_t SW>
-inline void row_taps(const Vec<A>* in, const Vec<A>* w, Vec<A>* acc) {
+inline void row_taps(const Vec<A>* in, const A* w, Vec<A>* acc) {
 #pragma GCC unroll 7
   for (int64_t kx = 0; kx < K; ++kx) {
-    const Vec<A> wk = w[kx];
+    const Vec<A> wk = Vec<A>::loadu(w + kx * Vec<A>::size());
 #pragma GCC unroll 16
     for (int64_t j = 0; j < SW; ++j) acc[j] = at::vec::fmadd(in[j + kx], wk, acc[j]);
   }
@@ -293,8 +294,7 @@ inline void row_taps(const Vec<A>* in, const Vec<A>* w, Vec<A>* acc) {
 // row. For a kernel size known at compile time, each kernel row's SW + k - 1 input vectors are
 // loaded into registers once and feed all k of its taps.
 template <typename A, int K, int64_t SW>
-inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const Vec<A>* wv, const Vec<A>& init,
-                            Vec<A>* out) {
+inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const A* wv, const Vec<A>& init, Vec<A>* out) {
   constexpr int64_t V = Vec<A>::size();
   Vec<A> acc[SW];
 #pragma GCC unroll 16
@@ -303,12 +303,12 @@ inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const Vec<A>
     for (int64_t ky = 0; ky < K; ++ky) {
       Vec<A> in[SW + K - 1];
       load_row<A, SW + K - 1>(win + ky * pw * V, in);
-      row_taps<A, K, SW>(in, wv + ky * K, acc);
+      row_taps<A, K, SW>(in, wv + ky * K * V, acc);
     }
   } else {
     for (int64_t ky = 0; ky < k_rt; ++ky) {
       for (int64_t kx = 0; kx < k_rt; ++kx) {
-        const Vec<A> w = wv[ky * k_rt + kx];
+        const Vec<A> w = Vec<A>::loadu(wv + (ky * k_rt + kx) * V);
         const A* r = win + (ky * pw + kx) * V;
 #pragma GCC unroll 16
         for (int64_t j = 0; j < SW; ++j) acc[j] = at::vec::fmadd(Vec<A>::loadu(r + j * V), w, acc[j]);
@@ -323,7 +323,7 @@ inline void depthwise_strip(const A* win, int64_t pw, int64_t k_rt, const Vec<A>
 // Each input row is loaded once for both, and 2 SW independent sums keep both FMA pipes busy,
 // where SW sums of 49 dependent FMAs each would wait on the FMA latency.
 template <typename A, int K, int64_t SW>
-inline void depthwise_strip2(const A* win, int64_t pw, const Vec<A>* wv, const Vec<A>& init, Vec<A>* out0,
+inline void depthwise_strip2(const A* win, int64_t pw, const A* wv, const Vec<A>& init, Vec<A>* out0,
                              Vec<A>* out1) {
   constexpr int64_t V = Vec<A>::size();
   Vec<A> acc0[SW], acc1[SW];
@@ -337,12 +337,12 @@ inline void depthwise_strip2(const A* win, int64_t pw, const Vec<A>* wv, const V
 #pragma GCC unroll 7
     for (int64_t kx = 0; kx < K; ++kx) {
       if (r < K) {
-        const Vec<A> w = wv[r * K + kx];
+        const Vec<A> w = Vec<A>::loadu(wv + (r * K + kx) * V);
 #pragma GCC unroll 16
         for (int64_t j = 0; j < SW; ++j) acc0[j] = at::vec::fmadd(in[j + kx], w, acc0[j]);
       }
       if (r > 0) {
-        const Vec<A> w = wv[(r - 1) * K + kx];
+        const Vec<A> w = Vec<A>::loadu(wv + ((r - 1) * K + kx) * V);
 #pragma GCC unroll 16
         for (int64_t j = 0; j < SW; ++j) acc1[j] = at::vec::fmadd(in[j + kx], w, acc1[j]);
       }
@@ -357,22 +357,21 @@ inline void depthwise_strip2(const A* win, int64_t pw, const Vec<A>* wv, const V
 
 // dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] q[pixel + o_t, c]), c < S, for the pixels of
 // rows [y0, y1) of one image, q = src + add (add may be null) inside the map and zero outside.
-// src: the image's pixel 0, ld_src apart;
-// w: [k * k, S] tap-major; bias may be null; dst: pixel (y0, 0), ld_dst apart. K: the kernel size
-// when known at compile time (0: g.k), so the tap loops unroll; SW the strip width.
+// src: the image's pixel 0, ld_src apart; w: block-major (Weights::block_major); bias may be null;
+// dst: pixel (y0, 0), ld_dst apart. K: the kernel size when known at compile time (0: g.k), so
+// the tap loops unroll; SW the strip width.
 template <typename A, int K, int64_t SW>
 void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, const A* bias, A scale, int64_t S,
                     const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
   constexpr int64_t V = Vec<A>::size();
   const int64_t k = K > 0 ? K : g.k;
-  std::vector<Vec<A>> wv(k * k);
   const Vec<A> vs(scale);
   for (int64_t c = 0; c < S; c += V) {
     const int64_t n = std::min(V, S - c);
     // One block at a time: the packed copy stays small enough to leave the source in cache.
     PackedBand<A> band(g, n, y0, y1, k / 2, kBand, SW);
     band.pack(src + c, ld_src, g, n, add ? add + c : nullptr);
-    for (int64_t t = 0; t < k * k; ++t) wv[t] = load_n(w + t * S + c, n);
+    const A* wv = w + c * k * k;
     const Vec<A> init = bias ? load_n(bias + c, n) : Vec<A>(A(0));
     int64_t y = y0;
     if constexpr (K > 0) {
@@ -381,7 +380,7 @@ void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, cons
         for (int64_t s = 0; s < band.strips; ++s) {
           const int64_t x0 = s * SW, m = std::min(SW, g.W - x0);
           Vec<A> acc0[SW], acc1[SW];
-          depthwise_strip2<A, K, SW>(band.at(0, y - k / 2, x0 - k / 2), band.pw, wv.data(), init, acc0, acc1);
+          depthwise_strip2<A, K, SW>(band.at(0, y - k / 2, x0 - k / 2), band.pw, wv, init, acc0, acc1);
           for (int64_t j = 0; j < m; ++j) {
             store_n<A>(acc0[j] * vs, drow + (x0 + j) * ld_dst, n);
             store_n<A>(acc1[j] * vs, drow + (g.W + x0 + j) * ld_dst, n);
@@ -394,7 +393,7 @@ void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, cons
       for (int64_t s = 0; s < band.strips; ++s) {
         const int64_t x0 = s * SW, m = std::min(SW, g.W - x0);
         Vec<A> acc[SW];
-        depthwise_strip<A, K, SW>(band.at(0, y - k / 2, x0 - k / 2), band.pw, k, wv.data(), init, acc);
+        depthwise_strip<A, K, SW>(band.at(0, y - k / 2, x0 - k / 2), band.pw, k, wv, init, acc);
         for (int64_t j = 0; j < m; ++j) store_n<A>(acc[j] * vs, drow + (x0 + j) * ld_dst, n);
       }
     }
@@ -537,7 +536,7 @@ void weight_grad(int64_t np, int64_t R, int64_t N, const A* a, int64_t a_p, int6
 template <typename scalar_t>
 struct Weights {
   using A = at::opmath_type<scalar_t>;
-  at::Tensor w_in, b_in, w_dw, b_dw, w_out, b_out;  // w_dw: [k * k, S] tap-major
+  at::Tensor w_in, b_in, w_dw, b_dw, w_out, b_out;  // w_dw: block-major, see block_major()
   std::vector<at::Tensor> w_pw, b_pw;               // w_*: [out, in]
 
   // Plain tensors: the worker threads of at::parallel_for do not inherit the caller's
@@ -563,18 +562,29 @@ struct Weights {
       w_pw.push_back(mat(p.w_pw[i]));
       b_pw.push_back(vec(p.b_pw[i]));
     }
-    w_dw = tap_major(p, false);
+    w_dw = block_major(p, false);
   }
 
-  // The depthwise kernel [S, k * k] as [k * k, S]; flipped: rotated by 180 degrees (tap t read
-  // from tap k * k - 1 - t), backward's transposed convolution.
-  static at::Tensor tap_major(const Problem& p, bool flipped) {
-    const int64_t S = p.lay.S, taps = p.geo.taps();
-    at::Tensor out = at::empty({taps, S}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
-    const scalar_t* wd = p.w_dw.const_data_ptr<scalar_t>();
-    A* t = out.mutable_data_ptr<A>();
-    for (int64_t c = 0; c < S; ++c) {
-      for (int64_t k = 0; k < taps; ++k) t[k * S + c] = static_cast<A>(wd[c * taps + (flipped ? taps - 1 - k : k)]);
+  // The depthwise kernel [S, k * k] as the depthwise conv reads it: for each block of V channels,
+  // its k * k taps' vectors in a row ([ceil(S / V), k * k, V], channels past S zero). A block's
+  // weights are then one contiguous stream; tap-major [k * k, S] would put each of its k * k
+  // vectors on a cache line of its own. flipped: rotated by 180 degrees (tap t read from tap
+  // k * k - 1 - t), backward's transposed convolution.
+  static at::Tensor block_major(const Problem& p, bool flipped) {
+    constexpr int64_t V = Vec<A>::size();
+    const int64_t S = p.lay.S, taps = p.geo.taps(), blocks = (S + V - 1) / V;
+    at::Tensor out = at::zeros({blocks, taps, V}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+    const at::Tensor src = acc(p.w_dw, {S, taps});
+    const A* wd = src.const_data_ptr<A>();
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+      A* block = out.mutable_data_ptr<A>() + cb * taps * V;
+      const int64_t n = std::min(V, S - cb * V);
+      at::vec::transpose_mxn<A>(wd + cb * V * taps, taps, block, V, static_cast<int>(n), static_cast<int>(taps));
+      if (flipped) {
+        for (int64_t k = 0; k < taps / 2; ++k) {
+          std::swap_ranges(block + k * V, block + (k + 1) * V, block + (taps - 1 - k) * V);
+        }
+      }
     }
     return out;
   }
@@ -814,7 +824,7 @@ struct Partials {
   std::vector<at::Tensor> w_pw, b_pw;
 
   template <class W>
-  Partials(int64_t T, const W& w, const Layout& L) {
+  Partials(int64_t T, const W& w, const Layout& L, int64_t taps) {
     const auto like = [T](const at::Tensor& t) {
       std::vector<int64_t> s{T};
       s.insert(s.end(), t.sizes().begin(), t.sizes().end());
@@ -822,7 +832,7 @@ struct Partials {
     };
     w_in = like(w.w_in);
     b_in = like(w.b_in);
-    w_dw = like(w.w_dw);
+    w_dw = at::zeros({T, taps, L.S}, w.b_dw.options());  // tap-major
     b_dw = like(w.b_dw);
     w_out = like(w.w_out);
     b_out = like(w.b_out);
@@ -849,8 +859,8 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   const A scale = static_cast<A>(p.scale);
   const auto mul = [](auto u, auto v) { return u * v; };
   const auto mul_scaled = [scale](auto u, auto v) { return u * v * decltype(u)(scale); };
-  Partials<A> part(tiles.count, call.w, L);
-  const at::Tensor w_dw_flip = Weights<scalar_t>::tap_major(p, true);
+  Partials<A> part(tiles.count, call.w, L, g.taps());
+  const at::Tensor w_dw_flip = Weights<scalar_t>::block_major(p, true);
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const int64_t ps = call.pixel_stride(), cs = call.channel_stride();
 
