@@ -12,9 +12,9 @@
 //      added where F is read.
 //   B. the depthwise k x k conv of F's gate channels (packed into a zero-bordered band first)
 //      + bias, times the scale, then the first gate (p0 * g_0), while the band is in cache; each
-//      pws step is a small GEMM whose output is gated (+ bias, * g_i) before it leaves cache;
-//      proj_out's GEMM writes the output tile in x's memory format, and its bias is added while
-//      the tile is in cache.
+//      pws step is a register-blocked GEMM with the bias and the gate g_i in its epilogue
+//      (gated_gemm); proj_out's GEMM writes the output tile in x's memory format, and its bias
+//      is added while the tile is in cache.
 // Backward saves nothing but the operands: pass A recomputes all of F with the same chunk
 // GEMMs, pass B recomputes each tile's gates and chain and runs it backwards (weight-gradient
 // partials per tile, the gate gradient dD and dL/dp0 into full-size buffers), pass C turns dD
@@ -58,6 +58,16 @@ constexpr int64_t kStripAlt = 7;
 constexpr int64_t kStrip = 4;
 constexpr int64_t kStripAlt = kStrip;
 #endif
+// Register block of the gated GEMM: kGemmRows rows x kGemmCols vectors of sums, plus kGemmCols
+// vectors of the weight panel and one broadcast, within the ISA's registers (AVX-512: 6 x 4 + 5 of
+// 32; the others: 4 x 2 + 3 of 16).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kGemmRows = 6;
+constexpr int64_t kGemmCols = 4;
+#else
+constexpr int64_t kGemmRows = 4;
+constexpr int64_t kGemmCols = 2;
+#endif
 
 template <typename A>
 using Vec = at::vec::Vectorized<A>;
@@ -99,7 +109,7 @@ at::Tensor blob(A* p, at::IntArrayRef sizes) {
 // kTilePixels times the channel count; kImageF by kMaxCachedImageF). Cache-line aligned, so
 // that a GEMM into it sees the same alignment whichever thread runs it. Left uninitialised: every
 // kernel writes before it reads.
-enum Slot { kBand, kGradBand, kGates, kYs, kZs, kGradA, kGradB, kGradX, kImageF, kSlots };
+enum Slot { kBand, kGradBand, kGates, kYs, kZs, kGradA, kGradB, kGradX, kImageF, kPanels, kSlots };
 
 struct AlignedFree {
   void operator()(void* p) const { ::operator delete[](p, std::align_val_t(64)); }
@@ -173,6 +183,25 @@ void store_tile(const A* src, int64_t np, int64_t C, scalar_t* base, int64_t ps,
   } else {
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t i = 0; i < np; ++i) base[c * cs + i * ps] = static_cast<scalar_t>(src[i * C + c]);
+    }
+  }
+}
+
+// dst[c, i] = src[i, c] for i < rows, c < cols; src and dst row-major with leading dimensions
+// ld_src, ld_dst. In 16 x 16 blocks held in registers where the ISA has a kernel for them.
+template <typename A>
+void transpose(const A* src, int64_t ld_src, int64_t rows, int64_t cols, A* dst, int64_t ld_dst) {
+  constexpr int T = 16;
+  for (int64_t i = 0; i < rows; i += T) {
+    for (int64_t c = 0; c < cols; c += T) {
+      const A* s = src + i * ld_src + c;
+      A* d = dst + c * ld_dst + i;
+      if (i + T <= rows && c + T <= cols) {
+        at::vec::transpose_mxn<A, T, T>(s, ld_src, d, ld_dst);
+      } else {
+        at::vec::transpose_mxn<A>(s, ld_src, d, ld_dst, static_cast<int>(std::min<int64_t>(T, rows - i)),
+                                  static_cast<int>(std::min<int64_t>(T, cols - c)));
+      }
     }
   }
 }
@@ -528,6 +557,86 @@ void weight_grad(int64_t np, int64_t R, int64_t N, const A* a, int64_t a_p, int6
   }
 }
 
+// ---- the pws steps: a GEMM with the gate in its epilogue ------------------------------------------
+//
+// y_i = (y_{i-1} W_i^T + b_i) * g_i over a tile's pixels. The widths are narrow (dim / 2^(n-i)):
+// through the BLAS, each tile's GEMM re-packed W_i, and its output made one more trip through
+// memory for the gate. Here each thread packs W_i once per call into panels of kGemmCols
+// vectors of output channels, [panel][k][kGemmCols * V] (zero past N), and every output row's
+// sums run in k order in registers, so a row's result does not depend on the tile it is in; the
+// bias and the gate are applied as the sums leave the registers.
+
+// The panels of W [N, K] (row-major) at dst; returns the floats they take.
+template <typename A>
+int64_t pack_panels(const A* w, int64_t N, int64_t K, A* dst) {
+  constexpr int64_t NR = kGemmCols * Vec<A>::size();
+  const int64_t panels = (N + NR - 1) / NR;
+  if (dst != nullptr) {
+    for (int64_t p = 0; p < panels; ++p) {
+      A* panel = dst + p * K * NR;
+      const int64_t rows = std::min(NR, N - p * NR);
+      if (rows < NR) std::fill(panel, panel + K * NR, A(0));
+      transpose<A>(w + p * NR * K, K, rows, K, panel, NR);
+    }
+  }
+  return panels * K * NR;
+}
+
+// dst[m, :N] = (sum_k a[m, k] W[:N, k] + bias) * g[m, :N] for rows [m0, m0 + rows), rows <=
+// kGemmRows, the N columns of one panel (N <= kGemmCols * V).
+template <typename A, int64_t Rows>
+inline void gated_block(int64_t K, const A* a, int64_t lda, const A* panel, int64_t N, const A* bias,
+                        const A* g, int64_t ldg, A* dst, int64_t ldd) {
+  constexpr int64_t V = Vec<A>::size(), NR = kGemmCols * V;
+  Vec<A> acc[Rows][kGemmCols];
+#pragma GCC unroll 8
+  for (int64_t i = 0; i < Rows; ++i) {
+#pragma GCC unroll 4
+    for (int64_t j = 0; j < kGemmCols; ++j) acc[i][j] = Vec<A>(A(0));
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<A> bv[kGemmCols];
+#pragma GCC unroll 4
+    for (int64_t j = 0; j < kGemmCols; ++j) bv[j] = Vec<A>::loadu(panel + k * NR + j * V);
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < Rows; ++i) {
+      const Vec<A> av(a[i * lda + k]);
+#pragma GCC unroll 4
+      for (int64_t j = 0; j < kGemmCols; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int64_t j = 0; j < kGemmCols; ++j) {
+    const int64_t n = std::min(V, N - j * V);
+    if (n <= 0) break;
+    const Vec<A> b = load_n(bias + j * V, n);
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < Rows; ++i) {
+      store_n<A>((acc[i][j] + b) * load_n(g + i * ldg + j * V, n), dst + i * ldd + j * V, n);
+    }
+  }
+}
+
+// dst[m, :N] = (a[m, :K] W^T + bias) * g[m, :N] for m < M; W packed by pack_panels.
+template <typename A>
+void gated_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* panels, const A* bias,
+                const A* g, int64_t ldg, A* dst, int64_t ldd) {
+  constexpr int64_t NR = kGemmCols * Vec<A>::size();
+  for (int64_t n0 = 0; n0 < N; n0 += NR) {
+    const A* panel = panels + (n0 / NR) * K * NR;
+    const int64_t nn = std::min(NR, N - n0);
+    int64_t m = 0;
+    for (; m + kGemmRows <= M; m += kGemmRows) {
+      gated_block<A, kGemmRows>(K, a + m * lda, lda, panel, nn, bias + n0, g + m * ldg + n0, ldg, dst + m * ldd + n0,
+                                ldd);
+    }
+    // The last rows one at a time: the same k-ordered sums as in a full block.
+    for (; m < M; ++m) {
+      gated_block<A, 1>(K, a + m * lda, lda, panel, nn, bias + n0, g + m * ldg + n0, ldg, dst + m * ldd + n0, ldd);
+    }
+  }
+}
+
 // ---- the op -----------------------------------------------------------------------------------
 
 // Weights in the accumulation type and the layouts the kernels read.
@@ -774,20 +883,31 @@ void forward_typed(const Problem& p, at::Tensor& out) {
 
   call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
-    return [&, gbuf = scratch<A>(kGates, mp * L.S), y = scratch<A>(kYs, mp * C),
-            z = scratch<A>(kZs, mp * C), proj = ImageProjection<scalar_t>(call)](int64_t t) mutable {
+    // This thread's panels of every W_i, packed once for all its tiles.
+    int64_t size = 0;
+    for (int64_t i = 1; i < n; ++i) size += pack_panels<A>(nullptr, L.dims[i], L.dims[i - 1], nullptr);
+    A* panels = scratch<A>(kPanels, size);
+    std::vector<const A*> panel(n, nullptr);
+    for (int64_t i = 1, off = 0; i < n; ++i) {
+      panel[i] = panels + off;
+      off += pack_panels<A>(call.w.w_pw[i - 1].template const_data_ptr<A>(), L.dims[i], L.dims[i - 1], panels + off);
+    }
+    return [&, panel, gbuf = scratch<A>(kGates, mp * L.S), ys = scratch<A>(kYs, mp * C),
+            zs = scratch<A>(kZs, mp * C), proj = ImageProjection<scalar_t>(call)](int64_t t) mutable {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * p.geo.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * p.geo.W;
       const A* Fb = proj.rows_for(t);
       call.gates(t, Fb, proj.pitch(), gbuf);
+      A* y = ys;
+      A* spare = zs;
       bias_gate<A>(np, L.dims[0], y, L.dims[0], Fb + pix0 * proj.pitch(), proj.pitch(),
                    call.w.b_in.template const_data_ptr<A>(), gbuf, L.S);
       for (int64_t i = 1; i < n; ++i) {
-        at::Tensor zt = blob(z, {np, L.dims[i]});
-        at::mm_out(zt, blob(y, {np, L.dims[i - 1]}), call.w.w_pw[i - 1].t());
-        bias_gate<A>(np, L.dims[i], y, L.dims[i], z, L.dims[i],
-                     call.w.b_pw[i - 1].template const_data_ptr<A>(), gbuf + L.offs[i], L.S);
+        gated_gemm<A>(np, L.dims[i], L.dims[i - 1], y, L.dims[i - 1], panel[i],
+                      call.w.b_pw[i - 1].template const_data_ptr<A>(), gbuf + L.offs[i], L.S, spare, L.dims[i]);
+        std::swap(y, spare);
       }
+      A* z = spare;
       const at::Tensor yt = blob(y, {np, C});
       const A* bo = call.w.b_out.template const_data_ptr<A>();
       const auto add = [](auto u, auto v) { return u + v; };
