@@ -11,7 +11,7 @@
 //      so that F is mostly read back from cache and never exists at full size; proj_in's bias is
 //      added where F is read.
 //   B. the depthwise k x k conv of F's gate channels (packed into a zero-bordered band first)
-//      + bias, times the scale, then the first gate (p0 * g_0), while the band is in cache; each
+//      + bias, times the scale, with the first gate (p0 * g_0) in its epilogue; each
 //      pws step is a register-blocked GEMM with the bias and the gate g_i in its epilogue
 //      (gated_gemm); proj_out's GEMM writes the output tile in x's memory format, and its bias
 //      is added while the tile is in cache.
@@ -384,71 +384,104 @@ inline void depthwise_strip2(const A* win, int64_t pw, const A* wv, const Vec<A>
   }
 }
 
-// dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] q[pixel + o_t, c]), c < S, for the pixels of
-// rows [y0, y1) of one image, q = src + add (add may be null) inside the map and zero outside.
-// src: the image's pixel 0, ld_src apart; w: block-major (Weights::block_major); bias may be null;
-// dst: pixel (y0, 0), ld_dst apart. K: the kernel size when known at compile time (0: g.k), so
-// the tap loops unroll; SW the strip width.
+// One depthwise conv over rows [y0, y1) of one image:
+//   dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] q[pixel + o_t, c]), c < S,
+// q = src + add inside the map (add may be null) and zero outside. src: the image's pixel 0,
+// ld_src apart; w: block-major (Weights::block_major); bias may be null; dst: pixel (y0, 0),
+// ld_dst apart.
+// With gate_channels > 0, the forward's first gate is applied as the sums leave the registers:
+// for the whole blocks of V channels below gate_channels, dst is not written, and
+//   gate_y[pixel, c] = dst value * (gate_p[pixel, c] + gate_bias[c])
+// is instead (gate_p and gate_y at pixel (y0, 0), gate_ld_p and gate_ld_y apart).
+template <typename A>
+struct DwArgs {
+  const A* src;
+  int64_t ld_src;
+  const A* add;
+  const A* w;
+  const A* bias;
+  A scale;
+  int64_t S, y0, y1;
+  A* dst;
+  int64_t ld_dst;
+  int64_t gate_channels = 0;
+  const A* gate_p = nullptr;
+  int64_t gate_ld_p = 0;
+  const A* gate_bias = nullptr;
+  A* gate_y = nullptr;
+  int64_t gate_ld_y = 0;
+
+  // The channels whose first gate the conv applies: whole blocks of V.
+  int64_t gated() const { return gate_channels / Vec<A>::size() * Vec<A>::size(); }
+};
+
+// K: the kernel size when known at compile time (0: g.k), so that the tap loops unroll; SW the
+// strip width.
 template <typename A, int K, int64_t SW>
-void depthwise_impl(const A* src, int64_t ld_src, const A* add, const A* w, const A* bias, A scale, int64_t S,
-                    const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
+void depthwise_impl(const DwArgs<A>& a, const DwGeometry& g) {
   constexpr int64_t V = Vec<A>::size();
-  const int64_t k = K > 0 ? K : g.k;
-  const Vec<A> vs(scale);
-  for (int64_t c = 0; c < S; c += V) {
-    const int64_t n = std::min(V, S - c);
+  const int64_t k = K > 0 ? K : g.k, y0 = a.y0, y1 = a.y1;
+  const Vec<A> vs(a.scale);
+  for (int64_t c = 0; c < a.S; c += V) {
+    const int64_t n = std::min(V, a.S - c);
     // One block at a time: the packed copy stays small enough to leave the source in cache.
     PackedBand<A> band(g, n, y0, y1, k / 2, kBand, SW);
-    band.pack(src + c, ld_src, g, n, add ? add + c : nullptr);
-    const A* wv = w + c * k * k;
-    const Vec<A> init = bias ? load_n(bias + c, n) : Vec<A>(A(0));
+    band.pack(a.src + c, a.ld_src, g, n, a.add ? a.add + c : nullptr);
+    const A* wv = a.w + c * k * k;
+    const Vec<A> init = a.bias ? load_n(a.bias + c, n) : Vec<A>(A(0));
+    // Output pixel i (from (y0, 0) on) of this block.
+    const bool gated = c < a.gated();
+    const Vec<A> gate_bias = gated ? Vec<A>::loadu(a.gate_bias + c) : Vec<A>(A(0));
+    const auto put = [&](int64_t i, const Vec<A>& v) {
+      if (gated) {
+        (v * vs * (Vec<A>::loadu(a.gate_p + i * a.gate_ld_p + c) + gate_bias)).store(a.gate_y + i * a.gate_ld_y + c);
+      } else {
+        store_n<A>(v * vs, a.dst + i * a.ld_dst + c, n);
+      }
+    };
     int64_t y = y0;
     if constexpr (K > 0) {
       for (; y + 1 < y1; y += 2) {
-        A* drow = dst + (y - y0) * g.W * ld_dst + c;
+        const int64_t row = (y - y0) * g.W;
         for (int64_t s = 0; s < band.strips; ++s) {
           const int64_t x0 = s * SW, m = std::min(SW, g.W - x0);
           Vec<A> acc0[SW], acc1[SW];
           depthwise_strip2<A, K, SW>(band.at(0, y - k / 2, x0 - k / 2), band.pw, wv, init, acc0, acc1);
           for (int64_t j = 0; j < m; ++j) {
-            store_n<A>(acc0[j] * vs, drow + (x0 + j) * ld_dst, n);
-            store_n<A>(acc1[j] * vs, drow + (g.W + x0 + j) * ld_dst, n);
+            put(row + x0 + j, acc0[j]);
+            put(row + g.W + x0 + j, acc1[j]);
           }
         }
       }
     }
     for (; y < y1; ++y) {
-      A* drow = dst + (y - y0) * g.W * ld_dst + c;
+      const int64_t row = (y - y0) * g.W;
       for (int64_t s = 0; s < band.strips; ++s) {
         const int64_t x0 = s * SW, m = std::min(SW, g.W - x0);
         Vec<A> acc[SW];
         depthwise_strip<A, K, SW>(band.at(0, y - k / 2, x0 - k / 2), band.pw, k, wv, init, acc);
-        for (int64_t j = 0; j < m; ++j) store_n<A>(acc[j] * vs, drow + (x0 + j) * ld_dst, n);
+        for (int64_t j = 0; j < m; ++j) put(row + x0 + j, acc[j]);
       }
     }
   }
 }
 
 template <typename A, int64_t SW>
-void depthwise_sw(const A* src, int64_t ld_src, const A* add, const A* w, const A* bias, A scale, int64_t S,
-                  const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
+void depthwise_sw(const DwArgs<A>& a, const DwGeometry& g) {
   switch (g.k) {
-    case 7: return depthwise_impl<A, 7, SW>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    case 5: return depthwise_impl<A, 5, SW>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    case 3: return depthwise_impl<A, 3, SW>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    default: return depthwise_impl<A, 0, SW>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+    case 7: return depthwise_impl<A, 7, SW>(a, g);
+    case 5: return depthwise_impl<A, 5, SW>(a, g);
+    case 3: return depthwise_impl<A, 3, SW>(a, g);
+    default: return depthwise_impl<A, 0, SW>(a, g);
   }
 }
 
 template <typename A>
-void depthwise(const A* src, int64_t ld_src, const A* add, const A* w, const A* bias, A scale, int64_t S,
-               const DwGeometry& g, int64_t y0, int64_t y1, A* dst, int64_t ld_dst) {
+void depthwise(const DwArgs<A>& a, const DwGeometry& g) {
   if constexpr (kStripAlt != kStrip) {
-    if (g.W % kStrip != 0 && g.W % kStripAlt == 0) {
-      return depthwise_sw<A, kStripAlt>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
-    }
+    if (g.W % kStrip != 0 && g.W % kStripAlt == 0) return depthwise_sw<A, kStripAlt>(a, g);
   }
-  depthwise_sw<A, kStrip>(src, ld_src, add, w, bias, scale, S, g, y0, y1, dst, ld_dst);
+  depthwise_sw<A, kStrip>(a, g);
 }
 
 // gw[t, c] += sum over pixels p of rows [y0, y1): dy[p, c] * q[p + o_t, c], q = src + add inside
@@ -816,10 +849,29 @@ struct Call {
   }
 
   // The tile's gates g = scale * (dwconv(q) + b_dw), [np, S]; Fb: F of the tile's image.
-  void gates(int64_t t, const A* Fb, int64_t ld, A* gbuf) const {
-    depthwise<A>(Fb + L.dims[0], ld, w.b_in.template const_data_ptr<A>() + L.dims[0],
-                 w.w_dw.template const_data_ptr<A>(), w.b_dw.template const_data_ptr<A>(),
-                 static_cast<A>(p.scale), L.S, g, tiles.y0(t), tiles.y1(t), gbuf, L.S);
+  DwArgs<A> gate_args(int64_t t, const A* Fb, int64_t ld, A* gbuf) const {
+    return DwArgs<A>{Fb + L.dims[0], ld, w.b_in.template const_data_ptr<A>() + L.dims[0],
+                     w.w_dw.template const_data_ptr<A>(), w.b_dw.template const_data_ptr<A>(),
+                     static_cast<A>(p.scale), L.S, tiles.y0(t), tiles.y1(t), gbuf, L.S};
+  }
+  void gates(int64_t t, const A* Fb, int64_t ld, A* gbuf) const { depthwise<A>(gate_args(t, Fb, ld, gbuf), g); }
+
+  // The same, and the first gate y_0 = (p_0 + b_in) * g_0 into y [np, dims[0]]: in the conv's
+  // epilogue for whole blocks of channels, the rest in cache after it. g_0 is then not in gbuf.
+  void gates_and_first(int64_t t, const A* Fb, int64_t ld, A* gbuf, A* y) const {
+    const int64_t d0 = L.dims[0];
+    const A* p0 = Fb + tiles.y0(t) * g.W * ld;
+    const A* b_in = w.b_in.template const_data_ptr<A>();
+    DwArgs<A> a = gate_args(t, Fb, ld, gbuf);
+    a.gate_channels = d0;
+    a.gate_p = p0;
+    a.gate_ld_p = ld;
+    a.gate_bias = b_in;
+    a.gate_y = y;
+    a.gate_ld_y = d0;
+    depthwise<A>(a, g);
+    const int64_t done = a.gated(), np = (tiles.y1(t) - tiles.y0(t)) * g.W;
+    if (done < d0) bias_gate<A>(np, d0 - done, y + done, d0, p0 + done, ld, b_in + done, gbuf + done, L.S);
   }
 
   // Element (pixel, c) of image b of a tensor in x's memory format: base + pixel * ps + c * cs.
@@ -897,11 +949,9 @@ void forward_typed(const Problem& p, at::Tensor& out) {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * p.geo.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * p.geo.W;
       const A* Fb = proj.rows_for(t);
-      call.gates(t, Fb, proj.pitch(), gbuf);
       A* y = ys;
       A* spare = zs;
-      bias_gate<A>(np, L.dims[0], y, L.dims[0], Fb + pix0 * proj.pitch(), proj.pitch(),
-                   call.w.b_in.template const_data_ptr<A>(), gbuf, L.S);
+      call.gates_and_first(t, Fb, proj.pitch(), gbuf, y);
       for (int64_t i = 1; i < n; ++i) {
         gated_gemm<A>(np, L.dims[i], L.dims[i - 1], y, L.dims[i - 1], panel[i],
                       call.w.b_pw[i - 1].template const_data_ptr<A>(), gbuf + L.offs[i], L.S, spare, L.dims[i]);
@@ -1049,7 +1099,8 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       const int64_t pix0 = y0 * g.W, np = (y1 - y0) * g.W;
       const A* dDb = dD.const_data_ptr<A>() + b * tiles.HW * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
-      depthwise<A>(dDb, S, nullptr, w_dw_flip.const_data_ptr<A>(), nullptr, A(1), S, g, y0, y1, dFt + d0, P2);
+      depthwise<A>(DwArgs<A>{dDb, S, nullptr, w_dw_flip.const_data_ptr<A>(), nullptr, A(1), S, y0, y1, dFt + d0, P2},
+                   g);
       depthwise_weight_grad<A>(call.F_image(b) + d0, P2, call.w.b_in.template const_data_ptr<A>() + d0, dDb, S, S, g,
                                y0, y1, part.w_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, S, dDb + pix0 * S, S, part.b_dw[t].template mutable_data_ptr<A>());
