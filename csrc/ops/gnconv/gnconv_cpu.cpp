@@ -590,14 +590,14 @@ void weight_grad(int64_t np, int64_t R, int64_t N, const A* a, int64_t a_p, int6
   }
 }
 
-// ---- the pws steps: a GEMM with the gate in its epilogue ------------------------------------------
+// ---- the pws steps: a register-blocked GEMM with the gate in its epilogue -----------------------
 //
 // y_i = (y_{i-1} W_i^T + b_i) * g_i over a tile's pixels. The widths are narrow (dim / 2^(n-i)):
 // through the BLAS, each tile's GEMM re-packed W_i, and its output made one more trip through
 // memory for the gate. Here each thread packs W_i once per call into panels of kGemmCols
-// vectors of output channels, [panel][k][kGemmCols * V] (zero past N), and every output row's
-// sums run in k order in registers, so a row's result does not depend on the tile it is in; the
-// bias and the gate are applied as the sums leave the registers.
+// vectors of output channels, [panel][k][kGemmCols * V] (zero past N); kGemmRows rows x
+// kGemmCols vectors of sums stay in registers, summed in k order, so that a row's bits do not
+// depend on the tile it is in; the bias and the gate are applied as the sums leave the registers.
 
 // The panels of W [N, K] (row-major) at dst; returns the floats they take.
 template <typename A>
@@ -615,8 +615,8 @@ int64_t pack_panels(const A* w, int64_t N, int64_t K, A* dst) {
   return panels * K * NR;
 }
 
-// dst[m, :N] = (sum_k a[m, k] W[:N, k] + bias) * g[m, :N] for rows [m0, m0 + rows), rows <=
-// kGemmRows, the N columns of one panel (N <= kGemmCols * V).
+// One register block: Rows rows of a (lda apart) times one panel, whose first N <= kGemmCols * V
+// columns are kept: dst[i, :N] = (sum_k a[i, k] panel[k, :N] + bias) * g[i, :N].
 template <typename A, int64_t Rows>
 inline void gated_block(int64_t K, const A* a, int64_t lda, const A* panel, int64_t N, const A* bias,
                         const A* g, int64_t ldg, A* dst, int64_t ldd) {
@@ -658,14 +658,21 @@ void gated_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const 
   for (int64_t n0 = 0; n0 < N; n0 += NR) {
     const A* panel = panels + (n0 / NR) * K * NR;
     const int64_t nn = std::min(NR, N - n0);
-    int64_t m = 0;
-    for (; m + kGemmRows <= M; m += kGemmRows) {
-      gated_block<A, kGemmRows>(K, a + m * lda, lda, panel, nn, bias + n0, g + m * ldg + n0, ldg, dst + m * ldd + n0,
-                                ldd);
-    }
-    // The last rows one at a time: the same k-ordered sums as in a full block.
-    for (; m < M; ++m) {
-      gated_block<A, 1>(K, a + m * lda, lda, panel, nn, bias + n0, g + m * ldg + n0, ldg, dst + m * ldd + n0, ldd);
+    for (int64_t m = 0; m < M; m += kGemmRows) {
+      const A* am = a + m * lda;
+      const A* gm = g + m * ldg + n0;
+      A* dm = dst + m * ldd + n0;
+      // The last rows in a block of their own size: the same k-ordered sums as a full block.
+      switch (std::min(kGemmRows, M - m)) {
+#if defined(CPU_CAPABILITY_AVX512)
+        case 6: gated_block<A, 6>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
+        case 5: gated_block<A, 5>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
+#endif
+        case 4: gated_block<A, 4>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
+        case 3: gated_block<A, 3>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
+        case 2: gated_block<A, 2>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
+        default: gated_block<A, 1>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
+      }
     }
   }
 }
