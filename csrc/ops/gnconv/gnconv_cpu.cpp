@@ -109,7 +109,7 @@ at::Tensor blob(A* p, at::IntArrayRef sizes) {
 // kTilePixels times the channel count; kImageF by kMaxCachedImageF). Cache-line aligned, so
 // that a GEMM into it sees the same alignment whichever thread runs it. Left uninitialised: every
 // kernel writes before it reads.
-enum Slot { kBand, kGradBand, kGates, kYs, kZs, kGradA, kGradB, kGradX, kImageF, kPanels, kSlots };
+enum Slot { kBand, kGradBand, kGates, kYs, kZs, kGradA, kGradB, kGradX, kImageF, kPanels, kDwTaps, kSlots };
 
 struct AlignedFree {
   void operator()(void* p) const { ::operator delete[](p, std::align_val_t(64)); }
@@ -384,11 +384,27 @@ inline void depthwise_strip2(const A* win, int64_t pw, const A* wv, const Vec<A>
   }
 }
 
+// The k * k taps of channels [c, c + n) of w [S, taps] as the strips read them, [taps, V] (lanes
+// past n zero), in the thread's scratch: one contiguous stream per block, transposed in registers
+// here rather than once per call before the threads start. flipped: taps in reverse order.
+template <typename A>
+const A* block_taps(const A* w, int64_t taps, int64_t c, int64_t n, bool flipped) {
+  constexpr int64_t V = Vec<A>::size();
+  A* out = scratch<A>(kDwTaps, taps * V);
+  if (n < V) std::fill(out, out + taps * V, A(0));
+  transpose<A>(w + c * taps, taps, n, taps, out, V);
+  if (flipped) {
+    for (int64_t t = 0; t < taps / 2; ++t) std::swap_ranges(out + t * V, out + (t + 1) * V, out + (taps - 1 - t) * V);
+  }
+  return out;
+}
+
 // One depthwise conv over rows [y0, y1) of one image:
 //   dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] q[pixel + o_t, c]), c < S,
 // q = src + add inside the map (add may be null) and zero outside. src: the image's pixel 0,
-// ld_src apart; w: block-major (Weights::block_major); bias may be null; dst: pixel (y0, 0),
-// ld_dst apart.
+// ld_src apart; w: [S, k * k] as the module stores it, rotated by 180 degrees when flipped (tap
+// t read from tap k * k - 1 - t: backward's transposed convolution); bias may be null; dst: pixel
+// (y0, 0), ld_dst apart.
 // With gate_channels > 0, the forward's first gate is applied as the sums leave the registers:
 // for the whole blocks of V channels below gate_channels, dst is not written, and
 //   gate_y[pixel, c] = dst value * (gate_p[pixel, c] + gate_bias[c])
@@ -404,6 +420,7 @@ struct DwArgs {
   int64_t S, y0, y1;
   A* dst;
   int64_t ld_dst;
+  bool flipped = false;
   int64_t gate_channels = 0;
   const A* gate_p = nullptr;
   int64_t gate_ld_p = 0;
@@ -427,7 +444,7 @@ void depthwise_impl(const DwArgs<A>& a, const DwGeometry& g) {
     // One block at a time: the packed copy stays small enough to leave the source in cache.
     PackedBand<A> band(g, n, y0, y1, k / 2, kBand, SW);
     band.pack(a.src + c, a.ld_src, g, n, a.add ? a.add + c : nullptr);
-    const A* wv = a.w + c * k * k;
+    const A* wv = block_taps(a.w, k * k, c, n, a.flipped);
     const Vec<A> init = a.bias ? load_n(a.bias + c, n) : Vec<A>(A(0));
     // Output pixel i (from (y0, 0) on) of this block.
     const bool gated = c < a.gated();
@@ -685,7 +702,7 @@ void gated_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const 
 template <typename scalar_t>
 struct Weights {
   using A = at::opmath_type<scalar_t>;
-  at::Tensor w_in, b_in, w_dw, b_dw, w_out, b_out;  // w_dw: block-major, see block_major()
+  at::Tensor w_in, b_in, w_dw, b_dw, w_out, b_out;  // w_dw: [S, k * k]
   std::vector<at::Tensor> w_pw, b_pw;               // w_*: [out, in]
 
   // Plain tensors: the worker threads of at::parallel_for do not inherit the caller's
@@ -711,31 +728,7 @@ struct Weights {
       w_pw.push_back(mat(p.w_pw[i]));
       b_pw.push_back(vec(p.b_pw[i]));
     }
-    w_dw = block_major(p, false);
-  }
-
-  // The depthwise kernel [S, k * k] as the depthwise conv reads it: for each block of V channels,
-  // its k * k taps' vectors in a row ([ceil(S / V), k * k, V], channels past S zero). A block's
-  // weights are then one contiguous stream; tap-major [k * k, S] would put each of its k * k
-  // vectors on a cache line of its own. flipped: rotated by 180 degrees (tap t read from tap
-  // k * k - 1 - t), backward's transposed convolution.
-  static at::Tensor block_major(const Problem& p, bool flipped) {
-    constexpr int64_t V = Vec<A>::size();
-    const int64_t S = p.lay.S, taps = p.geo.taps(), blocks = (S + V - 1) / V;
-    at::Tensor out = at::zeros({blocks, taps, V}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
-    const at::Tensor src = acc(p.w_dw, {S, taps});
-    const A* wd = src.const_data_ptr<A>();
-    for (int64_t cb = 0; cb < blocks; ++cb) {
-      A* block = out.mutable_data_ptr<A>() + cb * taps * V;
-      const int64_t n = std::min(V, S - cb * V);
-      at::vec::transpose_mxn<A>(wd + cb * V * taps, taps, block, V, static_cast<int>(n), static_cast<int>(taps));
-      if (flipped) {
-        for (int64_t k = 0; k < taps / 2; ++k) {
-          std::swap_ranges(block + k * V, block + (k + 1) * V, block + (taps - 1 - k) * V);
-        }
-      }
-    }
-    return out;
+    w_dw = acc(p.w_dw, {p.lay.S, p.geo.taps()});
   }
 };
 
@@ -1037,7 +1030,6 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   const auto mul = [](auto u, auto v) { return u * v; };
   const auto mul_scaled = [scale](auto u, auto v) { return u * v * decltype(u)(scale); };
   Partials<A> part(tiles.count, call.w, L, g.taps());
-  const at::Tensor w_dw_flip = Weights<scalar_t>::block_major(p, true);
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const int64_t ps = call.pixel_stride(), cs = call.channel_stride();
 
@@ -1106,8 +1098,9 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       const int64_t pix0 = y0 * g.W, np = (y1 - y0) * g.W;
       const A* dDb = dD.const_data_ptr<A>() + b * tiles.HW * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
-      depthwise<A>(DwArgs<A>{dDb, S, nullptr, w_dw_flip.const_data_ptr<A>(), nullptr, A(1), S, y0, y1, dFt + d0, P2},
-                   g);
+      DwArgs<A> dq{dDb, S, nullptr, call.w.w_dw.template const_data_ptr<A>(), nullptr, A(1), S, y0, y1, dFt + d0, P2};
+      dq.flipped = true;
+      depthwise<A>(dq, g);
       depthwise_weight_grad<A>(call.F_image(b) + d0, P2, call.w.b_in.template const_data_ptr<A>() + d0, dDb, S, S, g,
                                y0, y1, part.w_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, S, dDb + pix0 * S, S, part.b_dw[t].template mutable_data_ptr<A>());
