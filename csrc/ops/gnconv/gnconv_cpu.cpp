@@ -385,8 +385,8 @@ inline void depthwise_strip2(const A* win, int64_t pw, const A* wv, const Vec<A>
 }
 
 // The k * k taps of channels [c, c + n) of w [S, taps] as the strips read them, [taps, V] (lanes
-// past n zero), in the thread's scratch: one contiguous stream per block, transposed in registers
-// here rather than once per call before the threads start. flipped: taps in reverse order.
+// past n zero): one contiguous stream per block, made by the thread that convolves the block, in
+// its scratch memory, so that it is in that thread's cache. flipped: taps in reverse order.
 template <typename A>
 const A* block_taps(const A* w, int64_t taps, int64_t c, int64_t n, bool flipped) {
   constexpr int64_t V = Vec<A>::size();
@@ -446,9 +446,9 @@ void depthwise_impl(const DwArgs<A>& a, const DwGeometry& g) {
     band.pack(a.src + c, a.ld_src, g, n, a.add ? a.add + c : nullptr);
     const A* wv = block_taps(a.w, k * k, c, n, a.flipped);
     const Vec<A> init = a.bias ? load_n(a.bias + c, n) : Vec<A>(A(0));
-    // Output pixel i (from (y0, 0) on) of this block.
     const bool gated = c < a.gated();
     const Vec<A> gate_bias = gated ? Vec<A>::loadu(a.gate_bias + c) : Vec<A>(A(0));
+    // Output pixel i (from (y0, 0) on) of this block.
     const auto put = [&](int64_t i, const Vec<A>& v) {
       if (gated) {
         (v * vs * (Vec<A>::loadu(a.gate_p + i * a.gate_ld_p + c) + gate_bias)).store(a.gate_y + i * a.gate_ld_y + c);
