@@ -16,7 +16,8 @@
 //      (gated_gemm); proj_out's GEMM writes the output tile in x's memory format, and its bias
 //      is added while the tile is in cache.
 // Backward saves nothing but the operands: pass A recomputes all of F with the same chunk
-// GEMMs, pass B recomputes each tile's gates and chain and runs it backwards (weight-gradient
+// GEMMs, pass B recomputes each tile's gates and chain with the forward's kernels (gated_gemm
+// keeping each pre-gate z_i too) and runs it backwards (weight-gradient
 // partials per tile, the gate gradient dD and dL/dp0 into full-size buffers), pass C turns dD
 // into dL/dq (the depthwise conv with the flipped kernel), the depthwise weight/bias gradients,
 // and then grad_x = dF W_in and W_in's gradient per tile.
@@ -632,11 +633,28 @@ int64_t pack_panels(const A* w, int64_t N, int64_t K, A* dst) {
   return panels * K * NR;
 }
 
+// Where a gated GEMM's rows go: dst[m, :N] = (sums + bias) * g[m, :N] and, when z is not null,
+// the pre-gate value z[m, :N] = sums + bias (backward keeps it).
+template <typename A>
+struct GatedOut {
+  const A* bias;
+  const A* g;
+  int64_t ldg;
+  A* dst;
+  int64_t ldd;
+  A* z = nullptr;
+  int64_t ldz = 0;
+
+  // The same from row m and column n on.
+  GatedOut at(int64_t m, int64_t n) const {
+    return GatedOut{bias + n, g + m * ldg + n, ldg, dst + m * ldd + n, ldd, z ? z + m * ldz + n : nullptr, ldz};
+  }
+};
+
 // One register block: Rows rows of a (lda apart) times one panel, whose first N <= kGemmCols * V
-// columns are kept: dst[i, :N] = (sum_k a[i, k] panel[k, :N] + bias) * g[i, :N].
+// columns are kept, into o's rows [0, Rows).
 template <typename A, int64_t Rows>
-inline void gated_block(int64_t K, const A* a, int64_t lda, const A* panel, int64_t N, const A* bias,
-                        const A* g, int64_t ldg, A* dst, int64_t ldd) {
+inline void gated_block(int64_t K, const A* a, int64_t lda, const A* panel, int64_t N, const GatedOut<A>& o) {
   constexpr int64_t V = Vec<A>::size(), NR = kGemmCols * V;
   Vec<A> acc[Rows][kGemmCols];
 #pragma GCC unroll 8
@@ -659,40 +677,59 @@ inline void gated_block(int64_t K, const A* a, int64_t lda, const A* panel, int6
   for (int64_t j = 0; j < kGemmCols; ++j) {
     const int64_t n = std::min(V, N - j * V);
     if (n <= 0) break;
-    const Vec<A> b = load_n(bias + j * V, n);
+    const Vec<A> b = load_n(o.bias + j * V, n);
 #pragma GCC unroll 8
     for (int64_t i = 0; i < Rows; ++i) {
-      store_n<A>((acc[i][j] + b) * load_n(g + i * ldg + j * V, n), dst + i * ldd + j * V, n);
+      const Vec<A> z = acc[i][j] + b;
+      if (o.z != nullptr) store_n<A>(z, o.z + i * o.ldz + j * V, n);
+      store_n<A>(z * load_n(o.g + i * o.ldg + j * V, n), o.dst + i * o.ldd + j * V, n);
     }
   }
 }
 
-// dst[m, :N] = (a[m, :K] W^T + bias) * g[m, :N] for m < M; W packed by pack_panels.
+// o's rows [0, M) from a [M, K] (lda apart) and W [N, K], packed by pack_panels.
 template <typename A>
-void gated_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* panels, const A* bias,
-                const A* g, int64_t ldg, A* dst, int64_t ldd) {
+void gated_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* panels, const GatedOut<A>& o) {
   constexpr int64_t NR = kGemmCols * Vec<A>::size();
   for (int64_t n0 = 0; n0 < N; n0 += NR) {
     const A* panel = panels + (n0 / NR) * K * NR;
     const int64_t nn = std::min(NR, N - n0);
     for (int64_t m = 0; m < M; m += kGemmRows) {
       const A* am = a + m * lda;
-      const A* gm = g + m * ldg + n0;
-      A* dm = dst + m * ldd + n0;
+      const GatedOut<A> om = o.at(m, n0);
       // The last rows in a block of their own size: the same k-ordered sums as a full block.
       switch (std::min(kGemmRows, M - m)) {
 #if defined(CPU_CAPABILITY_AVX512)
-        case 6: gated_block<A, 6>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
-        case 5: gated_block<A, 5>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
+        case 6: gated_block<A, 6>(K, am, lda, panel, nn, om); break;
+        case 5: gated_block<A, 5>(K, am, lda, panel, nn, om); break;
 #endif
-        case 4: gated_block<A, 4>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
-        case 3: gated_block<A, 3>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
-        case 2: gated_block<A, 2>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
-        default: gated_block<A, 1>(K, am, lda, panel, nn, bias + n0, gm, ldg, dm, ldd); break;
+        case 4: gated_block<A, 4>(K, am, lda, panel, nn, om); break;
+        case 3: gated_block<A, 3>(K, am, lda, panel, nn, om); break;
+        case 2: gated_block<A, 2>(K, am, lda, panel, nn, om); break;
+        default: gated_block<A, 1>(K, am, lda, panel, nn, om); break;
       }
     }
   }
 }
+
+// A thread's panels of every W_i (i = 1 .. order - 1) for the call: panel(i).
+template <typename A>
+class ChainPanels {
+  std::vector<const A*> at_;
+
+ public:
+  template <class W>
+  ChainPanels(const W& w, const Layout& L) : at_(L.order, nullptr) {
+    int64_t size = 0;
+    for (int64_t i = 1; i < L.order; ++i) size += pack_panels<A>(nullptr, L.dims[i], L.dims[i - 1], nullptr);
+    A* panels = scratch<A>(kPanels, size);
+    for (int64_t i = 1, off = 0; i < L.order; ++i) {
+      at_[i] = panels + off;
+      off += pack_panels<A>(w.w_pw[i - 1].template const_data_ptr<A>(), L.dims[i], L.dims[i - 1], panels + off);
+    }
+  }
+  const A* operator()(int64_t i) const { return at_[i]; }
+};
 
 // ---- the op -----------------------------------------------------------------------------------
 
@@ -935,16 +972,7 @@ void forward_typed(const Problem& p, at::Tensor& out) {
 
   call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
-    // This thread's panels of every W_i, packed once for all its tiles.
-    int64_t size = 0;
-    for (int64_t i = 1; i < n; ++i) size += pack_panels<A>(nullptr, L.dims[i], L.dims[i - 1], nullptr);
-    A* panels = scratch<A>(kPanels, size);
-    std::vector<const A*> panel(n, nullptr);
-    for (int64_t i = 1, off = 0; i < n; ++i) {
-      panel[i] = panels + off;
-      off += pack_panels<A>(call.w.w_pw[i - 1].template const_data_ptr<A>(), L.dims[i], L.dims[i - 1], panels + off);
-    }
-    return [&, panel, gbuf = scratch<A>(kGates, mp * L.S), ys = scratch<A>(kYs, mp * C),
+    return [&, panel = ChainPanels<A>(call.w, L), gbuf = scratch<A>(kGates, mp * L.S), ys = scratch<A>(kYs, mp * C),
             zs = scratch<A>(kZs, mp * C), proj = ImageProjection<scalar_t>(call)](int64_t t) mutable {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * p.geo.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * p.geo.W;
@@ -953,8 +981,8 @@ void forward_typed(const Problem& p, at::Tensor& out) {
       A* spare = zs;
       call.gates_and_first(t, Fb, proj.pitch(), gbuf, y);
       for (int64_t i = 1; i < n; ++i) {
-        gated_gemm<A>(np, L.dims[i], L.dims[i - 1], y, L.dims[i - 1], panel[i],
-                      call.w.b_pw[i - 1].template const_data_ptr<A>(), gbuf + L.offs[i], L.S, spare, L.dims[i]);
+        gated_gemm<A>(np, L.dims[i], L.dims[i - 1], y, L.dims[i - 1], panel(i),
+                      {call.w.b_pw[i - 1].template const_data_ptr<A>(), gbuf + L.offs[i], L.S, spare, L.dims[i]});
         std::swap(y, spare);
       }
       A* z = spare;
@@ -1040,8 +1068,8 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   at::Tensor dF = at::empty_like(call.F);
   call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
-    return [&, gbuf = scratch<A>(kGates, mp * S), ys = scratch<A>(kYs, mp * S), zs = scratch<A>(kZs, mp * S),
-            da = scratch<A>(kGradA, mp * C), db = scratch<A>(kGradB, mp * C)](int64_t t) {
+    return [&, panel = ChainPanels<A>(call.w, L), gbuf = scratch<A>(kGates, mp * S), ys = scratch<A>(kYs, mp * S),
+            zs = scratch<A>(kZs, mp * S), da = scratch<A>(kGradA, mp * C), db = scratch<A>(kGradB, mp * C)](int64_t t) {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * g.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * g.W;
       const A* Ft = call.F_image(b) + pix0 * P2;
@@ -1053,13 +1081,10 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
       const auto Z = [&](int64_t i) { return zs + np * L.offs[i]; };
       bias_gate<A>(np, d0, Y(0), d0, Ft, P2, call.w.b_in.template const_data_ptr<A>(), gbuf, S);
       for (int64_t i = 1; i < n; ++i) {
-        // As the forward computes it: GEMM, then + bias, then * gate.
-        at::Tensor zt = blob(Z(i), {np, L.dims[i]});
-        at::mm_out(zt, blob(Y(i - 1), {np, L.dims[i - 1]}), call.w.w_pw[i - 1].t());
+        // As the forward computes it, keeping the pre-gate z_i too.
         const int64_t di = L.dims[i];
-        rowwise<A>(np, di, Z(i), di, [](auto u, auto v) { return u + v; }, Rows<A>{Z(i), di},
-                   Rows<A>{call.w.b_pw[i - 1].template const_data_ptr<A>(), 0});
-        rowwise<A>(np, di, Y(i), di, mul, Rows<A>{Z(i), di}, Rows<A>{gbuf + L.offs[i], S});
+        gated_gemm<A>(np, di, L.dims[i - 1], Y(i - 1), L.dims[i - 1], panel(i),
+                      {call.w.b_pw[i - 1].template const_data_ptr<A>(), gbuf + L.offs[i], S, Y(i), di, Z(i), di});
       }
       // proj_out
       load_tile<scalar_t, A>(gp + b * grad.stride(0) + pix0 * ps, ps, cs, np, C, da);
