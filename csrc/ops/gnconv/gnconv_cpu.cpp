@@ -385,17 +385,25 @@ inline void depthwise_strip2(const A* win, int64_t pw, const A* wv, const Vec<A>
   }
 }
 
-// The k * k taps of channels [c, c + n) of w [S, taps] as the strips read them, [taps, V] (lanes
-// past n zero): one contiguous stream per block, made by the thread that convolves the block, in
-// its scratch memory, so that it is in that thread's cache. flipped: taps in reverse order.
+// The depthwise kernel w [S, taps] as the strips read it: for each block of V channels, its tap
+// vectors in a row ([ceil(S / V), taps, V], lanes past S zero), one contiguous stream per block.
+// Each thread makes its own copy once per call, in its scratch memory, so that it sits in that
+// thread's cache. flipped: taps in reverse order (backward's transposed convolution).
 template <typename A>
-const A* block_taps(const A* w, int64_t taps, int64_t c, int64_t n, bool flipped) {
+const A* block_major_taps(const A* w, int64_t S, int64_t taps, bool flipped) {
   constexpr int64_t V = Vec<A>::size();
-  A* out = scratch<A>(kDwTaps, taps * V);
-  if (n < V) std::fill(out, out + taps * V, A(0));
-  transpose<A>(w + c * taps, taps, n, taps, out, V);
-  if (flipped) {
-    for (int64_t t = 0; t < taps / 2; ++t) std::swap_ranges(out + t * V, out + (t + 1) * V, out + (taps - 1 - t) * V);
+  const int64_t blocks = (S + V - 1) / V;
+  A* out = scratch<A>(kDwTaps, blocks * taps * V);
+  for (int64_t cb = 0; cb < blocks; ++cb) {
+    A* block = out + cb * taps * V;
+    const int64_t n = std::min(V, S - cb * V);
+    if (n < V) std::fill(block, block + taps * V, A(0));
+    transpose<A>(w + cb * V * taps, taps, n, taps, block, V);
+    if (flipped) {
+      for (int64_t t = 0; t < taps / 2; ++t) {
+        std::swap_ranges(block + t * V, block + (t + 1) * V, block + (taps - 1 - t) * V);
+      }
+    }
   }
   return out;
 }
@@ -403,9 +411,7 @@ const A* block_taps(const A* w, int64_t taps, int64_t c, int64_t n, bool flipped
 // One depthwise conv over rows [y0, y1) of one image:
 //   dst[pixel, c] = scale * (bias[c] + sum_t w[t, c] q[pixel + o_t, c]), c < S,
 // q = src + add inside the map (add may be null) and zero outside. src: the image's pixel 0,
-// ld_src apart; w: [S, k * k] as the module stores it, rotated by 180 degrees when flipped (tap
-// t read from tap k * k - 1 - t: backward's transposed convolution); bias may be null; dst: pixel
-// (y0, 0), ld_dst apart.
+// ld_src apart; w: block_major_taps; bias may be null; dst: pixel (y0, 0), ld_dst apart.
 // With gate_channels > 0, the forward's first gate is applied as the sums leave the registers:
 // for the whole blocks of V channels below gate_channels, dst is not written, and
 //   gate_y[pixel, c] = dst value * (gate_p[pixel, c] + gate_bias[c])
@@ -421,7 +427,6 @@ struct DwArgs {
   int64_t S, y0, y1;
   A* dst;
   int64_t ld_dst;
-  bool flipped = false;
   int64_t gate_channels = 0;
   const A* gate_p = nullptr;
   int64_t gate_ld_p = 0;
@@ -445,7 +450,7 @@ void depthwise_impl(const DwArgs<A>& a, const DwGeometry& g) {
     // One block at a time: the packed copy stays small enough to leave the source in cache.
     PackedBand<A> band(g, n, y0, y1, k / 2, kBand, SW);
     band.pack(a.src + c, a.ld_src, g, n, a.add ? a.add + c : nullptr);
-    const A* wv = block_taps(a.w, k * k, c, n, a.flipped);
+    const A* wv = a.w + c * k * k;
     const Vec<A> init = a.bias ? load_n(a.bias + c, n) : Vec<A>(A(0));
     const bool gated = c < a.gated();
     const Vec<A> gate_bias = gated ? Vec<A>::loadu(a.gate_bias + c) : Vec<A>(A(0));
@@ -886,20 +891,27 @@ struct Call {
   }
 
   // The tile's gates g = scale * (dwconv(q) + b_dw), [np, S]; Fb: F of the tile's image.
-  DwArgs<A> gate_args(int64_t t, const A* Fb, int64_t ld, A* gbuf) const {
-    return DwArgs<A>{Fb + L.dims[0], ld, w.b_in.template const_data_ptr<A>() + L.dims[0],
-                     w.w_dw.template const_data_ptr<A>(), w.b_dw.template const_data_ptr<A>(),
+  // taps: this thread's dw_taps(false).
+  DwArgs<A> gate_args(int64_t t, const A* Fb, int64_t ld, const A* taps, A* gbuf) const {
+    return DwArgs<A>{Fb + L.dims[0], ld, w.b_in.template const_data_ptr<A>() + L.dims[0], taps,
+                     w.b_dw.template const_data_ptr<A>(),
                      static_cast<A>(p.scale), L.S, tiles.y0(t), tiles.y1(t), gbuf, L.S};
   }
-  void gates(int64_t t, const A* Fb, int64_t ld, A* gbuf) const { depthwise<A>(gate_args(t, Fb, ld, gbuf), g); }
+  void gates(int64_t t, const A* Fb, int64_t ld, const A* taps, A* gbuf) const {
+    depthwise<A>(gate_args(t, Fb, ld, taps, gbuf), g);
+  }
+  // The depthwise kernel as the calling thread's conv reads it (block_major_taps).
+  const A* dw_taps(bool flipped) const {
+    return block_major_taps<A>(w.w_dw.template const_data_ptr<A>(), L.S, g.taps(), flipped);
+  }
 
   // The same, and the first gate y_0 = (p_0 + b_in) * g_0 into y [np, dims[0]]: in the conv's
   // epilogue for whole blocks of channels, the rest in cache after it. g_0 is then not in gbuf.
-  void gates_and_first(int64_t t, const A* Fb, int64_t ld, A* gbuf, A* y) const {
+  void gates_and_first(int64_t t, const A* Fb, int64_t ld, const A* taps, A* gbuf, A* y) const {
     const int64_t d0 = L.dims[0];
     const A* p0 = Fb + tiles.y0(t) * g.W * ld;
     const A* b_in = w.b_in.template const_data_ptr<A>();
-    DwArgs<A> a = gate_args(t, Fb, ld, gbuf);
+    DwArgs<A> a = gate_args(t, Fb, ld, taps, gbuf);
     a.gate_channels = d0;
     a.gate_p = p0;
     a.gate_ld_p = ld;
@@ -972,14 +984,15 @@ void forward_typed(const Problem& p, at::Tensor& out) {
 
   call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
-    return [&, panel = ChainPanels<A>(call.w, L), gbuf = scratch<A>(kGates, mp * L.S), ys = scratch<A>(kYs, mp * C),
+    return [&, panel = ChainPanels<A>(call.w, L), taps = call.dw_taps(false), gbuf = scratch<A>(kGates, mp * L.S),
+            ys = scratch<A>(kYs, mp * C),
             zs = scratch<A>(kZs, mp * C), proj = ImageProjection<scalar_t>(call)](int64_t t) mutable {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * p.geo.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * p.geo.W;
       const A* Fb = proj.rows_for(t);
       A* y = ys;
       A* spare = zs;
-      call.gates_and_first(t, Fb, proj.pitch(), gbuf, y);
+      call.gates_and_first(t, Fb, proj.pitch(), taps, gbuf, y);
       for (int64_t i = 1; i < n; ++i) {
         gated_gemm<A>(np, L.dims[i], L.dims[i - 1], y, L.dims[i - 1], panel(i),
                       {call.w.b_pw[i - 1].template const_data_ptr<A>(), gbuf + L.offs[i], L.S, spare, L.dims[i]});
@@ -1068,14 +1081,15 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   at::Tensor dF = at::empty_like(call.F);
   call.for_each_tile([&] {
     const int64_t mp = tiles.max_pixels();
-    return [&, panel = ChainPanels<A>(call.w, L), gbuf = scratch<A>(kGates, mp * S), ys = scratch<A>(kYs, mp * S),
-            zs = scratch<A>(kZs, mp * S), da = scratch<A>(kGradA, mp * C), db = scratch<A>(kGradB, mp * C)](int64_t t) {
+    return [&, panel = ChainPanels<A>(call.w, L), taps = call.dw_taps(false), gbuf = scratch<A>(kGates, mp * S),
+            ys = scratch<A>(kYs, mp * S), zs = scratch<A>(kZs, mp * S), da = scratch<A>(kGradA, mp * C),
+            db = scratch<A>(kGradB, mp * C)](int64_t t) {
       const int64_t b = tiles.image(t), pix0 = tiles.y0(t) * g.W;
       const int64_t np = (tiles.y1(t) - tiles.y0(t)) * g.W;
       const A* Ft = call.F_image(b) + pix0 * P2;
       A* dDt = dD.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
-      call.gates(t, call.F_image(b), P2, gbuf);
+      call.gates(t, call.F_image(b), P2, taps, gbuf);
       // y_i at ys + np * offs[i], pre-gate z_i (bias included) at zs + np * offs[i].
       const auto Y = [&](int64_t i) { return ys + np * L.offs[i]; };
       const auto Z = [&](int64_t i) { return zs + np * L.offs[i]; };
@@ -1118,14 +1132,12 @@ void backward_typed(const Problem& p, const at::Tensor& grad, Grads& gr) {
   scalar_t* gx = gr.x.mutable_data_ptr<scalar_t>();
   const int64_t gps = gr.x.stride(3), gcs = gr.x.stride(1);
   call.for_each_tile([&] {
-    return [&, dx = scratch<A>(kGradX, tiles.max_pixels() * C)](int64_t t) {
+    return [&, taps = call.dw_taps(true), dx = scratch<A>(kGradX, tiles.max_pixels() * C)](int64_t t) {
       const int64_t b = tiles.image(t), y0 = tiles.y0(t), y1 = tiles.y1(t);
       const int64_t pix0 = y0 * g.W, np = (y1 - y0) * g.W;
       const A* dDb = dD.const_data_ptr<A>() + b * tiles.HW * S;
       A* dFt = dF.mutable_data_ptr<A>() + (b * tiles.HW + pix0) * P2;
-      DwArgs<A> dq{dDb, S, nullptr, call.w.w_dw.template const_data_ptr<A>(), nullptr, A(1), S, y0, y1, dFt + d0, P2};
-      dq.flipped = true;
-      depthwise<A>(dq, g);
+      depthwise<A>(DwArgs<A>{dDb, S, nullptr, taps, nullptr, A(1), S, y0, y1, dFt + d0, P2}, g);
       depthwise_weight_grad<A>(call.F_image(b) + d0, P2, call.w.b_in.template const_data_ptr<A>() + d0, dDb, S, S, g,
                                y0, y1, part.w_dw[t].template mutable_data_ptr<A>());
       column_sums<A>(np, S, dDb + pix0 * S, S, part.b_dw[t].template mutable_data_ptr<A>());
