@@ -158,3 +158,69 @@ def check_raises(exc: type, match: str, fn: Callable, *args, **kwargs) -> None:
     """fn(*args) raises `exc` whose message contains `match` (the argument's name)."""
     with pytest.raises(exc, match=match):
         fn(*args, **kwargs)
+
+
+# ---- mixed precision -------------------------------------------------------------------------
+
+# (device, autocast dtype) pairs: CPU autocast in bf16 here, CUDA AMP in fp16 and bf16.
+AUTOCAST = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+    pytest.param("cuda", torch.float16, id="cuda-float16", marks=DEVICES[1].marks),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bfloat16", marks=DEVICES[1].marks),
+]
+
+
+def _detached(inputs: Sequence, to: torch.dtype | None) -> list:
+    """Leaf copies of the floating tensors (also inside lists), each in its own dtype unless `to`
+    is given, all requiring grad."""
+    out = []
+    for t in inputs:
+        if isinstance(t, list):
+            out.append(_detached(t, to))
+        elif isinstance(t, torch.Tensor) and t.is_floating_point():
+            out.append(t.detach().to(to or t.dtype).clone().requires_grad_(True))
+        else:
+            out.append(t)
+    return out
+
+
+def _leaves(inputs: list) -> list:
+    return [t for a in inputs for t in (a if isinstance(a, list) else [a])
+            if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def check_autocast(fused: Callable, oracle: Callable, inputs: Sequence, device: str,
+                   amp_dtype: torch.dtype, out_dtypes: Sequence[torch.dtype], seed: int = 0) -> None:
+    """`fused` under ``torch.autocast(device, amp_dtype)`` vs the fp64 oracle, with the accuracy
+    rule of `assert_close_to_exact` at the autocast dtype's floor and relative to the error of the
+    eager oracle under the same autocast. Inputs keep their own dtypes (mixed ones included);
+    floating outputs must have `out_dtypes` (the op's policy), every gradient its input's dtype."""
+    exact_in = _detached(inputs, torch.float64)
+    exact_outs = oracle(*exact_in)
+    exact_outs = [o for o in (exact_outs if isinstance(exact_outs, (tuple, list)) else [exact_outs])
+                  if o.is_floating_point()]
+    gen = torch.Generator().manual_seed(seed)
+    grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in exact_outs]
+    exact_grads = torch.autograd.grad(exact_outs, _leaves(exact_in), grad_outs, allow_unused=True)
+
+    def run(fn):
+        ins = _detached(inputs, None)
+        with torch.autocast(device, dtype=amp_dtype):
+            outs = fn(*ins)
+        outs = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs]) if o.is_floating_point()]
+        grads = torch.autograd.grad(outs, _leaves(ins), [g.to(o.dtype) for g, o in zip(grad_outs, outs)],
+                                    allow_unused=True)
+        return outs, grads, _leaves(ins)
+
+    eager_outs, eager_grads, _ = run(oracle)
+    fused_outs, fused_grads, leaves = run(fused)
+    assert [o.dtype for o in fused_outs] == list(out_dtypes), \
+        f"output dtypes {[o.dtype for o in fused_outs]} != policy {list(out_dtypes)}"
+    for i, (f, e, x) in enumerate(zip(fused_outs, eager_outs, exact_outs)):
+        assert_close_to_exact(f, e, x, amp_dtype, f"autocast output {i}")
+    for i, (f, e, x, leaf) in enumerate(zip(fused_grads, eager_grads, exact_grads, leaves)):
+        if x is None:
+            continue
+        assert f is not None, f"grad {i}: missing"
+        assert f.dtype == leaf.dtype, f"grad {i}: dtype {f.dtype} != its input's {leaf.dtype}"
+        assert_close_to_exact(f, e, x, amp_dtype, f"autocast grad of input {i}")

@@ -69,6 +69,26 @@ def gnconv_samples(device: str, dtype: torch.dtype = torch.float32):
     return [("gnconv", torch.ops.tokenmix.gnconv.default, args, {"order": order, "scale": 0.5})]
 
 
+def mixed_dtype_samples(device: str, dtype: torch.dtype = torch.float32):
+    """The mixes accepted without autocast: fp32 bias table or policy beside bf16 activations,
+    [B, N] values with int32 indices."""
+    gen = torch.Generator().manual_seed(0)
+    low = torch.bfloat16
+    q, k, v = (torch.randn(2, 8, 8, 2, 8, generator=gen).to(device, low) for _ in range(3))
+    table = torch.randn(49, 2, generator=gen).to(device)
+    logits = torch.randn(2, 2, 7, 7, generator=gen).to(device, low)
+    policy = torch.rand(2, 7, generator=gen).to(device)
+    values = torch.randn(3, 11, generator=gen, dtype=dtype).to(device)
+    idx32 = torch.randint(0, 11, (3, 5), generator=gen, dtype=torch.int32).to(device)
+    ops = torch.ops.tokenmix
+    return [
+        ("window_attention_fp32_table", ops.window_attention.default, (q, k, v, [4, 4], [2, 2], table, None), {}),
+        ("policy_softmax_fp32_policy", ops.policy_softmax.default, (logits, policy, 1e-6), {}),
+        ("gather_tokens_2d_int32", ops.gather_tokens.default, (values, idx32), {}),
+    ]
+
+
 def all_samples(device: str, dtype: torch.dtype = torch.float32):
     return (gather_samples(device, dtype) + window_attention_samples(device, dtype)
-            + deform_conv2d_samples(device, dtype) + gnconv_samples(device, dtype))
+            + deform_conv2d_samples(device, dtype) + gnconv_samples(device, dtype)
+            + mixed_dtype_samples(device, dtype))

@@ -171,7 +171,10 @@ def test_bad_index_values(device):
 def test_bad_ranks_and_sizes(device):
     x = randn(2, 5, 3).to(device)
     idx = torch.zeros(2, 2, dtype=torch.long, device=device)
-    check_raises(ValueError, r"x must have 3 dimensions \[B, N, C\], got 2", tm.gather_tokens, x[0], idx)
+    check_raises(ValueError, r"x must have 3 dimensions \[B, N, C\] or 2 dimensions \[B, N\], got 4",
+                 tm.gather_tokens, x[None], idx)
+    check_raises(ValueError, r"x must have 3 dimensions \[B, N, C\], got 2", tm.scatter_tokens, x[0], idx,
+                 randn(2, 2, 3).to(device))
     check_raises(ValueError, r"index must have 2 dimensions \[B, K\], got 1", tm.gather_tokens, x, idx[0])
     check_raises(ValueError, r"index.size\(0\) must equal x.size\(0\) = 2, got 3",
                  tm.gather_tokens, x, torch.zeros(3, 2, dtype=torch.long, device=device))
@@ -199,13 +202,13 @@ def test_bad_k(device):
 def test_bad_dtypes(device):
     x = randn(2, 5, 3).to(device)
     idx = torch.zeros(2, 2, dtype=torch.long, device=device)
-    check_raises(TypeError, "index must be int64, got Int", tm.gather_tokens, x, idx.int())
+    check_raises(TypeError, "index must be int64 or int32, got Short", tm.gather_tokens, x, idx.short())
     check_raises(TypeError, "x must be float32, float16, bfloat16 or float64, got Long",
                  tm.gather_tokens, x.long(), idx)
     check_raises(TypeError, r"src must have the dtype of x \(Double\), got Float",
                  tm.scatter_tokens, x, idx[:, :1], randn(2, 1, 3).float().to(device))
-    check_raises(TypeError, r"policy must have the dtype of logits \(Double\), got Float",
-                 tm.policy_softmax, randn(2, 1, 5, 5).to(device), randn(2, 5).float().to(device))
+    check_raises(TypeError, "policy must be float32, float16, bfloat16 or float64, got Long",
+                 tm.policy_softmax, randn(2, 1, 5, 5).to(device), randn(2, 5).long().to(device))
 
 
 def test_bad_device_cpu_vs_meta():
@@ -224,3 +227,15 @@ def test_bad_device_cpu_vs_cuda():
     check_raises(ValueError, "score must be on the device of x", tm.topk_tokens, x, randn(2, 5), 2)
     check_raises(ValueError, "policy must be on the device of logits",
                  tm.policy_softmax, randn(2, 1, 5, 5).cuda(), randn(2, 5))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("rank", [2, 3])
+def test_gather_accepts_what_batch_index_select_accepts(device, dtype, index_dtype, rank):
+    """DynamicViT's batch_index_select takes [B, N] or [B, N, C] and int32 or int64 indices."""
+    x = randn(3, 11, 5)[..., 0] if rank == 2 else randn(3, 11, 5)
+    idx = torch.randint(0, 11, (3, 7), generator=GEN).to(index_dtype)
+    check_against_oracle(tm.gather_tokens, ref.batch_index_select, [x.to(device), idx.to(device)], dtype)
+    out = tm.gather_tokens(x.to(device, dtype), idx.to(device))
+    assert out.shape == ((3, 7) if rank == 2 else (3, 7, 5))

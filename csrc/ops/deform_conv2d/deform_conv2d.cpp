@@ -9,6 +9,7 @@
 
 #include "deform_conv2d_cpu.h"
 #include "tokenmix/checks.h"
+#include "tokenmix/autocast.h"
 #include "tokenmix/op_handle.h"
 
 #if defined(TOKENMIX_WITH_CUDA)
@@ -326,6 +327,8 @@ TORCH_LIBRARY_IMPL(tokenmix, CUDA, m) {
 TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
   m.impl("deform_conv2d", &deform_conv2d_autograd);
 }
+
+TM_AUTOCAST("deform_conv2d", kLowerPrecision)
 
 }  // namespace deform
 }  // namespace tokenmix

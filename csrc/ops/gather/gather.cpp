@@ -10,6 +10,7 @@
 #include <climits>
 
 #include "gather_cpu.h"
+#include "tokenmix/autocast.h"
 #include "tokenmix/checks.h"
 #include "tokenmix/op_handle.h"
 
@@ -32,13 +33,32 @@ void check_tokens(const char* op, const char* name, const at::Tensor& x) {
   check_floating(op, name, x);
 }
 
+// Tokens [B, N, C], or [B, N] (one value per token, as DynamicViT's batch_index_select takes).
+void check_token_values(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "tokenmix.", op, ": ", name,
+                    " must have 3 dimensions [B, N, C] or 2 dimensions [B, N], got ", x.dim(),
+                    " (shape ", shape_str(x), ")");
+  check_floating(op, name, x);
+}
+
+// A [B, N] tensor as [B, N, 1] (a view); [B, N, C] as it is.
+at::Tensor as_tokens(const at::Tensor& x) {
+  return x.dim() == 2 ? x.unsqueeze(-1) : x;
+}
+
 void check_index(const char* op, const at::Tensor& index, const at::Tensor& x) {
   check_rank(op, "index", index, 2, "[B, K]");
-  check_int64(op, "index", index);
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+                   "tokenmix.", op, ": index must be int64 or int32, got ", index.scalar_type());
   check_same_device(op, "index", index, "x", x);
   check_size(op, "index", index, 0, x.size(0), "x.size(0)");
   TORCH_CHECK_VALUE(index.size(1) < INT32_MAX, "tokenmix.", op, ": index.size(1) must be below ",
                     INT32_MAX, ", got ", index.size(1));
+}
+
+// The kernels read int64 indices; int32 ones are widened (K entries, a negligible copy).
+at::Tensor index_int64(const at::Tensor& index) {
+  return index.scalar_type() == at::kLong ? index.contiguous() : index.to(at::kLong);
 }
 
 void check_unique(const char* op, const at::Tensor& count) {
@@ -171,14 +191,16 @@ template <class Backend>
 at::Tensor gather_tokens_impl(const at::Tensor& x_in, const at::Tensor& index_in) {
   const c10::DeviceGuard guard(x_in.device());
   const char* op = "gather_tokens";
-  check_tokens(op, "x", x_in);
+  check_token_values(op, "x", x_in);
   check_index(op, index_in, x_in);
   check_index_range(op, "index", index_in, x_in.size(1));
-  const at::Tensor x = with_unit_channel_stride(x_in);
-  const at::Tensor index = index_in.contiguous();
-  at::Tensor out = at::empty({x.size(0), index.size(1), x.size(2)}, x.options());
+  const at::Tensor x = with_unit_channel_stride(as_tokens(x_in));
+  const at::Tensor index = index_int64(index_in);
+  at::Tensor out = x_in.dim() == 2 ? at::empty({x.size(0), index.size(1)}, x.options())
+                                   : at::empty({x.size(0), index.size(1), x.size(2)}, x.options());
   if (out.numel() > 0) {
-    Backend::gather_rows(x, index, out);
+    at::Tensor rows = as_tokens(out);
+    Backend::gather_rows(x, index, rows);
   }
   return out;
 }
@@ -188,16 +210,19 @@ at::Tensor gather_tokens_backward_impl(const at::Tensor& grad_in, const at::Tens
                                        int64_t num_tokens) {
   const c10::DeviceGuard guard(grad_in.device());
   const char* op = "gather_tokens_backward";
-  check_tokens(op, "grad", grad_in);
+  check_token_values(op, "grad", grad_in);
   check_index(op, index_in, grad_in);
   check_size(op, "grad", grad_in, 1, index_in.size(1), "index.size(1)");
   check_index_range(op, "index", index_in, num_tokens);
-  const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor index = index_in.contiguous();
-  at::Tensor out = at::empty({grad.size(0), num_tokens, grad.size(2)}, grad.options());
+  const at::Tensor grad = as_tokens(grad_in).contiguous();
+  const at::Tensor index = index_int64(index_in);
+  at::Tensor out = grad_in.dim() == 2
+                       ? at::empty({grad.size(0), num_tokens}, grad.options())
+                       : at::empty({grad.size(0), num_tokens, grad.size(2)}, grad.options());
   if (out.numel() > 0) {
+    at::Tensor rows = as_tokens(out);
     const Inverse inv = Backend::inverse(index, num_tokens);
-    Backend::compose(RowMode::GatherBackward, grad, at::Tensor(), index, inv, out);
+    Backend::compose(RowMode::GatherBackward, grad, at::Tensor(), index, inv, rows);
   }
   return out;
 }
@@ -217,7 +242,7 @@ at::Tensor scatter_tokens_impl(const at::Tensor& x_in, const at::Tensor& index_i
   check_size(op, "src", src_in, 2, x_in.size(2), "x.size(2)");
   check_index_range(op, "index", index_in, x_in.size(1));
   const at::Tensor x = with_unit_channel_stride(x_in);
-  const at::Tensor index = index_in.contiguous();
+  const at::Tensor index = index_int64(index_in);
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
   if (out.numel() > 0) {
     const Inverse inv = Backend::inverse(index, x.size(1));
@@ -236,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_tokens_backward_impl(const at::Tensor
   check_index(op, index_in, grad_in);
   check_index_range(op, "index", index_in, grad_in.size(1));
   const at::Tensor grad = with_unit_channel_stride(grad_in);
-  const at::Tensor index = index_in.contiguous();
+  const at::Tensor index = index_int64(index_in);
   at::Tensor grad_x = at::empty(grad.sizes(), grad.options());
   at::Tensor grad_src = at::empty({grad.size(0), index.size(1), grad.size(2)}, grad.options());
   if (grad_x.numel() > 0) {
@@ -285,9 +310,15 @@ void check_policy(const char* op, const at::Tensor& logits, const at::Tensor& po
   check_size(op, "logits", logits, 3, logits.size(2), "logits.size(2)");
   check_rank(op, "policy", policy, 2, "[B, N]");
   check_same_device(op, "policy", policy, "logits", logits);
-  check_same_dtype(op, "policy", policy, "logits", logits);
+  check_floating(op, "policy", policy);
   check_size(op, "policy", policy, 0, logits.size(0), "logits.size(0)");
   check_size(op, "policy", policy, 1, logits.size(2), "logits.size(2)");
+}
+
+// The kernels read the policy in the logits' dtype. An fp32 policy beside fp16/bf16 logits (what
+// autocast produces) is converted here: [B, N] values, negligible next to [B, h, N, N] logits.
+at::Tensor policy_as(const at::Tensor& policy, const at::Tensor& logits) {
+  return policy.to(logits.scalar_type()).contiguous();
 }
 
 template <class Backend>
@@ -298,7 +329,7 @@ at::Tensor policy_softmax_impl(const at::Tensor& logits_in, const at::Tensor& po
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor out = at::empty(logits.sizes(), logits.options());
   if (out.numel() > 0) {
-    Backend::policy_forward(logits, policy_in.contiguous(), eps, out);
+    Backend::policy_forward(logits, policy_as(policy_in, logits), eps, out);
   }
   return out;
 }
@@ -318,12 +349,12 @@ std::tuple<at::Tensor, at::Tensor> policy_softmax_backward_impl(const at::Tensor
                     shape_str(grad_in));
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
-  at::Tensor grad_policy = at::zeros(policy_in.sizes(), policy_in.options());
+  at::Tensor grad_policy = at::zeros(policy_in.sizes(), logits.options());
   if (grad_logits.numel() > 0) {
-    Backend::policy_backward(grad_in.contiguous(), logits, policy_in.contiguous(), eps,
+    Backend::policy_backward(grad_in.contiguous(), logits, policy_as(policy_in, logits), eps,
                              grad_logits, grad_policy);
   }
-  return {grad_logits, grad_policy};
+  return {grad_logits, grad_policy.to(policy_in.scalar_type())};
 }
 
 // ---- autograd ---------------------------------------------------------------------------------
@@ -467,6 +498,13 @@ TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
   m.impl("topk_tokens", &topk_tokens_autograd);
   m.impl("policy_softmax", &policy_softmax_autograd);
 }
+
+// Gather, top-k and the policy softmax keep their dtypes (data movement; the softmax reduces in
+// fp32 and takes an fp32 policy beside low-precision logits); scatter merges two activations.
+TM_AUTOCAST("gather_tokens", kKeep)
+TM_AUTOCAST("scatter_tokens", kPromote)
+TM_AUTOCAST("topk_tokens", kKeep)
+TM_AUTOCAST("policy_softmax", kKeep)
 
 }  // namespace gather
 }  // namespace tokenmix

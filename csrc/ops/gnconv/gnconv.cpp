@@ -11,6 +11,7 @@
 
 #include "gnconv_cpu.h"
 #include "tokenmix/checks.h"
+#include "tokenmix/autocast.h"
 #include "tokenmix/op_handle.h"
 
 #if defined(TOKENMIX_WITH_CUDA)
@@ -406,6 +407,8 @@ TORCH_LIBRARY_IMPL(tokenmix, CUDA, m) {
 TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
   m.impl("gnconv", &gnconv_autograd);
 }
+
+TM_AUTOCAST("gnconv", kLowerPrecision)
 
 }  // namespace gnconv
 }  // namespace tokenmix

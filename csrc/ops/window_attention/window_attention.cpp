@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "tokenmix/autocast.h"
 #include "tokenmix/checks.h"
 #include "tokenmix/op_handle.h"
 #include "window_attention_cpu.h"
@@ -75,12 +76,14 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (bias_table.has_value() && bias_table->defined()) {
     const at::Tensor& t = *bias_table;
     check_rank(kOp, "bias_table", t, 2, "[(2 wh - 1) * (2 ww - 1), heads]");
-    check_same_dtype(kOp, "bias_table", t, "k", k);
+    check_floating(kOp, "bias_table", t);
     check_same_device(kOp, "bias_table", t, "k", k);
     TORCH_CHECK_VALUE(t.size(0) == p.geo.table_size() && t.size(1) == heads, "tokenmix.", kOp,
                       ": bias_table must have shape [(2 wh - 1) * (2 ww - 1), heads] = [",
                       p.geo.table_size(), ", ", heads, "], got ", shape_str(t));
-    p.bias_table = t.contiguous();
+    // The kernels read the table in the activations' dtype; an fp32 table (a parameter beside
+    // fp16/bf16 activations) is converted here, (2wh-1)(2ww-1) x heads values.
+    p.bias_table = t.to(k.scalar_type()).contiguous();
   }
   return p;
 }
@@ -234,6 +237,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     dq.zero_();
     dbias.zero_();
   }
+  if (bias_table.has_value() && bias_table->defined()) {
+    dbias = dbias.to(bias_table->scalar_type());
+  }
   return {dq, dk, dv, dbias};
 }
 
@@ -302,6 +308,8 @@ TORCH_LIBRARY_IMPL(tokenmix, CUDA, m) {
 TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
   m.impl("window_attention", &window_attention_autograd);
 }
+
+TM_AUTOCAST("window_attention", kLowerPrecision)
 
 }  // namespace window
 }  // namespace tokenmix

@@ -103,12 +103,12 @@ def _same_device(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> N
 @torch.library.register_fake("tokenmix::gather_tokens")
 def _(x: Tensor, index: Tensor) -> Tensor:
     _same_device("gather_tokens", "index", index, "x", x)
-    return x.new_empty((x.shape[0], index.shape[1], x.shape[2]))
+    return x.new_empty((x.shape[0], index.shape[1], *x.shape[2:]))
 
 
 @torch.library.register_fake("tokenmix::gather_tokens_backward")
 def _(grad: Tensor, index: Tensor, num_tokens: int) -> Tensor:
-    return grad.new_empty((grad.shape[0], num_tokens, grad.shape[2]))
+    return grad.new_empty((grad.shape[0], num_tokens, *grad.shape[2:]))
 
 
 @torch.library.register_fake("tokenmix::scatter_tokens")

@@ -74,5 +74,5 @@ def _(q, k, v, window_size, shift_size, bias_table, scale):
 
 @torch.library.register_fake("tokenmix::window_attention_backward")
 def _(grad, q, k, v, lse, window_size, shift_size, bias_table, scale):
-    dbias = k.new_empty(bias_table.shape) if bias_table is not None else k.new_empty((0,))
+    dbias = bias_table.new_empty(bias_table.shape) if bias_table is not None else k.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias

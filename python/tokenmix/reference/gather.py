@@ -7,12 +7,13 @@ from torch import Tensor
 
 
 def batch_index_select(x: Tensor, idx: Tensor) -> Tensor:
-    """DynamicViT's ``batch_index_select`` for ``[B, N, C]`` tokens: flatten, offset, index."""
-    B, N, C = x.shape
+    """DynamicViT's ``batch_index_select`` for ``[B, N, C]`` tokens or ``[B, N]`` values: flatten,
+    offset, index (int32 or int64 indices)."""
+    B, N = x.shape[:2]
     K = idx.shape[1]
     offset = torch.arange(B, dtype=torch.long, device=x.device).view(B, 1) * N
     flat = (idx + offset).reshape(-1)
-    return x.reshape(B * N, C)[flat].reshape(B, K, C)
+    return x.reshape(B * N, *x.shape[2:])[flat].reshape(B, K, *x.shape[2:])
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
@@ -24,7 +25,8 @@ def scatter_tokens(x: Tensor, index: Tensor, src: Tensor) -> Tensor:
     B, N, C = x.shape
     offset = torch.arange(B, dtype=torch.long, device=x.device).view(B, 1) * N
     flat = (index + offset).reshape(-1)
-    out = x.reshape(B * N, C).index_put((flat,), src.reshape(-1, C))
+    # Under autocast src may arrive in another dtype than x; the copy takes x's.
+    out = x.reshape(B * N, C).index_put((flat,), src.reshape(-1, C).to(x.dtype))
     return out.reshape(B, N, C)
 
 
