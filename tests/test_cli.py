@@ -51,3 +51,13 @@ def test_readme_performance_table_is_generated_from_results():
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "readme_table.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, "README.md's performance table is stale: run benchmarks/readme_table.py"
+
+
+def test_bench_amp_times_every_variant_under_autocast(tmp_path, capsys):
+    out = tmp_path / "amp.json"
+    assert main(["bench", "policy_softmax", "gather_tokens", "--amp", "--reps", "1", "--no-compile",
+                 "--quiet", "--out", str(out)]) == 0
+    assert "autocast bfloat16" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["autocast"] == "bfloat16" and result["dtype"] == "float32"
+    assert {r["op"] for r in result["rows"]} == {"policy_softmax", "gather_tokens"}

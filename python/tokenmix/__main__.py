@@ -44,9 +44,14 @@ def cmd_bench(args) -> int:
         print("this tokenmix build has no CUDA kernels", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
+    amp = getattr(args, "amp", None)
+    if amp is not None:
+        # Autocast's own defaults: bf16 on CPU, fp16 on CUDA; the inputs stay fp32.
+        amp = DTYPES[amp] if amp != "default" else (torch.bfloat16 if device.type == "cpu" else torch.float16)
+        dtype = torch.float32
     cases = bench.select_cases(args.ops, device.type, quick=getattr(args, "quick", False))
     result = bench.run(cases, device, dtype, reps=args.reps, compile_ref=not args.no_compile,
-                       progress=not args.quiet)
+                       progress=not args.quiet, amp=amp)
     print(bench.format_table(result))
     if args.out:
         bench.write_json(result, args.out)
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("ops", nargs="*", help="ops or families to run (default: all)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    b.add_argument("--amp", nargs="?", const="default", choices=["default", "float16", "fp16", "bfloat16", "bf16"],
+                   help="time every variant under torch.autocast (default dtype: bf16 on CPU, fp16 on "
+                        "CUDA) with fp32 inputs, as mixed-precision training runs them")
     b.add_argument("--reps", type=int, default=40, help="timed rounds per variant")
     b.add_argument("--out", help="write JSON here (and a PNG chart beside it)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")

@@ -170,21 +170,34 @@ def _max_err(fused_out, exact_out) -> float:
     return (f.double() - e.double().to(f.device)).abs().max().item() if f.numel() else 0.0
 
 
+def under_autocast(fn: Callable, device: torch.device, amp: torch.dtype) -> Callable:
+    """fn's forward inside ``torch.autocast(device.type, amp)``; backward runs outside it, as in
+    a training step."""
+    def run(*args):
+        with torch.autocast(device.type, dtype=amp):
+            return fn(*args)
+    return run
+
+
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
-             compile_ref: bool) -> list[Row]:
+             compile_ref: bool, amp: torch.dtype | None = None) -> list[Row]:
     inputs, needs_grad = case.make(device, dtype)
+    variants = {"fused": case.fused, "eager": case.eager}
+    if compile_ref:
+        variants["compiled"] = case.compile_target or case.eager
+    if case.floor is not None:
+        variants["floor"] = case.floor
+    if amp is not None:
+        variants = {k: under_autocast(f, device, amp) for k, f in variants.items()}
+    if compile_ref:
+        variants["compiled"] = torch.compile(variants["compiled"], dynamic=False)
     with torch.no_grad():
         if case.exact is not None:
             exact = case.exact(*inputs)
         else:
             exact = case.eager(*[t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
                                  else t for t in inputs])
-        err = _max_err(case.fused(*inputs), exact)
-    variants = {"fused": case.fused, "eager": case.eager}
-    if compile_ref:
-        variants["compiled"] = torch.compile(case.compile_target or case.eager, dynamic=False)
-    if case.floor is not None:
-        variants["floor"] = case.floor
+        err = _max_err(variants["fused"](*inputs), exact)
 
     rows = []
     inner = 1 if device.type == "cuda" else 3
@@ -206,13 +219,13 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
         grad_inputs = [t.detach().requires_grad_() if any(t is n for n in needs_grad) else t
                        for t in inputs]
         leaves = [t for t in grad_inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-        out = _first(case.eager(*grad_inputs))
+        out = _first(variants["eager"](*grad_inputs))
         grad_out = torch.randn_like(out)
 
         def fwd_bwd(fn):
             def run():
                 o = _first(fn(*grad_inputs))
-                torch.autograd.backward(o, grad_out, inputs=leaves)
+                torch.autograd.backward(o, grad_out.to(o.dtype), inputs=leaves)
             return run
 
         nbytes = case.bytes_fwd(dtype) + case.bytes_bwd(dtype)
@@ -285,18 +298,21 @@ def steady_heap() -> bool:
 
 
 def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: int = 30,
-        compile_ref: bool = True, progress: bool = True) -> dict:
-    """Run every case; return the JSON-ready result (metadata + rows)."""
+        compile_ref: bool = True, progress: bool = True, amp: torch.dtype | None = None) -> dict:
+    """Run every case; return the JSON-ready result (metadata + rows). With `amp`, every variant
+    (fused, eager, compiled, floor) runs its forward under ``torch.autocast`` in that dtype, the
+    inputs staying in `dtype`."""
     heap = steady_heap() if device.type == "cpu" else None
     rows: list[Row] = []
     bar = Progress(len(cases), progress)
     for case in cases:
-        rows.extend(run_case(case, device, dtype, reps, compile_ref))
+        rows.extend(run_case(case, device, dtype, reps, compile_ref, amp))
         bar.step(f"{case.op} {case.name}")
     return {
         "device": device_name(device),
         "device_type": device.type,
         "dtype": str(dtype).replace("torch.", ""),
+        "autocast": str(amp).replace("torch.", "") if amp is not None else None,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "torch": torch.__version__,
         "tokenmix": tokenmix.__version__,
@@ -312,7 +328,8 @@ def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: i
 def format_table(result: dict) -> str:
     head = (f"{'op':<18}{'case':<44}{'pass':<9}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}"
             f"{'x eager':>9}{'x compile':>10}{'GB/s':>8}{'% copy':>8}{'max err':>10}")
-    lines = [f"device: {result['device']} ({result['device_type']}, {result['dtype']}, "
+    amp = f", autocast {result['autocast']}" if result.get("autocast") else ""
+    lines = [f"device: {result['device']} ({result['device_type']}, {result['dtype']}{amp}, "
              f"torch {result['torch']}, tokenmix {result['tokenmix']}, commit {result['commit']})",
              head, "-" * len(head)]
     for r in result["rows"]:
