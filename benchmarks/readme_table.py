@@ -3,7 +3,7 @@
     python benchmarks/readme_table.py          # rewrite README.md between the markers
     python benchmarks/readme_table.py --check  # exit 1 if README.md is out of date
 
-For each (device, dtype) the newest result file wins; every row names the device and date that
+For each (device, dtype, autocast dtype) the newest result file wins; every row names the device and date that
 produced it.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def latest_results() -> list[dict]:
         with open(path) as f:
             r = json.load(f)
         r["_file"] = os.path.relpath(path, ROOT)
-        key = (r["device"], r["device_type"], r["dtype"])
+        key = (r["device"], r["device_type"], r["dtype"], r.get("autocast"))
         if key not in newest or (r["date"], r["_file"]) > (newest[key]["date"], newest[key]["_file"]):
             newest[key] = r
     return sorted(newest.values(), key=lambda r: (r["device_type"], r["device"], r["dtype"]))
@@ -48,7 +48,8 @@ def table() -> str:
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     results = latest_results()
     for r in results:
-        where = f"{r['device']} ({r['dtype']}, {r['date']})"
+        amp = f", autocast {r['autocast']}" if r.get("autocast") else ""
+        where = f"{r['device']} ({r['dtype']}{amp}, {r['date']})"
         for row in r["rows"]:
             lines.append(f"| `{row['op']}` | {row['case']} | {row['mode']} | {where} | "
                          f"{row['fused_ms']:.3f} | {row['speedup_vs_eager']:.2f} | "

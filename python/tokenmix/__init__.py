@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from tokenmix import _C  # registers torch.ops.tokenmix.*
-from tokenmix import nn, ops, reference
+from tokenmix import errors, nn, ops, reference
 from tokenmix.accelerate import accelerate
 
 __version__: str = _C.version
 
-__all__ = ["ops", "nn", "reference", "accelerate", "info", "__version__"]
+__all__ = ["ops", "nn", "reference", "errors", "accelerate", "info", "__version__"]
 
 # Public ops and the family each belongs to, in the order the README's op table lists them.
 OPS: dict[str, str] = {

@@ -126,8 +126,12 @@ struct Sampler {
 };
 
 // weight [Cout, Cin_g, kh, kw] -> [groups, Cout_g, kk, Cin_g] in the accumulation type.
+// Detached: with one input channel per group the chain below is a no-op that returns the weight
+// itself, and the at::parallel_for workers, which do not inherit the caller's grad mode, would
+// then run their at::mm_out on a tensor that requires grad.
 at::Tensor weight_tap_major(const Problem& p, const Dims& d) {
-  return p.weight.to(acc_scalar_type(p.weight.scalar_type()))
+  return p.weight.detach()
+      .to(acc_scalar_type(p.weight.scalar_type()))
       .view({d.groups, d.Cout_g, d.Cin_g, d.kk})
       .permute({0, 1, 3, 2})
       .contiguous();

@@ -2,23 +2,32 @@
 fused op: bilinear sampling feeds the channel-mixing GEMM tile by tile."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from tokenmix.errors import call_op
+
 __all__ = ["deform_conv2d"]
 
-IntPair = Union[int, Sequence[int]]
+# An int (both dimensions) or an (h, w) pair. Concrete types rather than Sequence[int], which
+# TorchScript cannot resolve; eager mode still takes any sequence of two ints.
+IntPair = Union[int, Tuple[int, int], List[int]]
 
 
-def _pair(v: IntPair) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
+def _pair(v: IntPair) -> List[int]:
+    if isinstance(v, int):
+        return [v, v]
+    # TorchScript indexes only a refined type, hence a branch for lists apart from tuples.
+    if isinstance(v, list):
+        return [int(v[0]), int(v[1])]
+    return [int(v[0]), int(v[1])]
 
 
-def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None,
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                   stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
-                  mask: Tensor | None = None) -> Tensor:
+                  mask: Optional[Tensor] = None) -> Tensor:
     r"""Deformable 2-D convolution, a drop-in for ``torchvision.ops.deform_conv2d``.
 
     .. math::
@@ -42,8 +51,10 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | 
         ``[B, C_out, H_out, W_out]``. Gradients to input, offset, weight, bias and mask; the CPU
         backward is deterministic.
     """
-    return torch.ops.tokenmix.deform_conv2d(input, offset, weight, bias, _pair(stride), _pair(padding),
-                                            _pair(dilation), mask)
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return torch.ops.tokenmix.deform_conv2d(input, offset, weight, bias, s, p, d, mask)
+    return call_op(torch.ops.tokenmix.deform_conv2d, input, offset, weight, bias, s, p, d, mask)
 
 
 @torch.library.register_fake("tokenmix::deform_conv2d")

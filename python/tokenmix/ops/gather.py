@@ -2,8 +2,12 @@
 training-time policy softmax, as fused ops with backward passes on CPU and CUDA."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from torch import Tensor
+
+from tokenmix.errors import call_op
 
 __all__ = ["gather_tokens", "scatter_tokens", "topk_tokens", "policy_softmax"]
 
@@ -25,8 +29,11 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     Raises:
         IndexError: an entry of ``index`` outside ``[0, N)``.
         ValueError / TypeError: wrong rank, size, device or dtype (the message names the argument).
+        Each is raised as its ``tokenmix.errors`` subclass, also a ``RuntimeError``.
     """
-    return _ops.gather_tokens(x, index)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return _ops.gather_tokens(x, index)
+    return call_op(_ops.gather_tokens, x, index)
 
 
 def scatter_tokens(x: Tensor, index: Tensor, src: Tensor) -> Tensor:
@@ -41,10 +48,12 @@ def scatter_tokens(x: Tensor, index: Tensor, src: Tensor) -> Tensor:
         A new ``[B, N, C]`` tensor (``x`` is not modified). Gradients:
         ``dx = dout`` with the replaced rows zeroed, ``dsrc[b, k] = dout[b, index[b, k]]``.
     """
-    return _ops.scatter_tokens(x, index, src)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return _ops.scatter_tokens(x, index, src)
+    return call_op(_ops.scatter_tokens, x, index, src)
 
 
-def topk_tokens(x: Tensor, score: Tensor, k: int, *, keep_first: int = 0) -> tuple[Tensor, Tensor]:
+def topk_tokens(x: Tensor, score: Tensor, k: int, keep_first: int = 0) -> Tuple[Tensor, Tensor]:
     r"""Keep the ``keep_first`` leading tokens, then the ``k`` best-scored of the rest.
 
     With ``M = N - keep_first``, the selected positions are
@@ -61,7 +70,9 @@ def topk_tokens(x: Tensor, score: Tensor, k: int, *, keep_first: int = 0) -> tup
         ``(tokens [B, keep_first + k, C], index [B, keep_first + k] int64)``, ``index`` holding
         positions in ``x``. Gradient flows to ``x`` only.
     """
-    return _ops.topk_tokens(x, score, k, keep_first=keep_first)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return _ops.topk_tokens(x, score, k, keep_first=keep_first)
+    return call_op(_ops.topk_tokens, x, score, k, keep_first=keep_first)
 
 
 def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
@@ -85,7 +96,9 @@ def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
     Returns:
         ``[B, heads, N, N]``. Gradients to ``logits`` and ``policy``.
     """
-    return _ops.policy_softmax(logits, policy, eps)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return _ops.policy_softmax(logits, policy, eps)
+    return call_op(_ops.policy_softmax, logits, policy, eps)
 
 
 # ---- fake (meta) kernels, for torch.compile / torch.export --------------------------------------

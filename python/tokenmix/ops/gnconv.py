@@ -3,16 +3,18 @@ split and first gate in one pass, each pws step a GEMM gated in cache, a backwar
 the operands."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List
 
 import torch
 from torch import Tensor
+
+from tokenmix.errors import call_op
 
 __all__ = ["gnconv"]
 
 
 def gnconv(x: Tensor, proj_in_weight: Tensor, proj_in_bias: Tensor, dw_weight: Tensor,
-           dw_bias: Tensor, pw_weights: Sequence[Tensor], pw_biases: Sequence[Tensor],
+           dw_bias: Tensor, pw_weights: List[Tensor], pw_biases: List[Tensor],
            proj_out_weight: Tensor, proj_out_bias: Tensor, *, order: int, scale: float) -> Tensor:
     r"""Recursive gated convolution of order :math:`n` (HorNet's ``gnconv``).
 
@@ -32,7 +34,8 @@ def gnconv(x: Tensor, proj_in_weight: Tensor, proj_in_bias: Tensor, dw_weight: T
             ``dim`` a multiple of ``2**(order-1)``.
         proj_in_weight, proj_in_bias: ``[2 dim, dim, 1, 1]``, ``[2 dim]``.
         dw_weight, dw_bias: ``[S, 1, k, k]`` (odd k), ``[S]``.
-        pw_weights, pw_biases: ``order - 1`` tensors, ``[d_{i+1}, d_i, 1, 1]`` and ``[d_{i+1}]``.
+        pw_weights, pw_biases: ``order - 1`` tensors, ``[d_{i+1}, d_i, 1, 1]`` and ``[d_{i+1}]``
+            (lists; eager mode also takes any sequence).
         proj_out_weight, proj_out_bias: ``[dim, dim, 1, 1]``, ``[dim]``.
         order: the number of gating steps :math:`n` (1 to 8).
         scale: :math:`s`, HorNet's ``s`` (1/3 in its models).
@@ -40,9 +43,12 @@ def gnconv(x: Tensor, proj_in_weight: Tensor, proj_in_bias: Tensor, dw_weight: T
     Returns:
         ``[B, dim, H, W]``, with gradients to x and every weight and bias.
     """
-    return torch.ops.tokenmix.gnconv(x, proj_in_weight, proj_in_bias, dw_weight, dw_bias,
-                                     list(pw_weights), list(pw_biases), proj_out_weight,
-                                     proj_out_bias, order=int(order), scale=float(scale))
+    pw_w, pw_b, n, s = list(pw_weights), list(pw_biases), int(order), float(scale)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return torch.ops.tokenmix.gnconv(x, proj_in_weight, proj_in_bias, dw_weight, dw_bias, pw_w,
+                                         pw_b, proj_out_weight, proj_out_bias, order=n, scale=s)
+    return call_op(torch.ops.tokenmix.gnconv, x, proj_in_weight, proj_in_bias, dw_weight, dw_bias,
+                   pw_w, pw_b, proj_out_weight, proj_out_bias, order=n, scale=s)
 
 
 def _like(t: Tensor) -> Tensor:

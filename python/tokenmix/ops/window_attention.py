@@ -2,22 +2,31 @@
 fused op with a backward pass on CPU and CUDA."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from tokenmix.errors import call_op
+
 __all__ = ["window_attention"]
 
-IntPair = Union[int, Sequence[int]]
+# An int (both dimensions) or an (h, w) pair. Concrete types rather than Sequence[int], which
+# TorchScript cannot resolve; eager mode still takes any sequence of two ints.
+IntPair = Union[int, Tuple[int, int], List[int]]
 
 
-def _pair(v: IntPair) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
+def _pair(v: IntPair) -> List[int]:
+    if isinstance(v, int):
+        return [v, v]
+    # TorchScript indexes only a refined type, hence a branch for lists apart from tuples.
+    if isinstance(v, list):
+        return [int(v[0]), int(v[1])]
+    return [int(v[0]), int(v[1])]
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: IntPair, shift_size: IntPair = 0,
-                     bias_table: Tensor | None = None, scale: float | None = None) -> Tensor:
+def window_attention(q: Tensor, k: Tensor, v: Tensor, window_size: IntPair, shift_size: IntPair = 0,
+                     bias_table: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
     r"""Multi-head attention inside non-overlapping (optionally shifted) windows.
 
     For every window :math:`\mathcal{W}` (``wh x ww`` tokens), head and query token :math:`i`:
@@ -47,8 +56,11 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size: IntPair, s
     Returns:
         ``[B, H, W, heads, d]``, contiguous (``.view(B, H, W, heads * d)`` is free).
     """
-    return torch.ops.tokenmix.window_attention(q, k, v, _pair(window_size), _pair(shift_size),
-                                               bias_table, scale)
+    window = _pair(window_size)
+    shift = _pair(shift_size)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return torch.ops.tokenmix.window_attention(q, k, v, window, shift, bias_table, scale)
+    return call_op(torch.ops.tokenmix.window_attention, q, k, v, window, shift, bias_table, scale)
 
 
 def _lse_shape(k: Tensor, window_size: Sequence[int]) -> tuple:
