@@ -5,7 +5,7 @@ import torch
 
 import tokenmix
 from conftest import DEVICES
-from tokenmix.accelerate import _queries_per_image
+from tokenmix.accelerate import _global_queries_per_image
 from tokenmix.nn import GlobalWindowAttention, WindowAttention
 
 try:
@@ -18,7 +18,7 @@ except Exception as exc:  # not installed, or a torchvision that does not match 
 
 # Older timm releases paired window w with q_global[w % B] (Tensor.repeat) instead of the image's
 # own query; tokenmix implements GC ViT's math and leaves such blocks unaccelerated.
-OLD_GCVIT_QUERIES = not _queries_per_image(WindowAttentionGlobal(8, 2, (7, 7)))
+OLD_GCVIT_QUERIES = not _global_queries_per_image(WindowAttentionGlobal(8, 2, (7, 7)))
 
 
 def _grads(model):
@@ -46,7 +46,7 @@ def test_timm_parity(device, name, size):
     assert len(report) == 12
     if name.startswith("gcvit") and OLD_GCVIT_QUERIES:
         kept = [r for r in report if not r.replaced]
-        assert kept and all("Tensor.repeat" in r.reason for r in kept) and len(kept) < len(report)
+        assert kept and all("tiles global queries" in r.reason for r in kept) and len(kept) < len(report)
     else:
         assert all(r.replaced for r in report)
     assert list(model.state_dict().keys()) == keys
@@ -112,14 +112,27 @@ def test_global_window_attention_module_matches_timm(device, use_global):
     torch.testing.assert_close(mod(x, qg if use_global else None), expected, rtol=1e-4, atol=1e-5)
 
 
+class _GlobalQueryStandIn(torch.nn.Module):
+    """Stands in for timm's WindowAttentionGlobal: adds to each window ([B * windows, N, C]) the
+    global query ([B, wh, ww, C]) of its own image, or, tiled as older timm did, of image w % B."""
+
+    def __init__(self, per_image: bool):
+        super().__init__()
+        self.window_size = (2, 3)
+        self.proj = torch.nn.Linear(4, 4)
+        self.per_image = per_image
+
+    def forward(self, x, q_global):
+        reps = x.shape[0] // q_global.shape[0]
+        if self.per_image:
+            q = q_global.repeat_interleave(reps, dim=0)
+        else:
+            q = q_global.repeat(reps, 1, 1, 1)
+        return self.proj(x + q.flatten(1, 2))
+
+
 def test_global_query_tiling_of_older_timm_is_detected():
-    class Tiled(torch.nn.Module):
-        def forward(self, x, q_global):
-            return q_global.repeat(x.shape[0] // q_global.shape[0], 1, 1, 1)
-
-    class PerImage(torch.nn.Module):
-        def forward(self, x, q_global):
-            return q_global.repeat_interleave(x.shape[0] // q_global.shape[0], dim=0)
-
-    assert not _queries_per_image(Tiled())
-    assert _queries_per_image(PerImage())
+    tiled = _GlobalQueryStandIn(per_image=False).train()
+    assert not _global_queries_per_image(tiled)
+    assert tiled.training  # the probe runs in eval mode and restores the mode
+    assert _global_queries_per_image(_GlobalQueryStandIn(per_image=True))

@@ -8,14 +8,17 @@ attention step, which becomes one fused op; the block's class is replaced by a s
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from tokenmix.nn.window_attention import GlobalWindowAttention, WindowAttention
 
-__all__ = ["accelerate", "Replacement"]
+# FusedSwinTransformerBlock and FusedGlobalContextVitBlock are importable from here too, but are
+# left out of __all__: naming them builds them, which imports timm.
+__all__ = ["accelerate", "Replacement", "TimmSwinWindowAttention"]
 
 
 @dataclass
@@ -26,23 +29,79 @@ class Replacement:
     reason: str
 
 
-_SUBCLASSES: dict[type, type] = {}
+class TimmSwinWindowAttention(WindowAttention):
+    """:class:`~tokenmix.nn.WindowAttention` whose bias table follows a window change the way
+    timm's Swin ``WindowAttention.set_window_size`` resamples it, so that ``set_input_size`` gives
+    an accelerated model the parameters the plain timm model gets."""
+
+    def resize_bias_table(self, table: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+        from timm.layers import resize_rel_pos_bias_table
+
+        shape = ((2 * new[0] - 1) * (2 * new[1] - 1), table.shape[1])
+        # timm infers a square source window from the table; only a non-square one needs naming,
+        # and timm releases that cannot take the name cannot resize such tables either.
+        extra = {} if old[0] == old[1] else {"old_window_size": old}
+        return resize_rel_pos_bias_table(table, new_window_size=new, new_bias_shape=shape, **extra)
 
 
-def _fused_subclass(base: type, attn_step: str, body) -> type:
-    """A subclass of `base` whose `attn_step` method is `body` (one class per base)."""
-    if base not in _SUBCLASSES:
-        _SUBCLASSES[base] = type(f"Fused{base.__name__}", (base,), {attn_step: body,
-                                                                      "__module__": __name__})
-    return _SUBCLASSES[base]
+def _build_swin_block() -> type:
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    class FusedSwinTransformerBlock(SwinTransformerBlock):
+        """timm's ``SwinTransformerBlock`` whose attention step (shift, padding, partition, masked
+        window attention, merge) is one :class:`TimmSwinWindowAttention` call."""
+
+        def _attn(self, x: Tensor) -> Tensor:
+            return self.attn(x)
+
+        def set_input_size(self, *args: Any, **kwargs: Any) -> None:
+            """timm's ``set_input_size``; the fused attention then takes the block's new window
+            and shift (timm resizes the bias table through ``attn.set_window_size``)."""
+            super().set_input_size(*args, **kwargs)
+            self.attn.set_window_size(self.window_size, self.shift_size)
+
+    return FusedSwinTransformerBlock
 
 
-def _swin_attn(self, x):
-    return self.attn(x)
+def _build_gcvit_block() -> type:
+    from timm.models.gcvit import GlobalContextVitBlock
+
+    class FusedGlobalContextVitBlock(GlobalContextVitBlock):
+        """timm's ``GlobalContextVitBlock`` whose window attention (partition, attention, merge)
+        is one :class:`~tokenmix.nn.GlobalWindowAttention` call."""
+
+        def _window_attn(self, x: Tensor, q_global: Optional[Tensor] = None) -> Tensor:
+            return self.attn(x, q_global)
+
+    return FusedGlobalContextVitBlock
 
 
-def _gcvit_window_attn(self, x, q_global=None):
-    return self.attn(x, q_global)
+_FUSED_BUILDERS: dict[str, Callable[[], type]] = {
+    "FusedSwinTransformerBlock": _build_swin_block,
+    "FusedGlobalContextVitBlock": _build_gcvit_block,
+}
+
+
+def __getattr__(name: str) -> type:
+    """The fused block classes subclass timm's, so they are built on first use (importing tokenmix
+    does not import timm). They live here under their own names, which is where pickle, torch.save
+    and torch.load look them up."""
+    build = _FUSED_BUILDERS.get(name)
+    if build is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = build()
+    cls.__qualname__ = name
+    cls.__module__ = __name__
+    globals()[name] = cls
+    return cls
+
+
+def _fused_class(name: str) -> type:
+    return globals().get(name) or __getattr__(name)
+
+
+def _is_fused(module: nn.Module) -> bool:
+    return any(type(module) is globals().get(name) for name in _FUSED_BUILDERS)
 
 
 def _share(dst: nn.Module, src: nn.Module, names: list[str]) -> None:
@@ -56,41 +115,58 @@ def _accelerate_swin(block) -> str | None:
         return "attention dropout is not fused"
     if type(attn).__name__ != "WindowAttention":
         return f"unknown attention {type(attn).__name__}"
-    fused = WindowAttention(attn.dim, attn.num_heads, window_size=tuple(block.window_size),
-                            shift_size=tuple(block.shift_size),
-                            head_dim=attn.qkv.out_features // (3 * attn.num_heads))
+    fused = TimmSwinWindowAttention(attn.dim, attn.num_heads, window_size=tuple(block.window_size),
+                                    shift_size=tuple(block.shift_size),
+                                    head_dim=attn.qkv.out_features // (3 * attn.num_heads))
     _share(fused, attn, ["qkv", "proj", "proj_drop", "relative_position_bias_table"])
     fused.scale = attn.scale
     block.attn = fused
-    block.__class__ = _fused_subclass(type(block), "_attn", _swin_attn)
+    block.__class__ = _fused_class("FusedSwinTransformerBlock")
     return None
 
 
-def _queries_per_image(attn) -> bool:
-    """Whether this timm's WindowAttentionGlobal gives every window of image b the query
-    q_global[b] (``repeat_interleave``, GC ViT's math). Older timm releases tiled the queries with
-    ``Tensor.repeat``, so window w got q_global[w % B] and images mixed; the fused op does not
-    reproduce that, and such blocks are left alone."""
+def _global_queries_per_image(attn: nn.Module) -> bool:
+    """Whether `attn` (a timm ``WindowAttentionGlobal``) gives every window of image b the global
+    query of image b, GC ViT's math. Older timm releases tiled the queries across the batch, so
+    window w got the query of image w % B and images mixed; the fused op does not reproduce that,
+    and such blocks are left alone.
+
+    Found by running `attn` on two images of two windows each and changing only the second image's
+    query: the first image's windows must not see it. Without such evidence (the probe does not
+    run, or the weights hide the query), per-image queries are assumed.
+    """
+    wh, ww = attn.window_size
+    dim = attn.proj.in_features
+    weight = attn.proj.weight
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, wh * ww, dim, generator=gen).to(weight.device, weight.dtype)
+    q = torch.randn(2, wh, ww, dim, generator=gen).to(weight.device, weight.dtype)
+    q_other = q.clone()
+    q_other[1] += 1
+    was_training = attn.training
     try:
-        source = inspect.getsource(type(attn).forward)
-    except (OSError, TypeError):
+        attn.eval()
+        with torch.no_grad():
+            return bool(torch.equal(attn(x, q)[:2], attn(x, q_other)[:2]))
+    except Exception:
         return True
-    return "repeat_interleave" in source or ".repeat(" not in source
+    finally:
+        attn.train(was_training)
 
 
 def _accelerate_gcvit(block) -> str | None:
     attn = block.attn
     if attn.attn_drop.p > 0 and block.training:
         return "attention dropout is not fused"
-    if attn.use_global and not _queries_per_image(attn):
-        return "this timm tiles global queries with Tensor.repeat (images mix); not fused"
+    if attn.use_global and not _global_queries_per_image(attn):
+        return "this timm tiles global queries across images (images mix); not fused"
     H, W = block.window_size
     fused = GlobalWindowAttention(attn.proj.in_features, attn.num_heads, (H, W),
                                   use_global=attn.use_global, qkv_bias=attn.qkv.bias is not None)
     _share(fused, attn, ["qkv", "proj", "proj_drop", "rel_pos"])
     fused.scale = attn.scale
     block.attn = fused
-    block.__class__ = _fused_subclass(type(block), "_window_attn", _gcvit_window_attn)
+    block.__class__ = _fused_class("FusedGlobalContextVitBlock")
     return None
 
 
@@ -118,7 +194,7 @@ def accelerate(model: nn.Module, verbose: bool = False) -> nn.Module:
     handlers = _handlers()
     report: list[Replacement] = []
     for name, module in model.named_modules():
-        if type(module) in _SUBCLASSES.values():
+        if _is_fused(module):
             report.append(Replacement(name, type(module).__name__, False, "already accelerated"))
             continue
         for cls, kind, handler in handlers:

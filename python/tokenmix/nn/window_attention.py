@@ -1,13 +1,11 @@
 """Window-attention modules, state_dict-compatible with timm's Swin v1 and GC ViT attention."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from tokenmix.ops.window_attention import window_attention
 
 __all__ = ["WindowAttention", "GlobalWindowAttention", "RelPosBias"]
 
@@ -53,11 +51,19 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, H, W, _ = x.shape
-        (wh, ww), (sh, sw) = self.window_size, self.shift_size
-        pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
-        shifted = bool(sh or sw)
-        if pad_h or pad_w:
+        B, H, W = x.shape[0], x.shape[1], x.shape[2]
+        wh, ww = self.window_size
+        sh, sw = self.shift_size
+        pad_h = (wh - H % wh) % wh
+        pad_w = (ww - W % ww) % ww
+        shifted = sh > 0 or sw > 0
+        # Under torch.fx and torch.jit.trace (and dynamic-shape compiles) the sizes are proxies,
+        # tensors or symbols, not ints: the map is then always padded, possibly by zero, so the
+        # padding follows the input size instead of being frozen into the graph. Eager, scripted
+        # and static-shape compiled code skip it when the size needs none, since the pad, crop
+        # and rolls copy the map up to five times.
+        padded = not (isinstance(pad_h, int) and isinstance(pad_w, int) and pad_h == 0 and pad_w == 0)
+        if padded:
             # timm rolls over the H x W map and pads afterwards; the op rolls over the padded map.
             # Rolling the padded map back by the shift makes the op's roll land on timm's layout.
             if shifted:
@@ -66,18 +72,43 @@ class WindowAttention(nn.Module):
             if shifted:
                 x = torch.roll(x, (sh, sw), (1, 2))
         Hp, Wp = x.shape[1], x.shape[2]
-        qkv = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(3)
-        out = window_attention(q, k, v, window_size=self.window_size, shift_size=self.shift_size,
-                               bias_table=self.relative_position_bias_table, scale=self.scale)
-        out = out.view(B, Hp, Wp, -1)
-        if pad_h or pad_w:
+        q, k, v = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
+        out = torch.ops.tokenmix.window_attention(q, k, v, [wh, ww], [sh, sw],
+                                                  self.relative_position_bias_table, self.scale)
+        out = out.view(B, Hp, Wp, self.num_heads * self.head_dim)
+        if padded:
             if shifted:
                 out = torch.roll(out, (-sh, -sw), (1, 2))
             out = out[:, :H, :W]
             if shifted:
                 out = torch.roll(out, (sh, sw), (1, 2))
         return self.proj_drop(self.proj(out))
+
+    def set_window_size(self, window_size: IntPair, shift_size: IntPair | None = None) -> None:
+        """Switch to another window, and shift when given (else the shift is kept).
+
+        The relative position bias table is resampled to the new window by
+        :meth:`resize_bias_table` into a new Parameter, so optimizers built before must be rebuilt.
+        """
+        new = _pair(window_size)
+        if shift_size is not None:
+            self.shift_size = _pair(shift_size)
+        if new == self.window_size:
+            return
+        table = self.relative_position_bias_table
+        with torch.no_grad():
+            resized = self.resize_bias_table(table.detach(), self.window_size, new)
+        self.relative_position_bias_table = nn.Parameter(resized, requires_grad=table.requires_grad)
+        self.window_size = new
+
+    def resize_bias_table(self, table: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
+        """The bias table for window `new` from the one for window `old`: each head's grid of
+        ``(2h - 1) x (2w - 1)`` relative offsets, resampled bicubically."""
+        heads = table.shape[1]
+        grid = table.t().reshape(1, heads, 2 * old[0] - 1, 2 * old[1] - 1).float()
+        grid = F.interpolate(grid, size=(2 * new[0] - 1, 2 * new[1] - 1), mode="bicubic",
+                             align_corners=False)
+        return grid.reshape(heads, -1).t().contiguous().to(table.dtype)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
@@ -117,15 +148,15 @@ class GlobalWindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, q_global: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, q_global: Optional[Tensor] = None) -> Tensor:
         B, H, W, C = x.shape
         heads, d = self.num_heads, self.head_dim
+        wh, ww = self.window_size
         if self.use_global and q_global is not None:
             k, v = self.qkv(x).view(B, H, W, 2, heads, d).unbind(3)
-            wh, ww = self.window_size
             q = q_global.reshape(B, wh, ww, heads, d)
         else:
             q, k, v = self.qkv(x).view(B, H, W, 3, heads, d).unbind(3)
-        out = window_attention(q, k, v, window_size=self.window_size,
-                               bias_table=self.rel_pos.relative_position_bias_table, scale=self.scale)
+        out = torch.ops.tokenmix.window_attention(q, k, v, [wh, ww], [0, 0],
+                                                  self.rel_pos.relative_position_bias_table, self.scale)
         return self.proj_drop(self.proj(out.view(B, H, W, C)))
