@@ -296,20 +296,24 @@ def test_bfloat16_forward(name):
 # ---- torch.compile, torch.export, checkpointing ----------------------------------------------
 
 
+def _train_step(model: torch.nn.Module, x: torch.Tensor, run=None) -> tuple[torch.Tensor, dict]:
+    """Output and parameter gradients of one train-mode step of `run` (default: the model)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = (run if run is not None else model)(x)
+    out.square().mean().backward()
+    return out, _grads(model)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_compile_fullgraph_aot_eager(name):
     _, acc = _models(name)
-    acc.train()
     x = _image()
-    ref = acc(x)
-    ref.square().mean().backward()
-    ref_grads = _grads(acc)
-    acc.zero_grad(set_to_none=True)
+    ref, ref_grads = _train_step(acc, x)
     torch._dynamo.reset()
-    out = torch.compile(acc, fullgraph=True, backend="aot_eager")(x)
-    out.square().mean().backward()
+    out, grads = _train_step(acc, x, torch.compile(acc, fullgraph=True, backend="aot_eager"))
     torch.testing.assert_close(out, ref)
-    _assert_same_grads(_grads(acc), ref_grads, rtol=1e-4, atol=1e-6)
+    _assert_same_grads(grads, ref_grads, rtol=1e-4, atol=1e-6)
 
 
 def test_compile_inductor_block():
@@ -340,17 +344,12 @@ def test_export(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_grad_checkpointing(name):
     _, acc = _models(name)
-    acc.train()
     x = _image()
-    ref = acc(x)
-    ref.square().mean().backward()
-    ref_grads = _grads(acc)
-    acc.zero_grad(set_to_none=True)
+    ref, ref_grads = _train_step(acc, x)
     acc.set_grad_checkpointing(True)
-    out = acc(x)
-    out.square().mean().backward()
+    out, grads = _train_step(acc, x)
     torch.testing.assert_close(out, ref)
-    _assert_same_grads(_grads(acc), ref_grads, rtol=1e-5, atol=1e-7)
+    _assert_same_grads(grads, ref_grads, rtol=1e-5, atol=1e-7)
 
 
 # ---- DDP ------------------------------------------------------------------------------------

@@ -1,19 +1,20 @@
 """Window-attention modules, state_dict-compatible with timm's Swin v1 and GC ViT attention."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["WindowAttention", "GlobalWindowAttention", "RelPosBias"]
+from tokenmix.ops._args import IntPair, pair
 
-IntPair = Union[int, Sequence[int]]
+__all__ = ["WindowAttention", "GlobalWindowAttention", "RelPosBias"]
 
 
 def _pair(v: IntPair) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    h, w = pair(v)
+    return (h, w)
 
 
 def _table(window: tuple[int, int], heads: int) -> nn.Parameter:

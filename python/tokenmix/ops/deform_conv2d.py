@@ -2,27 +2,15 @@
 fused op: bilinear sampling feeds the channel-mixing GEMM tile by tile."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from tokenmix.errors import call_op
+from tokenmix.ops._args import IntPair, pair
 
 __all__ = ["deform_conv2d"]
-
-# An int (both dimensions) or an (h, w) pair. Concrete types rather than Sequence[int], which
-# TorchScript cannot resolve; eager mode still takes any sequence of two ints.
-IntPair = Union[int, Tuple[int, int], List[int]]
-
-
-def _pair(v: IntPair) -> List[int]:
-    if isinstance(v, int):
-        return [v, v]
-    # TorchScript indexes only a refined type, hence a branch for lists apart from tuples.
-    if isinstance(v, list):
-        return [int(v[0]), int(v[1])]
-    return [int(v[0]), int(v[1])]
 
 
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -51,7 +39,7 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
         ``[B, C_out, H_out, W_out]``. Gradients to input, offset, weight, bias and mask; the CPU
         backward is deterministic.
     """
-    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    s, p, d = pair(stride), pair(padding), pair(dilation)
     if torch.jit.is_scripting() or torch.compiler.is_compiling():
         return torch.ops.tokenmix.deform_conv2d(input, offset, weight, bias, s, p, d, mask)
     return call_op(torch.ops.tokenmix.deform_conv2d, input, offset, weight, bias, s, p, d, mask)

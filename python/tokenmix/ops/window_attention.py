@@ -2,27 +2,15 @@
 fused op with a backward pass on CPU and CUDA."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from tokenmix.errors import call_op
+from tokenmix.ops._args import IntPair, pair
 
 __all__ = ["window_attention"]
-
-# An int (both dimensions) or an (h, w) pair. Concrete types rather than Sequence[int], which
-# TorchScript cannot resolve; eager mode still takes any sequence of two ints.
-IntPair = Union[int, Tuple[int, int], List[int]]
-
-
-def _pair(v: IntPair) -> List[int]:
-    if isinstance(v, int):
-        return [v, v]
-    # TorchScript indexes only a refined type, hence a branch for lists apart from tuples.
-    if isinstance(v, list):
-        return [int(v[0]), int(v[1])]
-    return [int(v[0]), int(v[1])]
 
 
 def window_attention(q: Tensor, k: Tensor, v: Tensor, window_size: IntPair, shift_size: IntPair = 0,
@@ -56,8 +44,8 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window_size: IntPair, shif
     Returns:
         ``[B, H, W, heads, d]``, contiguous (``.view(B, H, W, heads * d)`` is free).
     """
-    window = _pair(window_size)
-    shift = _pair(shift_size)
+    window = pair(window_size)
+    shift = pair(shift_size)
     if torch.jit.is_scripting() or torch.compiler.is_compiling():
         return torch.ops.tokenmix.window_attention(q, k, v, window, shift, bias_table, scale)
     return call_op(torch.ops.tokenmix.window_attention, q, k, v, window, shift, bias_table, scale)
