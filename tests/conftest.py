@@ -1,6 +1,6 @@
 """Shared test harness: devices, dtypes, tolerances and the checks every op family reuses.
 
-Accuracy rule (DESIGN.md): a fused op is compared with its eager oracle *and* with the oracle run in
+Accuracy rule (docs/api.md, "Testing"): a fused op is compared with its eager oracle *and* with the oracle run in
 fp64. Its error against fp64 may be at most TOL_FACTOR times what the eager oracle itself loses in
 the same dtype, with a floor (atol + rtol * max|exact|) for cases where eager is exact by luck.
 """
@@ -21,7 +21,7 @@ DEVICES = [
                                            pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]),
 ]
 
-# Per device: the dtypes every op supports there (API.md).
+# Per device: the dtypes every op supports there (docs/api.md).
 DTYPES = {
     "cpu": [torch.float32, torch.bfloat16, torch.float64],
     "cuda": [torch.float32, torch.float16, torch.bfloat16],

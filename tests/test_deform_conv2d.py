@@ -1,4 +1,4 @@
-"""Deformable convolution (API.md section 4): outputs and every gradient vs the eager oracle and
+"""Deformable convolution (docs/api.md, "Deformable convolution"): outputs and every gradient vs the eager oracle and
 torchvision, awkward offsets, both LIT and DCNv2 geometries, LIT's module and its keys, and every
 argument check."""
 import pytest

@@ -1,4 +1,4 @@
-"""Sparse-token gather family (API.md section 1): outputs and every gradient vs the eager
+"""Sparse-token gather family (docs/api.md, "Sparse-token gather"): outputs and every gradient vs the eager
 DynamicViT oracle, fp64 gradcheck, awkward layouts, and every argument check."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""HorNet's recursive gated convolution (API.md section 3): outputs and every gradient vs the
+"""HorNet's recursive gated convolution (docs/api.md, "Recursive gated convolution"): outputs and every gradient vs the
 eager oracle for orders 1-5 and HorNet's widths, odd maps, channels_last, other kernel sizes,
 fp64 gradcheck, deterministic backward, the HorNet-keyed modules (GnConv, GlobalLocalFilter) and
 every argument check."""

@@ -1,4 +1,4 @@
-"""Windowed attention (API.md section 2): outputs and every gradient (q, k, v, bias_table) vs the
+"""Windowed attention (docs/api.md, "Windowed attention"): outputs and every gradient (q, k, v, bias_table) vs the
 eager timm-style oracle, across shifts, window shapes, partial windows, global queries, head
 sizes, packed-qkv views and dtypes; gradcheck; and every argument check."""
 import pytest
