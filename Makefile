@@ -18,7 +18,8 @@ CUTLASS ?= nvidia-cutlass==4.2.0.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.tokenmix-deps
-OP_TESTS := tests/test_gather.py tests/test_window_attention.py tests/test_deform_conv2d.py tests/test_gnconv.py
+# The op families' test files, from the op registry (read when the recipe runs, after the build).
+OP_TESTS = $$($(PY) -m tokenmix ops --test-files)
 
 .PHONY: setup test demo bench test-cpu-only clean
 

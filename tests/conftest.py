@@ -2,7 +2,8 @@
 
 Accuracy rule (docs/api.md, "Testing"): a fused op is compared with its eager oracle *and* with the oracle run in
 fp64. Its error against fp64 may be at most TOL_FACTOR times what the eager oracle itself loses in
-the same dtype, with a floor (atol + rtol * max|exact|) for cases where eager is exact by luck.
+the same dtype, with a floor (atol + rtol * max|exact|) for cases where eager is exact by luck. The
+rule lives in tokenmix.testing, which `python -m tokenmix check` applies too.
 """
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import pytest
 import torch
 
 import tokenmix  # noqa: F401  (registers the ops)
+from tokenmix import registry
+from tokenmix.testing import TOL_FACTOR, TOL_FLOOR, assert_close_to_exact, check_against_oracle, clone_inputs
+
+__all__ = ["HAS_CUDA", "DEVICES", "DTYPES", "TOL_FLOOR", "TOL_FACTOR", "AUTOCAST", "device_dtype_params",
+           "assert_close_to_exact", "check_against_oracle", "check_gradcheck", "check_opcheck",
+           "check_compiles", "check_raises", "check_autocast"]
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -22,19 +29,7 @@ DEVICES = [
 ]
 
 # Per device: the dtypes every op supports there (docs/api.md).
-DTYPES = {
-    "cpu": [torch.float32, torch.bfloat16, torch.float64],
-    "cuda": [torch.float32, torch.float16, torch.bfloat16],
-}
-
-# (rtol, atol) floors per dtype, and how much worse than eager a fused op may be.
-TOL_FLOOR = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-6, 1e-6),
-    torch.float16: (2e-3, 1e-4),
-    torch.bfloat16: (1.6e-2, 1e-3),
-}
-TOL_FACTOR = 2.0
+DTYPES = {device: list(dtypes) for device, dtypes in registry.DTYPES.items()}
 
 
 def device_dtype_params() -> list:
@@ -47,80 +42,10 @@ def device_dtype_params() -> list:
     return out
 
 
-def assert_close_to_exact(actual: torch.Tensor, eager: torch.Tensor | None, exact: torch.Tensor,
-                          dtype: torch.dtype, what: str) -> None:
-    """|actual - exact| <= max(TOL_FACTOR * |eager - exact|, floor), elementwise maxima."""
-    assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
-    exact = exact.double().cpu()
-    err = (actual.double().cpu() - exact).abs().nan_to_num(nan=float("inf")).max().item() if exact.numel() else 0.0
-    rtol, atol = TOL_FLOOR[dtype]
-    scale = exact.abs().max().item() if exact.numel() else 0.0
-    bound = atol + rtol * scale
-    eager_err = None
-    if eager is not None and exact.numel():
-        eager_err = (eager.double().cpu() - exact).abs().max().item()
-        bound = max(bound, TOL_FACTOR * eager_err)
-    assert err <= bound, f"{what} ({dtype}): max error {err:.3e} > bound {bound:.3e} (eager error {eager_err})"
-
-
-def _clone_inputs(inputs: Sequence, dtype: torch.dtype | None, requires_grad: bool) -> list:
-    """Detached copies (in `dtype` if given) of the floating tensors, also inside lists."""
-    out = []
-    for t in inputs:
-        if isinstance(t, list):
-            out.append(_clone_inputs(t, dtype, requires_grad))
-        elif isinstance(t, torch.Tensor) and t.is_floating_point():
-            u = t.detach().to(dtype) if dtype is not None else t.detach().clone()
-            out.append(u.requires_grad_(requires_grad))
-        else:
-            out.append(t)
-    return out
-
-
-def _run(fn: Callable, inputs: list, grad_outs: list | None):
-    outs = fn(*inputs)
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    float_outs = [o for o in outs if o.is_floating_point()]
-    grads = []
-    diff_inputs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    if grad_outs is not None and diff_inputs:
-        gos = [g.to(o.dtype) for g, o in zip(grad_outs, float_outs)]
-        grads = torch.autograd.grad(float_outs, diff_inputs, gos, allow_unused=True)
-    return outs, list(grads)
-
-
-def check_against_oracle(fused: Callable, oracle: Callable, inputs: Sequence, dtype: torch.dtype,
-                         seed: int = 0) -> None:
-    """Forward outputs and the gradient of every floating input of `fused` (run in `dtype`) vs
-    the oracle run in `dtype` (eager) and in fp64 (exact). Integer outputs must match exactly."""
-    exact_in = _clone_inputs(inputs, torch.float64, True)
-    exact_outs, _ = _run(oracle, exact_in, None)
-    gen = torch.Generator().manual_seed(seed)
-    grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)
-                 for o in exact_outs if o.is_floating_point()]
-    exact_outs, exact_grads = _run(oracle, _clone_inputs(inputs, torch.float64, True), grad_outs)
-    eager_outs, eager_grads = _run(oracle, _clone_inputs(inputs, dtype, True), grad_outs)
-    fused_outs, fused_grads = _run(fused, _clone_inputs(inputs, dtype, True), grad_outs)
-    assert len(fused_outs) == len(exact_outs)
-    for i, (f, e, x) in enumerate(zip(fused_outs, eager_outs, exact_outs)):
-        if x.is_floating_point():
-            assert f.dtype == dtype, f"output {i}: dtype {f.dtype} != {dtype}"
-            assert_close_to_exact(f, e, x, dtype, f"output {i}")
-        else:
-            assert f.dtype == x.dtype and torch.equal(f.cpu(), x.cpu()), f"output {i} differs"
-    for i, (f, e, x) in enumerate(zip(fused_grads, eager_grads, exact_grads)):
-        if x is None:
-            assert f is None or not f.abs().any(), f"grad {i}: fused has a gradient the oracle lacks"
-            continue
-        assert f is not None, f"grad {i}: missing"
-        assert f.dtype == dtype, f"grad {i}: dtype {f.dtype} != {dtype}"
-        assert_close_to_exact(f, e, x, dtype, f"grad of input {i}")
-
-
 def check_gradcheck(fn: Callable, inputs: Sequence, nondet_tol: float = 0.0) -> None:
     """fp64 torch.autograd.gradcheck on every floating input. `nondet_tol` allows two backward runs
     to differ by that much (CUDA kernels that accumulate with atomics)."""
-    ins = _clone_inputs(inputs, torch.float64, True)
+    ins = clone_inputs(inputs, torch.float64, True)
     assert torch.autograd.gradcheck(fn, tuple(ins), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=False,
                                     nondet_tol=nondet_tol)
 
@@ -135,8 +60,8 @@ def check_compiles(fn: Callable, inputs: Sequence, backend: str = "aot_eager") -
     backward."""
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend=backend)
-    a = _clone_inputs(inputs, None, True)
-    b = _clone_inputs(inputs, None, True)
+    a = clone_inputs(inputs, None, True)
+    b = clone_inputs(inputs, None, True)
     out_e = fn(*a)
     out_c = compiled(*b)
     out_e = list(out_e) if isinstance(out_e, (tuple, list)) else [out_e]

@@ -2,6 +2,8 @@
 beside it, skipped without a GPU) against the fp64 oracle, relative to what the eager oracle loses
 under the same autocast; each op's autocast policy (docs/api.md, "Mixed precision"); fp32 parameters
 beside low-precision activations without autocast; accelerated timm models trained under autocast."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ import tokenmix
 import tokenmix.ops as tm
 from conftest import AUTOCAST, DEVICES, assert_close_to_exact, check_autocast
 from tokenmix import reference as ref
+from tokenmix import registry
 from tokenmix.nn import DeformablePatchMerging, GlobalWindowAttention, GnConv, WindowAttention
 
 GEN = torch.Generator().manual_seed(11)
@@ -25,7 +28,7 @@ def _to(device, *ts):
     return [[u.to(device) for u in t] if isinstance(t, list) else t.to(device) for t in ts]
 
 
-# ---- ops: (name, fused, oracle, inputs(device, amp), expected output dtypes(amp)) ------------
+# ---- ops: (name, fused, oracle, inputs(device, amp)); output dtypes from the registry's policy --
 # Inputs mix dtypes the way autocast regions produce them: fp32 parameters and residual streams
 # beside activations that came out of an autocast Linear or Conv in the low-precision dtype.
 
@@ -75,35 +78,49 @@ def _gnconv(device, amp):
 
 OP_CASES = {
     # data movement keeps its dtype
-    "gather_tokens": (tm.gather_tokens, ref.gather.gather_tokens, _gather, lambda amp: [F32]),
+    "gather_tokens": (tm.gather_tokens, ref.gather.gather_tokens, _gather),
     "topk_tokens": (lambda x, s: tm.topk_tokens(x, s, 5, keep_first=1),
-                    lambda x, s: ref.gather.topk_tokens(x, s, 5, keep_first=1), _topk, lambda amp: [F32]),
+                    lambda x, s: ref.gather.topk_tokens(x, s, 5, keep_first=1), _topk),
     # two activations merged: the widest wins
-    "scatter_tokens": (tm.scatter_tokens, ref.gather.scatter_tokens, _scatter, lambda amp: [F32]),
+    "scatter_tokens": (tm.scatter_tokens, ref.gather.scatter_tokens, _scatter),
     # fp32 reductions on the logits' dtype, fp32 policy accepted as it is
-    "policy_softmax": (tm.policy_softmax, ref.gather.policy_softmax, _policy, lambda amp: [amp]),
+    "policy_softmax": (tm.policy_softmax, ref.gather.policy_softmax, _policy),
     # accurate low-precision kernels: run in the autocast dtype
     "window_attention": (
         lambda q, k, v, t: tm.window_attention(q, k, v, window_size=4, shift_size=2, bias_table=t),
         lambda q, k, v, t: ref.window_attention.window_attention(q, k, v, window_size=4, shift_size=2,
                                                                  bias_table=t),
-        _window, lambda amp: [amp]),
+        _window),
     "deform_conv2d": (
         lambda x, o, w, b, m: tm.deform_conv2d(x, o, w, b, padding=1, mask=m),
         lambda x, o, w, b, m: ref.deform_conv2d.deform_conv2d(x, o, w, b, padding=1, mask=m),
-        _deform, lambda amp: [amp]),
+        _deform),
     "gnconv": (
         lambda *a: tm.gnconv(*a, order=3, scale=1 / 3),
         lambda *a: ref.gnconv.gnconv(*a, order=3, scale=1 / 3),
-        _gnconv, lambda amp: [amp]),
+        _gnconv),
 }
+
+
+def _policy_dtypes(name: str, inputs: list, amp: torch.dtype) -> list:
+    """The floating output's dtype under the op's autocast policy in tokenmix.registry (which
+    test_registry.py matches with the C++ TM_AUTOCAST lines): lower -> the autocast dtype,
+    promote -> the widest floating input's, keep -> the first floating input's."""
+    floats = [t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    policy = registry.op(name).autocast
+    if policy == "lower":
+        return [amp]
+    if policy == "promote":
+        return [functools.reduce(torch.promote_types, floats)]
+    return [floats[0]]
 
 
 @pytest.mark.parametrize("device,amp", AUTOCAST)
 @pytest.mark.parametrize("name", list(OP_CASES))
 def test_op_under_autocast(device, amp, name):
-    fused, oracle, make, out_dtypes = OP_CASES[name]
-    check_autocast(fused, oracle, make(device, amp), device, amp, out_dtypes(amp))
+    fused, oracle, make = OP_CASES[name]
+    inputs = make(device, amp)
+    check_autocast(fused, oracle, inputs, device, amp, _policy_dtypes(name, inputs, amp))
 
 
 def test_every_op_has_an_autocast_case():
@@ -192,63 +209,16 @@ def _module_fns(mod: torch.nn.Module, oracle_forward, extra: int):
     return run_fused, run_oracle, [p.detach() for p in mod.parameters()]
 
 
-def _window_module_oracle(mod: WindowAttention):
-    def forward(p, x):
-        B, H, W, _ = x.shape
-        qkv = F.linear(x, p["qkv.weight"], p["qkv.bias"]).view(B, H, W, 3, mod.num_heads, mod.head_dim)
-        q, k, v = qkv.unbind(3)
-        out = ref.window_attention.window_attention(
-            q, k, v, window_size=mod.window_size, shift_size=mod.shift_size,
-            bias_table=p["relative_position_bias_table"], scale=mod.scale)
-        return F.linear(out.reshape(B, H, W, -1), p["proj.weight"], p["proj.bias"])
-    return forward
-
-
-def _global_module_oracle(mod: GlobalWindowAttention):
-    def forward(p, x, q_global):
-        B, H, W, C = x.shape
-        h, d = mod.num_heads, mod.head_dim
-        k, v = F.linear(x, p["qkv.weight"], p["qkv.bias"]).view(B, H, W, 2, h, d).unbind(3)
-        q = q_global.reshape(B, *mod.window_size, h, d)
-        out = ref.window_attention.window_attention(
-            q, k, v, window_size=mod.window_size, bias_table=p["rel_pos.relative_position_bias_table"],
-            scale=mod.scale)
-        return F.linear(out.reshape(B, H, W, C), p["proj.weight"], p["proj.bias"])
-    return forward
-
-
-def _merge_oracle(mod: DeformablePatchMerging):
-    k = mod.kernel_size
-
-    def forward(p, x):
-        off = F.conv2d(x, p["dconv.conv_offset.weight"], p["dconv.conv_offset.bias"], stride=k)
-        y = ref.deform_conv2d.deform_conv2d(x, off, p["dconv.weight"], p["dconv.bias"], stride=k)
-        stats = (mod.norm_layer.running_mean.to(y.dtype), mod.norm_layer.running_var.to(y.dtype))
-        y = F.batch_norm(y, *stats,
-                         p["norm_layer.weight"], p["norm_layer.bias"], False, 0.0, mod.norm_layer.eps)
-        return F.gelu(y).flatten(2).transpose(1, 2)
-    return forward
-
-
-def _gnconv_oracle(mod: GnConv):
-    def forward(p, x):
-        n = mod.order - 1
-        return ref.gnconv.gnconv(x, p["proj_in.weight"], p["proj_in.bias"], p["dwconv.weight"],
-                                 p["dwconv.bias"], [p[f"pws.{i}.weight"] for i in range(n)],
-                                 [p[f"pws.{i}.bias"] for i in range(n)], p["proj_out.weight"],
-                                 p["proj_out.bias"], order=mod.order, scale=mod.scale)
-    return forward
-
-
 def _module_case(name, device):
-    """(module, oracle forward, inputs)."""
+    """(module, oracle forward(params, *inputs) from tokenmix.reference.modules, inputs)."""
     torch.manual_seed(3)
     if name == "WindowAttention":
         mod = WindowAttention(32, 2, window_size=4, shift_size=2)
-        return mod, _window_module_oracle(mod), [rnd(2, 8, 8, 32)]
+        return mod, functools.partial(ref.modules.window_attention, mod), [rnd(2, 8, 8, 32)]
     if name == "GlobalWindowAttention":
         mod = GlobalWindowAttention(32, 2, window_size=4)
-        return mod, _global_module_oracle(mod), [rnd(2, 8, 8, 32), rnd(2, 4, 4, 32)]
+        return (mod, functools.partial(ref.modules.global_window_attention, mod),
+                [rnd(2, 8, 8, 32), rnd(2, 4, 4, 32)])
     if name == "DeformablePatchMerging":
         # Eval mode: in train mode BatchNorm makes the gradient of dconv.bias cancel to zero
         # exactly, so its error could only be judged against the terms that cancel.
@@ -257,9 +227,9 @@ def _module_case(name, device):
             mod.dconv.conv_offset.weight.normal_(0, 0.1, generator=GEN)
             mod.norm_layer.running_mean.normal_(0, 0.2, generator=GEN)
             mod.norm_layer.running_var.uniform_(0.5, 1.5, generator=GEN)
-        return mod, _merge_oracle(mod), [rnd(2, 8, 8, 10)]
+        return mod, functools.partial(ref.modules.deformable_patch_merging, mod), [rnd(2, 8, 8, 10)]
     mod = GnConv(16, order=3)
-    return mod, _gnconv_oracle(mod), [rnd(2, 16, 7, 6)]
+    return mod, functools.partial(ref.modules.gnconv, mod), [rnd(2, 16, 7, 6)]
 
 
 MODULES = ["WindowAttention", "GlobalWindowAttention", "DeformablePatchMerging", "GnConv"]

@@ -1,11 +1,10 @@
-"""torch.compile(fullgraph=True) over every op with no graph break, forward and backward; the
-inductor backend on one representative case (its CPU codegen is slow on a 2-core machine)."""
+"""torch.compile(fullgraph=True) over every op with no graph break, forward and backward, one case
+per sample of the registry (by name); the inductor backend on one representative case (its CPU
+codegen is slow on a 2-core machine)."""
 import pytest
 
 from conftest import DEVICES, check_compiles
-from samples import all_samples
-
-CASES = [(name, i) for i, (name, *_ ) in enumerate(all_samples("cpu"))]
+from tokenmix import registry
 
 
 def _as_fn(op, kwargs):
@@ -13,13 +12,10 @@ def _as_fn(op, kwargs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name,i", CASES, ids=[c[0] for c in CASES])
-def test_compile_fullgraph(device, name, i):
-    found = [c for c in all_samples(device) if c[0] == name]
-    if not found:
-        pytest.skip(f"{name} has no {device} kernel yet")
-    _, op, args, kwargs = found[0]
-    check_compiles(_as_fn(op, kwargs), args)
+@pytest.mark.parametrize("name", registry.sample_names())
+def test_compile_fullgraph(device, name):
+    s = registry.sample(name, device)
+    check_compiles(_as_fn(s.overload, s.kwargs), s.args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -32,6 +28,6 @@ def test_compile_inductor_in_a_block(device):
         attn = tm.policy_softmax(logits, policy)
         return tokens * 2, attn.sum(-1)
 
-    _, _, (x, score, _), _ = all_samples(device)[2]
-    _, _, (logits, policy, _), _ = all_samples(device)[3]
+    x, score, _ = registry.sample("topk_tokens", device).args
+    logits, policy, _ = registry.sample("policy_softmax", device).args
     check_compiles(block, (x, score, logits, policy), backend="inductor")

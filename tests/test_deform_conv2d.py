@@ -69,6 +69,18 @@ def test_matches_torchvision(geo):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geo", GEOMETRIES)
+def test_oracle_on_integer_points(device, geo):
+    """Every sampling point on the grid, many exactly one pixel outside the map (y or x = -1),
+    where the value is zero but the derivative is torchvision's one-sided one: the oracle agrees
+    with the op there, which matters because low-precision inputs land on such points often."""
+    x, off, w, b, m = make(*geo)
+    s, p, d = geo[6], geo[7], geo[8]
+    inputs = [t.to(device) for t in (x, torch.round(off), w, b)] + ([m.to(device)] if m is not None else [])
+    check_against_oracle(_call(tm.deform_conv2d, s, p, d), _call(ref, s, p, d), inputs, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_offsets_equal_conv2d(device):
     x, off, w, b = (t.to(device) for t in make(2, 8, 12, 10, 6, 3, 1, 1, 2, 2, 1, False)[:4])
     out = tm.deform_conv2d(x, torch.zeros_like(off), w, b, padding=1, dilation=2)

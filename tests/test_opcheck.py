@@ -1,23 +1,20 @@
-"""torch.library.opcheck on every op: schema, autograd registration, fake kernel, AOT dispatch."""
+"""torch.library.opcheck on every op: schema, autograd registration, fake kernel, AOT dispatch;
+one case per sample of the registry (tokenmix.registry.samples), looked up by name."""
 import pytest
 import torch
 
 from conftest import DEVICES, check_opcheck
-from samples import all_samples
+from tokenmix import registry
 
-CASES = [(name, i) for i, (name, *_ ) in enumerate(all_samples("cpu"))]
+
+def _leaf(a):
+    if isinstance(a, list):
+        return [_leaf(t) for t in a]
+    return a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name,i", CASES, ids=[c[0] for c in CASES])
-def test_opcheck(device, name, i):
-    found = [c for c in all_samples(device) if c[0] == name]
-    if not found:
-        pytest.skip(f"{name} has no {device} kernel yet")
-    _, op, args, kwargs = found[0]
-    def leaf(a):
-        if isinstance(a, list):
-            return [leaf(t) for t in a]
-        return a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-    args = tuple(leaf(a) for a in args)
-    check_opcheck(op, args, kwargs)
+@pytest.mark.parametrize("name", registry.sample_names())
+def test_opcheck(device, name):
+    s = registry.sample(name, device)
+    check_opcheck(s.overload, tuple(_leaf(a) for a in s.args), s.kwargs)

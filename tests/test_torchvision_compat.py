@@ -21,7 +21,7 @@ import torch
 
 import tokenmix.ops as tm
 from conftest import check_gradcheck
-from samples import deform_conv2d_samples, gather_samples, gnconv_samples, window_attention_samples
+from tokenmix import registry
 from tokenmix.errors import (TokenmixError, TokenmixIndexError, TokenmixTypeError,
                              TokenmixValueError)
 
@@ -263,13 +263,7 @@ def test_wrong_sizes_raise_runtime_error(case):
 def _wrapper_samples() -> list:
     """(wrapper name, args, kwargs) for every public wrapper; the raw op's sample arguments, which
     the wrappers take positionally too."""
-    samples = (gather_samples("cpu") + window_attention_samples("cpu") + deform_conv2d_samples("cpu")
-               + gnconv_samples("cpu"))
-    out = []
-    for name, _, args, kwargs in samples:
-        wrapper = next(w for w in tm.__all__ if name.startswith(w))
-        out.append(pytest.param(wrapper, args, kwargs, id=name))
-    return out
+    return [pytest.param(s.op, s.args, s.kwargs, id=s.name) for s in registry.samples("cpu", kinds=("basic",))]
 
 
 def test_samples_cover_every_wrapper():
@@ -299,8 +293,9 @@ def _token_block(x: torch.Tensor, score: torch.Tensor, logits: torch.Tensor, pol
 
 
 def _block_inputs() -> Tuple[torch.Tensor, ...]:
-    (_, _, (x, _), _), _, (_, _, (_, score, _), _), (_, _, (logits, policy, _), _) = gather_samples("cpu")
-    (_, _, (q, _, _, _, _, table, _), _), _ = window_attention_samples("cpu")
+    x, score, _ = registry.sample("topk_tokens").args
+    logits, policy, _ = registry.sample("policy_softmax").args
+    q, _, _, _, _, table, _ = registry.sample("window_attention_shifted").args
     return x, score, logits, policy, q, table
 
 
@@ -309,7 +304,8 @@ def test_scripted_caller_of_every_family():
     ins = _block_inputs()
     for a, b in zip(scripted(*ins), _token_block(*ins)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    _, op, args, kwargs = gnconv_samples("cpu")[0]
+    gn_sample = registry.sample("gnconv")
+    op, args, kwargs = gn_sample.overload, gn_sample.args, gn_sample.kwargs
 
     def gn(x: torch.Tensor, w: List[torch.Tensor]) -> torch.Tensor:
         return tm.gnconv(x, w[0], w[1], w[2], w[3], w[4:6], w[6:8], w[8], w[9], order=3, scale=0.5)
@@ -320,8 +316,9 @@ def test_scripted_caller_of_every_family():
 
 def test_wrappers_compile_fullgraph():
     """One graph through every family's wrapper: the error conversion must not break it."""
-    _, _, args, kwargs = gnconv_samples("cpu")[0]
-    _, _, dargs, _ = deform_conv2d_samples("cpu")[0]
+    gn_sample = registry.sample("gnconv")
+    args, kwargs = gn_sample.args, gn_sample.kwargs
+    dargs = registry.sample("deform_conv2d").args
 
     def fn(x, score, logits, policy, q, table):
         merged, attn, windows = _token_block(x, score, logits, policy, q, table)
@@ -341,11 +338,13 @@ def test_wrappers_compile_fullgraph():
 def _error_cases() -> list:
     """(wrapper name, args, kwargs, the builtin type the C++ check raises) with the same arguments
     valid for the raw op, so that the two messages can be compared."""
-    (_, _, (x, dup), _), (_, _, (_, uniq, src), _), (_, _, (_, score, _), _), \
-        (_, _, (logits, policy, eps), _) = gather_samples("cpu")
-    (_, _, wa, _), _ = window_attention_samples("cpu")
-    (_, _, da, _), = deform_conv2d_samples("cpu")
-    (_, _, ga, gkw), = gnconv_samples("cpu")
+    x, dup = registry.sample("gather_tokens").args
+    _, uniq, src = registry.sample("scatter_tokens").args
+    _, score, _ = registry.sample("topk_tokens").args
+    logits, policy, eps = registry.sample("policy_softmax").args
+    wa = registry.sample("window_attention_shifted").args
+    da = registry.sample("deform_conv2d").args
+    ga, gkw = registry.sample("gnconv").args, registry.sample("gnconv").kwargs
     q, k, v = wa[:3]
     dx, doff = da[:2]
     cases = [

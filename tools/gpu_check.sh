@@ -7,8 +7,8 @@
 #   tools/gpu_check.sh OUTDIR [SECONDS]
 #
 # A lease is short, so the steps run in order of what they prove and each one is cut off at the
-# deadline (SECONDS after the start, default 520): build, plain smoke run, CUDA tests, fp16 bench,
-# smoke under compute-sanitizer, the fp16 bench of gnconv, deform_conv2d and window_attention
+# deadline (SECONDS after the start, default 520): build, `python -m tokenmix check` (every op vs its oracle), CUDA tests, fp16 bench,
+# the check under compute-sanitizer, the fp16 bench of gnconv, deform_conv2d and window_attention
 # again with their new fused paths off (A/B), per-kernel times of every op and of swin_tiny
 # (tools/cuda_profile.py; these three into bench.log), fp32 bench, bf16 deform bench, then the CPU
 # tests on this machine's torch.
@@ -65,8 +65,8 @@ step build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-d
   { stamp "WARNING: built without CUTLASS (no nvidia-cutlass wheel in .whl/?)"; status=1; }
 stamp "built"
 
-step smoke 90 "$OUT/tests.log" "$PY" tools/cuda_smoke.py
-stamp "smoke: $(grep -c '^ok' "$OUT/tests.log") ok, $(grep -c '^FAIL' "$OUT/tests.log") failed"
+step check 90 "$OUT/tests.log" "$PY" -m tokenmix check --device cuda
+stamp "check: $(grep -c '^ok' "$OUT/tests.log") ok, $(grep -c '^FAIL' "$OUT/tests.log") failed"
 
 PYTEST=("$PY" -m pytest tests -ra -q -p no:cacheprovider)
 "$PY" -c "import xdist" 2> /dev/null && PYTEST+=(-n 6)
@@ -83,7 +83,7 @@ bench float16 120
 
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 90 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
-    "$PY" tools/cuda_smoke.py
+    "$PY" -m tokenmix check --device cuda --no-modules
   stamp "memcheck: $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log" || echo 'no summary'), $(grep -c '^ok' "$OUT/memcheck.log") ok"
 fi
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m tokenmix info | bench | demo``."""
+"""Command line: ``python -m tokenmix info | check | bench | demo | ops``."""
 from __future__ import annotations
 
 import argparse
@@ -33,15 +33,66 @@ def cmd_info(_args=None) -> int:
     return 0
 
 
+def _device_usable(device: torch.device) -> bool:
+    """Whether `device` can run the ops here; says why not on stderr."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible", file=sys.stderr)
+        return False
+    if device.type == "cuda" and not tokenmix.info()["cuda_compiled"]:
+        print("this tokenmix build has no CUDA kernels", file=sys.stderr)
+        return False
+    return True
+
+
+def cmd_check(args) -> int:
+    from tokenmix import check
+
+    device = torch.device(args.device)
+    if not _device_usable(device):
+        return 2
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    try:
+        check.select(args.ops)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"CPU kernels {tokenmix.info()['cpu_capability']}"
+    print(f"tokenmix {tokenmix.__version__} check on {device.type} ({where}), torch {torch.__version__}")
+    print(check.HEADER, flush=True)
+    rows = check.run(args.ops, device.type, dtype, modules=not args.no_modules, out=sys.stdout,
+                     failures_only=args.failures_only)
+    print(check.summary(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def cmd_ops(args) -> int:
+    from tokenmix import registry
+
+    try:
+        specs = registry.select(args.ops)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.test_files:
+        print(" ".join(registry.test_files(args.ops)))
+        return 0
+    if args.readme_table:
+        print(registry.readme_op_table())
+        return 0
+    print(f"{'op':<18}{'family':<18}{'autocast':<10}{'seed models':<24}test module")
+    for spec in specs:
+        print(f"{spec.name:<18}{spec.family:<18}{spec.autocast:<10}{', '.join(spec.seed_models):<24}{spec.test_file}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from tokenmix import bench
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device visible", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and not tokenmix.info()["cuda_compiled"]:
-        print("this tokenmix build has no CUDA kernels", file=sys.stderr)
+    if not _device_usable(device):
         return 2
     dtype = DTYPES[args.dtype]
     amp = getattr(args, "amp", None)
@@ -75,6 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tokenmix", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="version, torch, compiled backends and per-op kernels")
+    c = sub.add_parser("check", help="every op (and module) vs its oracle, forward and gradients, in each dtype")
+    c.add_argument("ops", nargs="*", help="ops, families or modules to check (default: all)")
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    c.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="only this dtype (default: every dtype each op supports on the device)")
+    c.add_argument("--no-modules", action="store_true", help="ops only, not the tokenmix.nn modules")
+    c.add_argument("--failures-only", action="store_true", help="print only the rows that fail")
+    o = sub.add_parser("ops", help="the op registry: ops, families, test modules")
+    o.add_argument("ops", nargs="*", help="ops or families (default: all)")
+    o.add_argument("--test-files", action="store_true",
+                   help="print the op test modules, space-separated (what the Makefile runs per CPU ISA)")
+    o.add_argument("--readme-table", action="store_true", help="print the README's op table (markdown)")
     b = sub.add_parser("bench", help="fused vs eager vs torch.compile(eager) at backbone shapes")
     b.add_argument("ops", nargs="*", help="ops or families to run (default: all)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -90,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--reps", type=int, default=15)
     d.add_argument("--no-compile", action="store_true")
     args = p.parse_args(argv)
-    return {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo}[args.cmd](args)
+    return {"info": cmd_info, "check": cmd_check, "ops": cmd_ops, "bench": cmd_bench,
+            "demo": cmd_demo}[args.cmd](args)
 
 
 if __name__ == "__main__":

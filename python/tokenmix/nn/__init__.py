@@ -1,5 +1,5 @@
 """Modules built on tokenmix ops, state_dict-compatible with the official implementations."""
-from tokenmix.nn.deform import DeformablePatchMerging, DeformConv2dPack
+from tokenmix.nn.deform_conv2d import DeformablePatchMerging, DeformConv2dPack
 from tokenmix.nn.gnconv import GlobalLocalFilter, GnConv, LayerNorm2d
 from tokenmix.nn.window_attention import GlobalWindowAttention, RelPosBias, WindowAttention
 

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenmix.ops.gnconv import gnconv
-from tokenmix.reference.gnconv import gate_dims, gated_chain
+from tokenmix.ops.gnconv import gate_dims, gnconv
 
 __all__ = ["GnConv", "GlobalLocalFilter", "LayerNorm2d"]
 
@@ -50,15 +49,18 @@ class GnConv(nn.Module):
         self.proj_out = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        pws_w = [p.weight for p in self.pws]
-        pws_b = [p.bias for p in self.pws]
         if isinstance(self.dwconv, nn.Conv2d):
             return gnconv(x, self.proj_in.weight, self.proj_in.bias, self.dwconv.weight,
-                          self.dwconv.bias, pws_w, pws_b, self.proj_out.weight, self.proj_out.bias,
-                          order=self.order, scale=self.scale)
-        fused = self.proj_in(x)
-        return gated_chain(fused, self.dwconv, pws_w, pws_b, self.proj_out.weight, self.proj_out.bias,
-                           self.order, self.scale)
+                          self.dwconv.bias, [p.weight for p in self.pws], [p.bias for p in self.pws],
+                          self.proj_out.weight, self.proj_out.bias, order=self.order, scale=self.scale)
+        # Another spatial mixer (gflayer) has no fused kernel: the gating chain runs in eager
+        # PyTorch, as HorNet writes it.
+        pwa, abc = torch.split(self.proj_in(x), (self.dims[0], sum(self.dims)), dim=1)
+        gates = torch.split(self.dwconv(abc) * self.scale, self.dims, dim=1)
+        y = pwa * gates[0]
+        for i, pw in enumerate(self.pws):
+            y = pw(y) * gates[i + 1]
+        return self.proj_out(y)
 
 
 class LayerNorm2d(nn.Module):

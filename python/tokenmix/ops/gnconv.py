@@ -10,7 +10,13 @@ from torch import Tensor
 
 from tokenmix.errors import call_op
 
-__all__ = ["gnconv"]
+__all__ = ["gnconv", "gate_dims"]
+
+
+def gate_dims(dim: int, order: int) -> List[int]:
+    """Channel widths of gnconv's gating steps, narrowest first: ``d_i = dim / 2**(order-1-i)``
+    (``pw_weights[i]`` maps ``d_i`` to ``d_{i+1}`` channels, the depthwise conv has ``sum(d_i)``)."""
+    return [dim >> (order - 1 - i) for i in range(order)]
 
 
 def gnconv(x: Tensor, proj_in_weight: Tensor, proj_in_bias: Tensor, dw_weight: Tensor,

@@ -12,11 +12,12 @@ def _pair(v) -> tuple[int, int]:
 
 
 def bilinear(planes: Tensor, y: Tensor, x: Tensor) -> Tensor:
-    """planes [N, C, H, W], y/x [N, *S] -> [N, C, *S]; torchvision's rule: zero when the point is
-    at or beyond one pixel outside the map, and corners outside the map count as zero."""
+    """planes [N, C, H, W], y/x [N, *S] -> [N, C, *S]; torchvision's rule: corners outside the map
+    count as zero, so a point at or beyond one pixel outside samples zero. There is no separate
+    inside test: at exactly one pixel outside (y = -1) the value is zero either way, but the
+    derivative is torchvision's, the one from the corner inside the map."""
     N, C, H, W = planes.shape
     flat = planes.reshape(N, C, H * W)
-    inside = (y > -1) & (y < H) & (x > -1) & (x < W)
     y0, x0 = torch.floor(y), torch.floor(x)
     ly, lx = y - y0, x - x0
     y0, x0 = y0.long(), x0.long()
@@ -24,7 +25,7 @@ def bilinear(planes: Tensor, y: Tensor, x: Tensor) -> Tensor:
     for dy, wy in ((0, 1 - ly), (1, ly)):
         for dx, wx in ((0, 1 - lx), (1, lx)):
             yy, xx = y0 + dy, x0 + dx
-            ok = inside & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            ok = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
             idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).reshape(N, 1, -1).expand(N, C, -1)
             v = torch.gather(flat, 2, idx).reshape(N, C, *y.shape[1:])
             out = out + v * (wy * wx * ok).unsqueeze(1)

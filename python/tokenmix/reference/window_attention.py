@@ -45,9 +45,10 @@ def _reverse(x: Tensor, Hp: int, Wp: int, wh: int, ww: int) -> Tensor:
     return x.reshape(B, Hp, Wp, *rest)
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, *, window_size, shift_size=0,
+def window_attention(q: Tensor, k: Tensor, v: Tensor, window_size, shift_size=0,
                      bias_table: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """softmax(scale * q k^T + bias + mask) v within (shifted) windows; see tokenmix.ops."""
+    """softmax(scale * q k^T + bias + mask) v within (shifted) windows; see tokenmix.ops. The
+    arguments are the op's, in its order."""
     B, H, W, heads, d = k.shape
     wh, ww = pair(window_size)
     sh, sw = pair(shift_size)
