@@ -88,7 +88,7 @@ def check_op(spec: OpSpec, device: str, dtypes: Sequence[torch.dtype]) -> List[R
     rows: List[Row] = []
     for dtype in dtypes:
         try:
-            samples: List[Sample] = [s for s in spec.samples(device, dtype) if s.kind != "mixed"]
+            samples: List[Sample] = [s for s in spec.make_samples(device, dtype) if s.kind != "mixed"]
         except Exception as exc:
             rows.append(Row(spec.name, "(building samples)", _failure("samples", dtype, exc)))
             continue
@@ -105,7 +105,7 @@ def check_module(spec: ModuleSpec, device: str, dtypes: Sequence[torch.dtype]) -
     rows: List[Row] = []
     for dtype in dtypes:
         try:
-            ms = spec.build()
+            ms = spec.make()
         except Exception as exc:
             rows.append(Row(spec.name, "(building module)", _failure("module", dtype, exc)))
             continue

@@ -17,7 +17,6 @@ from typing import Callable, Dict, Iterable, List, Literal, Mapping, Optional, S
 
 import torch
 
-from tokenmix import samples as _samples
 from tokenmix.samples import ModuleSample, Sample, SampleKind
 
 __all__ = ["Family", "OpSpec", "ModuleSpec", "FAMILIES", "OPS", "MODULES", "DTYPES", "op", "select",
@@ -83,7 +82,8 @@ class OpSpec:
         seed_models: the models whose code the op fuses, as the README names them.
         oracle: dotted path (``module:function``) of the eager oracle; it takes the op's
             arguments as the op's schema orders them.
-        samples: ``(device, dtype) -> list[Sample]``, the op's samples (:mod:`tokenmix.samples`).
+        samples: dotted path of ``(device, dtype) -> list[Sample]``, the op's samples (by
+            convention ``tokenmix.bench.<family>:<op>_samples``; see :mod:`tokenmix.samples`).
         autocast: the policy of the op's ``TM_AUTOCAST`` line in ``csrc/ops/<family>``: ``lower``
             (fp32 arguments cast to the autocast dtype), ``promote`` (all to the widest),
             ``keep`` (nothing cast).
@@ -97,7 +97,7 @@ class OpSpec:
     family: str
     seed_models: Tuple[str, ...]
     oracle: str
-    samples: Callable[[str, torch.dtype], List[Sample]]
+    samples: str
     autocast: Autocast
     differentiable: Tuple[str, ...]
     autocast_note: str = ""
@@ -128,6 +128,10 @@ class OpSpec:
         """The eager oracle (imports ``tokenmix.reference`` on first use)."""
         return _load(self.oracle)
 
+    def make_samples(self, device: str = "cpu", dtype: torch.dtype = F32) -> List[Sample]:
+        """The op's samples on `device` in `dtype` (imports the family's benchmark module)."""
+        return _load(self.samples)(device, dtype)
+
     def has_kernel(self, dispatch_key: str) -> bool:
         """Whether this build registered a kernel for the op under ``dispatch_key``
         (``CPU``, ``CUDA``, ``Autograd``, ``AutocastCPU``, ...)."""
@@ -141,18 +145,23 @@ class ModuleSpec:
     Attributes:
         name: the class name in ``tokenmix.nn``.
         ops: the ops it is built on (``check gnconv`` also checks the modules using gnconv).
-        build: ``() -> ModuleSample``, the module (fp32, CPU, seeded) and its inputs.
+        build: dotted path of ``() -> ModuleSample``, the module (fp32, CPU, seeded) and its
+            inputs.
         oracle: dotted path of ``forward(module, params, *inputs)``, the module's computation
             written with the oracles, its parameters taken from ``params`` (a name -> tensor dict).
     """
 
     name: str
     ops: Tuple[str, ...]
-    build: Callable[[], ModuleSample]
+    build: str
     oracle: str
 
     def load_oracle(self) -> Callable:
         return _load(self.oracle)
+
+    def make(self) -> ModuleSample:
+        """The module and its inputs (imports the family's benchmark module)."""
+        return _load(self.build)()
 
 
 _GATHER_SEED = ("DynamicViT",)
@@ -167,34 +176,34 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
 # In the order the README's op table lists them.
 OPS: Dict[str, OpSpec] = {o.name: o for o in [
     OpSpec("gather_tokens", "gather", _GATHER_SEED, "tokenmix.reference.gather:gather_tokens",
-           _samples.gather_tokens, "keep", ("x",)),
+           "tokenmix.bench.gather:gather_tokens_samples", "keep", ("x",)),
     OpSpec("scatter_tokens", "gather", _GATHER_SEED, "tokenmix.reference.gather:scatter_tokens",
-           _samples.scatter_tokens, "promote", ("x", "src")),
+           "tokenmix.bench.gather:scatter_tokens_samples", "promote", ("x", "src")),
     OpSpec("topk_tokens", "gather", _GATHER_SEED, "tokenmix.reference.gather:topk_tokens",
-           _samples.topk_tokens, "keep", ("x",)),
+           "tokenmix.bench.gather:topk_tokens_samples", "keep", ("x",)),
     OpSpec("policy_softmax", "gather", _GATHER_SEED, "tokenmix.reference.gather:policy_softmax",
-           _samples.policy_softmax, "keep", ("logits", "policy"),
+           "tokenmix.bench.gather:policy_softmax_samples", "keep", ("logits", "policy"),
            autocast_note="fp32 reductions; fp32 policy accepted"),
     OpSpec("window_attention", "window_attention", ("Swin", "GC ViT", "HAT-Net"),
-           "tokenmix.reference.window_attention:window_attention", _samples.window_attention, "lower",
+           "tokenmix.reference.window_attention:window_attention", "tokenmix.bench.window_attention:window_attention_samples", "lower",
            ("q", "k", "v", "bias_table"), autocast_note="fp32 bias_table accepted"),
     OpSpec("deform_conv2d", "deform_conv2d", ("LIT (DCNv1/v2)",),
-           "tokenmix.reference.deform_conv2d:deform_conv2d", _samples.deform_conv2d, "lower",
+           "tokenmix.reference.deform_conv2d:deform_conv2d", "tokenmix.bench.deform_conv2d:deform_conv2d_samples", "lower",
            ("input", "offset", "weight", "bias", "mask")),
-    OpSpec("gnconv", "gnconv", ("HorNet",), "tokenmix.reference.gnconv:gnconv", _samples.gnconv, "lower",
+    OpSpec("gnconv", "gnconv", ("HorNet",), "tokenmix.reference.gnconv:gnconv", "tokenmix.bench.gnconv:gnconv_samples", "lower",
            ("x", "proj_in_weight", "proj_in_bias", "dw_weight", "dw_bias", "pw_weights", "pw_biases",
             "proj_out_weight", "proj_out_bias"),
            backward_summary="x and every weight and bias"),
 ]}
 
 MODULES: Dict[str, ModuleSpec] = {m.name: m for m in [
-    ModuleSpec("WindowAttention", ("window_attention",), _samples.window_attention_module,
+    ModuleSpec("WindowAttention", ("window_attention",), "tokenmix.bench.window_attention:window_attention_module_sample",
                "tokenmix.reference.modules:window_attention"),
-    ModuleSpec("GlobalWindowAttention", ("window_attention",), _samples.global_window_attention_module,
+    ModuleSpec("GlobalWindowAttention", ("window_attention",), "tokenmix.bench.window_attention:global_window_attention_module_sample",
                "tokenmix.reference.modules:global_window_attention"),
-    ModuleSpec("DeformConv2dPack", ("deform_conv2d",), _samples.deform_conv2d_pack_module,
+    ModuleSpec("DeformConv2dPack", ("deform_conv2d",), "tokenmix.bench.deform_conv2d:deform_conv2d_pack_module_sample",
                "tokenmix.reference.modules:deform_conv2d_pack"),
-    ModuleSpec("GnConv", ("gnconv",), _samples.gnconv_module, "tokenmix.reference.modules:gnconv"),
+    ModuleSpec("GnConv", ("gnconv",), "tokenmix.bench.gnconv:gnconv_module_sample", "tokenmix.reference.modules:gnconv"),
 ]}
 
 
@@ -225,13 +234,13 @@ def samples(device: str = "cpu", dtype: torch.dtype = F32, ops: Optional[Iterabl
             kinds: Sequence[SampleKind] = ("basic", "mixed")) -> List[Sample]:
     """The samples of the selected ops (:func:`select`) of the given kinds, in registry order.
     The default kinds are those for ``torch.library.opcheck`` and ``torch.compile``."""
-    return [s for o in select(ops) for s in o.samples(device, dtype) if s.kind in kinds]
+    return [s for o in select(ops) for s in o.make_samples(device, dtype) if s.kind in kinds]
 
 
 def sample(name: str, device: str = "cpu", dtype: torch.dtype = F32) -> Sample:
     """The sample called `name`, of any kind (``KeyError`` if none is)."""
     for o in OPS.values():
-        for s in o.samples(device, dtype):
+        for s in o.make_samples(device, dtype):
             if s.name == name:
                 return s
     raise KeyError(f"no sample {name!r}; known: {', '.join(sample_names(kinds=('basic', 'mixed', 'kernel')))}")

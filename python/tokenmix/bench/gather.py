@@ -2,11 +2,14 @@
 B tokens rows of N = 197 (class token + 14x14 patches), C = 384, 6 heads, keep ratio 0.7."""
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
-import tokenmix.ops as tm
 from tokenmix.bench.harness import Case
+import tokenmix.ops as tm
 from tokenmix.reference import gather as ref
+from tokenmix.samples import Draw, Sample
 
 N, C, HEADS, KEEP = 197, 384, 6, 0.7
 
@@ -76,4 +79,37 @@ def cases(batch: int) -> list[Case]:
              ref.policy_softmax,
              bytes_fwd=lambda dt: 2 * attn * size(dt),
              bytes_bwd=lambda dt: 3 * attn * size(dt)),
+    ]
+
+
+# ---- samples: small arguments for opcheck, compile and `python -m tokenmix check` ----------
+
+def gather_tokens_samples(device: str, dtype: torch.dtype = torch.float32) -> List[Sample]:
+    """Duplicated indices into ``[B, N, C]`` tokens, and ``[B, N]`` values with int32 indices."""
+    r = Draw(device, dtype)
+    return [
+        Sample("gather_tokens", "gather_tokens", (r.randn(3, 11, 8), r.index(11, 3, 5))),
+        Sample("gather_tokens_2d_int32", "gather_tokens", (r.randn(3, 11), r.index(11, 3, 5, dtype=torch.int32))),
+    ]
+
+
+def scatter_tokens_samples(device: str, dtype: torch.dtype = torch.float32) -> List[Sample]:
+    r = Draw(device, dtype)
+    return [Sample("scatter_tokens", "scatter_tokens",
+                   (r.randn(3, 11, 8), r.unique_index(3, 11, 5), r.randn(3, 5, 8)))]
+
+
+def topk_tokens_samples(device: str, dtype: torch.dtype = torch.float32) -> List[Sample]:
+    r = Draw(device, dtype)
+    return [Sample("topk_tokens", "topk_tokens", (r.randn(3, 11, 8), r.randn(3, 10), 4), {"keep_first": 1})]
+
+
+def policy_softmax_samples(device: str, dtype: torch.dtype = torch.float32) -> List[Sample]:
+    """DynamicViT's shapes in miniature, and the accepted mix: an fp32 policy beside bf16 logits."""
+    r = Draw(device, dtype)
+    mixed = Draw(device, torch.bfloat16)
+    return [
+        Sample("policy_softmax", "policy_softmax", (r.randn(3, 2, 11, 11), r.rand(3, 11), 1e-6)),
+        Sample("policy_softmax_fp32_policy", "policy_softmax",
+               (mixed.randn(2, 2, 7, 7), mixed.rand(2, 7, dtype=torch.float32), 1e-6), kind="mixed"),
     ]

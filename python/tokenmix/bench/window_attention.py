@@ -3,11 +3,15 @@ partition, attention with relative position bias and shift mask, reverse, roll) 
 flavours: explicit softmax and torch's scaled_dot_product_attention."""
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
-import tokenmix.ops as tm
 from tokenmix.bench.harness import Case
+from tokenmix.nn import GlobalWindowAttention, WindowAttention
+import tokenmix.ops as tm
 from tokenmix.reference.window_attention import region_labels, relative_position_index
+from tokenmix.samples import Draw, ModuleSample, Sample, seeded
 
 
 def _timm_mask(H, W, window, shift, device, dtype):
@@ -104,3 +108,56 @@ def cases(batch: int) -> list[Case]:
                         lambda *a, kw=kw: fused_window_attention(*a, **kw),
                         lambda *a, kw=kw: timm_window_attention(*a, sdpa=True, **kw)))
     return out
+
+
+# ---- samples: small arguments for opcheck, compile and `python -m tokenmix check` ----------
+
+def window_attention_samples(device: str, dtype: torch.dtype = torch.float32) -> List[Sample]:
+    """Shifted windows and GC ViT's global queries; the accepted mix (an fp32 bias table beside
+    bf16 q, k, v); and, for the accuracy check, the CUDA kernels' paths: head_dim 16 and 32 (32
+    with at most 64 tokens a window runs fp16/bf16 forwards on tensor cores), partial border
+    windows, a rectangular window."""
+    r = Draw(device, dtype)
+    q, k, v = (r.randn(2, 8, 8, 2, 8) for _ in range(3))
+    out = [
+        Sample("window_attention_shifted", "window_attention",
+               (q, k, v, [4, 4], [2, 2], r.randn(49, 2), None)),
+        Sample("window_attention_global_q", "window_attention",
+               (r.randn(2, 4, 4, 2, 8), k, v, [4, 4], [0, 0], r.randn(49, 2), 0.3)),
+    ]
+    mixed = Draw(device, torch.bfloat16)
+    mq, mk, mv = (mixed.randn(2, 8, 8, 2, 8) for _ in range(3))
+    out.append(Sample("window_attention_fp32_table", "window_attention",
+                      (mq, mk, mv, [4, 4], [2, 2], mixed.randn(49, 2, dtype=torch.float32), None),
+                      kind="mixed"))
+    for d in (16, 32):
+        q, k, v = (r.randn(2, 14, 14, 2, d) for _ in range(3))
+        pk, pv = r.randn(2, 13, 11, 2, d), r.randn(2, 13, 11, 2, d)
+        out += [
+            Sample(f"window_attention_d{d}_shifted", "window_attention",
+                   (q, k, v, [7, 7], [3, 3], r.randn(169, 2), None), kind="kernel"),
+            Sample(f"window_attention_d{d}_partial", "window_attention",
+                   (r.randn(2, 13, 11, 2, d), pk, pv, [7, 7], [0, 0], None, None), kind="kernel"),
+            Sample(f"window_attention_d{d}_global_q", "window_attention",
+                   (r.randn(2, 7, 7, 2, d), pk, pv, [7, 7], [0, 0], r.randn(169, 2), None), kind="kernel"),
+        ]
+    q, k, v = (r.randn(2, 13, 11, 2, 16) for _ in range(3))
+    out.append(Sample("window_attention_rect_partial", "window_attention",
+                      (q, k, v, [4, 6], [0, 0], None, None), kind="kernel"))
+    return out
+
+
+
+
+def window_attention_module_sample() -> ModuleSample:
+    """Swin's shifted-window attention on an 8x8 map, 2 heads of 16."""
+    mod = seeded(lambda: WindowAttention(32, 2, window_size=4, shift_size=2))
+    return ModuleSample("WindowAttention", mod, (Draw("cpu", torch.float32).randn(2, 8, 8, 32),), ("x",))
+
+
+def global_window_attention_module_sample() -> ModuleSample:
+    """GC ViT's global-query attention: one window of queries per image."""
+    mod = seeded(lambda: GlobalWindowAttention(32, 2, window_size=4))
+    r = Draw("cpu", torch.float32)
+    return ModuleSample("GlobalWindowAttention", mod, (r.randn(2, 8, 8, 32), r.randn(2, 4, 4, 32)),
+                        ("x", "q_global"))

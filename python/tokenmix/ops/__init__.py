@@ -1,8 +1,11 @@
-"""Functional API: one module per op family (torch.ops.tokenmix.* underneath)."""
-from tokenmix.ops.deform_conv2d import deform_conv2d
-from tokenmix.ops.gnconv import gnconv
-from tokenmix.ops.gather import gather_tokens, policy_softmax, scatter_tokens, topk_tokens
-from tokenmix.ops.window_attention import window_attention
+"""Functional API: one module per op family (``tokenmix.ops.<family>``, ``torch.ops.tokenmix.*``
+underneath). What is exported here comes from the op registry: every registered op's wrapper,
+looked up in its family's module, so a new family needs no edit here."""
+from importlib import import_module as _import
 
-__all__ = ["gather_tokens", "scatter_tokens", "topk_tokens", "policy_softmax", "window_attention",
-           "deform_conv2d", "gnconv"]
+from tokenmix.registry import OPS as _OPS
+
+__all__ = list(_OPS)
+
+for _name, _spec in _OPS.items():
+    globals()[_name] = getattr(_import(f"tokenmix.ops.{_spec.family}"), _name)
