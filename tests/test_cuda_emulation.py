@@ -1,6 +1,6 @@
 """Host-side emulation of CUDA kernels' per-thread work. The kernels' index math lives in torch-free
-headers (csrc/include/tokenmix/*_math.h) shared with the .cu files; each program in tests/cpp runs
-that math for every work item in the kernels' own order and checks the result, so CI covers the
+headers (csrc/ops/<op>/<op>_math.h) shared with the .cu files; each program in tests/cpp runs that
+math for every work item in the kernels' own order and checks the result, so CI covers the
 indexing of kernels it cannot launch."""
 import os
 import shutil
@@ -23,7 +23,8 @@ def test_kernel_emulation(program, tmp_path):
     if cxx is None:
         pytest.skip("no C++ compiler")
     exe = tmp_path / "emulation"
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "include"),
+    includes = ["-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(ROOT, "csrc", "include")]
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", *includes,
                     os.path.join(ROOT, "tests", "cpp", program), "-o", str(exe)], check=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -1,6 +1,6 @@
 // Runs deform_conv2d's fused CUDA forward (fused_forward_kernel) on the host, block by block and
 // thread by thread in the kernel's order, with ImplicitGemm's tiling, tap-major columns,
-// ColumnWalk and output indexing from deform_math.h: each thread samples its run of A columns
+// ColumnWalk and output indexing from deform_conv2d_math.h: each thread samples its run of A columns
 // (reusing the sample position where ColumnWalk says it has not changed), the block stages its
 // slice of the reordered weight, the tile product stands in for the tensor cores, and the
 // epilogue writes the output. Compares with a direct deformable convolution and checks that every output element is
@@ -10,9 +10,9 @@
 #include <random>
 #include <vector>
 
-#include "tokenmix/deform_math.h"
+#include "ops/deform_conv2d/deform_conv2d_math.h"
 
-namespace df = tokenmix::deform;
+namespace df = tokenmix::deform_conv2d;
 using IG = df::ImplicitGemm;
 
 struct Case {

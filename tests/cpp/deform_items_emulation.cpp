@@ -5,9 +5,9 @@
 #include <cstdio>
 #include <vector>
 
-#include "tokenmix/deform_math.h"
+#include "ops/deform_conv2d/deform_conv2d_math.h"
 
-namespace df = tokenmix::deform;
+namespace df = tokenmix::deform_conv2d;
 
 constexpr int64_t kChansPerItem = 16;  // as in deform_conv2d_cuda.cu
 

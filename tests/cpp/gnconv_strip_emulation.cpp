@@ -7,7 +7,7 @@
 #include <random>
 #include <vector>
 
-#include "tokenmix/gnconv_math.h"
+#include "ops/gnconv/gnconv_math.h"
 
 using tokenmix::gnconv::DwGeometry;
 namespace gn = tokenmix::gnconv;

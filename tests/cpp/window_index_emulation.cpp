@@ -1,12 +1,12 @@
 // Checks the per-token form of Swin's relative position index that the CUDA window-attention
-// kernels use (relative_pos / relative_offset, window_math.h) against relative_index for every
-// query/key pair of many window shapes, and that each index lies inside the bias table.
+// kernels use (relative_pos / relative_offset, window_attention_math.h) against relative_index
+// for every query/key pair of many window shapes, and that each index lies inside the bias table.
 // Exit status 0 on success.
 #include <cstdio>
 
-#include "tokenmix/window_math.h"
+#include "ops/window_attention/window_attention_math.h"
 
-namespace wn = tokenmix::window;
+namespace wn = tokenmix::window_attention;
 
 int main() {
   int failures = 0, n = 0;

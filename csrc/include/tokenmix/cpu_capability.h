@@ -1,6 +1,7 @@
 // Runtime choice between CPU kernels built for the baseline ISA, AVX2+FMA and AVX-512.
-// Each <op>_cpu.cpp is compiled once per capability (CMake) into its own namespace; the op picks
-// the widest one this processor runs. TOKENMIX_CPU_CAPABILITY=default|avx2|avx512 caps the choice.
+// Each op's <op>_cpu*.cpp files are compiled once per capability (CMake), each build defining its
+// own kernel-table function; the op picks the widest one this processor runs.
+// TOKENMIX_CPU_CAPABILITY=default|avx2|avx512 caps the choice.
 #pragma once
 
 namespace tokenmix {

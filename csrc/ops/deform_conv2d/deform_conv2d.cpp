@@ -1,25 +1,16 @@
 // Deformable convolution (DCNv1/v2 as torchvision.ops.deform_conv2d, used by LIT's token
-// merging): argument checks, the CPU and CUDA backends, C++ autograd and the dispatcher
-// registrations. Schemas live in csrc/tokenmix.cpp.
+// merging): argument checks, the ops over the device's kernel table (deform_conv2d_problem.h),
+// C++ autograd and the dispatcher registrations. Schemas are defined here too.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/autograd.h>
-#include <torch/library.h>
 
-#include "deform_conv2d_cpu.h"
+#include "deform_conv2d_problem.h"
 #include "tokenmix/checks.h"
-#include "tokenmix/autocast.h"
-#include "tokenmix/op_handle.h"
-
-#if defined(TOKENMIX_WITH_CUDA)
-#include "deform_conv2d_params.h"
-#include "tokenmix/cuda_launch.h"
-#include "tokenmix/env.h"
-#endif
+#include "tokenmix/registration.h"
 
 namespace tokenmix {
-namespace deform {
+namespace deform_conv2d {
 namespace {
 
 constexpr const char* kOp = "deform_conv2d";
@@ -99,125 +90,9 @@ Problem make_problem(const at::Tensor& input, const at::Tensor& offset, const at
   return p;
 }
 
-// ---- backends ---------------------------------------------------------------------------------
-
-struct CpuBackend {
-  static void forward(const Problem& p, at::Tensor& out) {
-    deform_conv2d_cpu_kernels().forward(p, out);
-  }
-  static void backward(const Problem& p, const at::Tensor& grad, at::Tensor& gi, at::Tensor& go,
-                       at::Tensor& gw, at::Tensor& gb, at::Tensor& gm) {
-    deform_conv2d_cpu_kernels().backward(p, grad, gi, go, gw, gb, gm);
-  }
-};
-
-#if defined(TOKENMIX_WITH_CUDA)
-// fp16/bf16 forwards with one weight group: one fused kernel (sampling into tensor-core tiles).
-// Otherwise, and for every backward: sampling kernels around cuBLAS GEMMs, over chunks of images
-// whose column buffer stays under kWorkspaceBytes. TOKENMIX_DEFORM_FUSED=0 forces the second
-// form, for comparison.
-struct CudaBackend {
-  static constexpr int64_t kWorkspaceBytes = int64_t{256} << 20;
-
-  static DeformParams params(const Problem& p) {
-    DeformParams d{};
-    d.input = p.input.const_data_ptr();
-    d.offset = p.offset.const_data_ptr();
-    d.mask = p.mask.defined() ? p.mask.const_data_ptr() : nullptr;
-    d.geo = p.geo;
-    d.Cin = p.input.size(1);
-    d.G = p.offset_groups;
-    d.dtype = to_dtype(p.input.scalar_type());
-    return d;
-  }
-  static int64_t chunk(const Problem& p) {
-    const int64_t per_image = p.input.size(1) * p.geo.taps() * p.geo.Ho * p.geo.Wo *
-                              p.input.element_size();
-    return std::max<int64_t>(1, std::min<int64_t>(p.input.size(0), kWorkspaceBytes / per_image));
-  }
-  // weight as [1, groups, Cout_g, Cin_g * kk], the layout the column rows (c * kk + tap) match.
-  static at::Tensor weight4(const Problem& p) {
-    return p.weight.reshape({1, p.groups, p.weight.size(0) / p.groups, -1});
-  }
-  static at::Tensor im2col(const Problem& p, DeformParams& d, int64_t b0, int64_t nb) {
-    const int64_t Kg = p.weight.size(1) * p.geo.taps();
-    at::Tensor cols = at::empty({nb, p.groups, Kg, p.geo.Ho * p.geo.Wo}, p.input.options());
-    d.b0 = b0;
-    d.nb = nb;
-    d.cols = cols.mutable_data_ptr();
-    check_launch(deform_im2col_cuda(d, current_stream()), "deform_im2col");
-    return cols;
-  }
-  static bool fused_forward(const Problem& p, DeformParams& d, at::Tensor& out) {
-    static const bool enabled = env_enabled("TOKENMIX_DEFORM_FUSED");
-    if (!enabled || !deform_forward_fused_supported(d, p.groups)) return false;
-    // [Cout, Cin, kh, kw] -> [Cout, kh, kw, Cin]: the tap-major columns of ImplicitGemm.
-    const at::Tensor wt = p.weight.permute({0, 2, 3, 1}).reshape({p.weight.size(0), -1}).contiguous();
-    d.b0 = 0;
-    d.nb = p.input.size(0);
-    d.weight_tk = wt.const_data_ptr();
-    d.bias = p.bias.defined() ? p.bias.const_data_ptr() : nullptr;
-    d.out = out.mutable_data_ptr();
-    d.Cout = p.weight.size(0);
-    check_launch(deform_forward_fused_cuda(d, current_stream()), "deform_forward_fused");
-    return true;
-  }
-  static void forward(const Problem& p, at::Tensor& out) {
-    DeformParams d = params(p);
-    if (fused_forward(p, d, out)) return;
-    const int64_t B = p.input.size(0), step = chunk(p), groups = p.groups;
-    const int64_t Cout = p.weight.size(0), P = p.geo.Ho * p.geo.Wo;
-    const int64_t Cout_g = Cout / groups, Kg = p.weight.size(1) * p.geo.taps();
-    const at::Tensor w4 = weight4(p);
-    for (int64_t b0 = 0; b0 < B; b0 += step) {
-      const int64_t nb = std::min(step, B - b0);
-      const at::Tensor cols = im2col(p, d, b0, nb).view({nb * groups, Kg, P});
-      // One batched GEMM per chunk straight into the output, the bias broadcast in as its C term.
-      at::Tensor dst = out.narrow(0, b0, nb).view({nb * groups, Cout_g, P});
-      const at::Tensor w3 = w4.expand({nb, groups, Cout_g, Kg}).reshape({nb * groups, Cout_g, Kg});
-      if (p.bias.defined()) {
-        const at::Tensor b3 = p.bias.view({1, groups, Cout_g, 1})
-                                  .expand({nb, groups, Cout_g, 1})
-                                  .reshape({nb * groups, Cout_g, 1});
-        at::baddbmm_out(dst, b3, w3, cols);
-      } else {
-        at::bmm_out(dst, w3, cols);
-      }
-    }
-  }
-  static void backward(const Problem& p, const at::Tensor& grad, at::Tensor& gi, at::Tensor& go,
-                       at::Tensor& gw, at::Tensor& gb, at::Tensor& gm) {
-    DeformParams d = params(p);
-    const int64_t B = p.input.size(0), step = chunk(p), groups = p.groups;
-    const int64_t Cout = p.weight.size(0), P = p.geo.Ho * p.geo.Wo;
-    const auto acc = acc_scalar_type(p.input.scalar_type());
-    at::Tensor gi_acc = at::zeros(p.input.sizes(), p.input.options().dtype(acc));
-    at::Tensor gw_acc = at::zeros({groups, Cout / groups, p.weight.size(1) * p.geo.taps()},
-                                  p.input.options().dtype(acc));
-    const at::Tensor w4t = weight4(p).transpose(-1, -2);
-    d.grad_input = gi_acc.mutable_data_ptr();
-    d.grad_offset = go.mutable_data_ptr();
-    d.grad_mask = gm.defined() ? gm.mutable_data_ptr() : nullptr;
-    for (int64_t b0 = 0; b0 < B; b0 += step) {
-      const int64_t nb = std::min(step, B - b0);
-      const at::Tensor cols = im2col(p, d, b0, nb);
-      const at::Tensor g = grad.narrow(0, b0, nb).view({nb, groups, Cout / groups, P});
-      const at::Tensor gcols = at::matmul(w4t, g).contiguous();
-      gw_acc.add_(at::matmul(g, cols.transpose(-1, -2)).to(acc).sum(0));
-      d.grad_cols = gcols.const_data_ptr();
-      check_launch(deform_col2im_cuda(d, current_stream()), "deform_col2im");
-      check_launch(deform_col2im_coord_cuda(d, current_stream()), "deform_col2im_coord");
-    }
-    gi.copy_(gi_acc);
-    gw.copy_(gw_acc.view(gw.sizes()));
-    if (gb.defined()) gb.copy_(grad.sum({0, 2, 3}));
-  }
-};
-#endif
-
 // ---- ops --------------------------------------------------------------------------------------
 
-template <class Backend>
+template <c10::DeviceType D>
 at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -227,7 +102,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& offset, const
   at::Tensor out = at::empty({input.size(0), weight.size(0), p.geo.Ho, p.geo.Wo}, input.options());
   if (out.numel() > 0) {
     if (p.input.numel() > 0) {
-      Backend::forward(p, out);
+      kernels<D>().forward(p, out);
     } else {
       out.copy_(p.bias.defined() ? p.bias.view({1, -1, 1, 1}).expand_as(out) : at::zeros_like(out));
     }
@@ -235,7 +110,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& offset, const
   return out;
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& offset,
     const at::Tensor& weight, const std::optional<at::Tensor>& mask, at::IntArrayRef stride,
@@ -262,14 +137,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   }
   at::Tensor gb_arg = has_bias ? gb : at::Tensor();
   at::Tensor gm_arg = p.mask.defined() ? gm : at::Tensor();
-  Backend::backward(p, grad.contiguous(), gi, go, gw, gb_arg, gm_arg);
+  kernels<D>().backward(p, grad.contiguous(), gi, go, gw, gb_arg, gm_arg);
   return {gi, go, gw, gb, gm};
 }
 
 // ---- autograd ---------------------------------------------------------------------------------
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 class DeformConv2dFn : public torch::autograd::Function<DeformConv2dFn> {
  public:
@@ -278,57 +150,49 @@ class DeformConv2dFn : public torch::autograd::Function<DeformConv2dFn> {
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, const std::optional<at::Tensor>& mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<decltype(forward_impl<CpuBackend>)>("tokenmix::deform_conv2d");
-    const at::Tensor m = mask.has_value() ? *mask : at::Tensor();
-    ctx->save_for_backward({input, offset, weight, m});
+    ctx->save_for_backward({input, offset, weight, saved_optional(mask)});
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
-    return op.call(input, offset, weight, bias, stride, padding, dilation, mask);
+    return op_of<forward_impl<c10::kCPU>>("tokenmix::deform_conv2d")
+        .call(input, offset, weight, bias, stride, padding, dilation, mask);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op =
-        op_handle<decltype(backward_impl<CpuBackend>)>("tokenmix::deform_conv2d_backward");
     const auto s = ctx->get_saved_variables();
-    const std::optional<at::Tensor> mask = s[3].defined() ? std::optional<at::Tensor>(s[3]) : std::nullopt;
+    const std::optional<at::Tensor> mask = restored_optional(s[3]);
     const bool has_bias = ctx->saved_data["bias"].toBool();
     auto [gi, go, gw, gb, gm] =
-        op.call(grads[0], s[0], s[1], s[2], mask, ctx->saved_data["stride"].toIntVector(),
-                ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-                has_bias);
-    return {gi, go, gw, has_bias ? gb : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            mask.has_value() ? gm : at::Tensor()};
+        op_of<backward_impl<c10::kCPU>>("tokenmix::deform_conv2d_backward")
+            .call(grads[0], s[0], s[1], s[2], mask, ctx->saved_data["stride"].toIntVector(),
+                  ctx->saved_data["padding"].toIntVector(),
+                  ctx->saved_data["dilation"].toIntVector(), has_bias);
+    return {gi, go, gw, grad_if(has_bias, gb), at::Tensor(), at::Tensor(), at::Tensor(),
+            grad_if(mask.has_value(), gm)};
   }
 };
 
-at::Tensor deform_conv2d_autograd(const at::Tensor& input, const at::Tensor& offset,
-                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                  at::IntArrayRef stride, at::IntArrayRef padding,
-                                  at::IntArrayRef dilation, const std::optional<at::Tensor>& mask) {
-  return DeformConv2dFn::apply(input, offset, weight, bias, stride, padding, dilation, mask);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {
-  m.impl("deform_conv2d", &forward_impl<CpuBackend>);
-  m.impl("deform_conv2d_backward", &backward_impl<CpuBackend>);
+TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
+  // torchvision's signature.
+  def(m,
+      "deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? bias=None, "
+      "int[2] stride=[1, 1], int[2] padding=[0, 0], int[2] dilation=[1, 1], Tensor? mask=None) "
+      "-> Tensor");
+  def(m,
+      "deform_conv2d_backward(Tensor grad, Tensor input, Tensor offset, Tensor weight, "
+      "Tensor? mask, int[2] stride, int[2] padding, int[2] dilation, bool bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-#if defined(TOKENMIX_WITH_CUDA)
-TORCH_LIBRARY_IMPL(tokenmix, CUDA, m) {
-  m.impl("deform_conv2d", &forward_impl<CudaBackend>);
-  m.impl("deform_conv2d_backward", &backward_impl<CudaBackend>);
-}
-#endif
+TM_IMPL("deform_conv2d", forward_impl)
+TM_IMPL("deform_conv2d_backward", backward_impl)
 
-TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
-  m.impl("deform_conv2d", &deform_conv2d_autograd);
-}
+TM_AUTOGRAD("deform_conv2d", DeformConv2dFn)
 
 TM_AUTOCAST("deform_conv2d", kLowerPrecision)
 
-}  // namespace deform
+}  // namespace deform_conv2d
 }  // namespace tokenmix

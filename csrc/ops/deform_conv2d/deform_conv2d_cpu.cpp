@@ -24,11 +24,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "deform_conv2d_cpu.h"
+#include "deform_conv2d_problem.h"
 #include "tokenmix/checks.h"
 
 namespace tokenmix {
-namespace deform {
+namespace deform_conv2d {
 namespace {
 
 constexpr int64_t kTile = 64;  // output pixels per GEMM tile
@@ -289,10 +289,7 @@ void backward(const Problem& p, const at::Tensor& grad, at::Tensor& grad_input,
 
 }  // namespace
 
-const CpuKernels& TM_CPU_KERNELS(deform_conv2d)() {
-  static const CpuKernels kernels{&forward, &backward};
-  return kernels;
-}
+TM_DEFINE_KERNELS(TM_CPU_KERNELS(deform_conv2d), &forward, &backward)
 
-}  // namespace deform
+}  // namespace deform_conv2d
 }  // namespace tokenmix

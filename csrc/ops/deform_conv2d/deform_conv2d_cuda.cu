@@ -1,5 +1,5 @@
 // CUDA kernels of deformable convolution (DCNv1/v2, torchvision semantics). Sampling math is
-// deform_math.h, shared with the CPU kernels and the host-side emulation the tests run.
+// deform_conv2d_math.h, shared with the CPU kernels and the host-side emulation the tests run.
 //
 // fused forward (fp16/bf16): sampling feeds tensor-core tiles in shared memory directly; see the
 //   banner of fused_forward_kernel.
@@ -7,7 +7,7 @@
 // runs through ATen (cuBLAS) on a bounded chunk of images (fp32, fp64, and every backward):
 //
 // im2col: one thread per (image, offset group, tap, output pixel) and run of up to 16 of the
-//   group's channels (SampleItem, deform_math.h): the offsets, mask and corners are read and
+//   group's channels (SampleItem, deform_conv2d_math.h): the offsets, mask and corners are read and
 //   computed once per run; consecutive threads take consecutive pixels, so offset, mask and column
 //   accesses coalesce.
 // col2im: the same threads scatter grad_cols to the four neighbours with atomic adds into an
@@ -24,7 +24,7 @@
 #include "tokenmix/cuda_common.cuh"
 
 namespace tokenmix {
-namespace deform {
+namespace deform_conv2d {
 namespace {
 
 using namespace cu;
@@ -104,7 +104,7 @@ __global__ void im2col_kernel(DeformParams p) {
   });
 }
 
-// Fused forward: the implicit GEMM of ImplicitGemm (deform_math.h) on tensor cores (WMMA,
+// Fused forward: the implicit GEMM of ImplicitGemm (deform_conv2d_math.h) on tensor cores (WMMA,
 // 16x16x16, fp32 accumulators). Per K chunk each thread samples its run of kRun columns of one
 // row into shared memory (column-major A, so the 64 threads of a column write consecutive
 // addresses), the block stages the matching BN x BK slice of the tap-major weight, and each of
@@ -330,5 +330,5 @@ cudaError_t deform_col2im_coord_cuda(const DeformParams& p, cudaStream_t stream)
   });
 }
 
-}  // namespace deform
+}  // namespace deform_conv2d
 }  // namespace tokenmix

@@ -1,6 +1,6 @@
 // Plain parameter struct and CUDA entry points of deformable convolution. Torch-free: filled by
-// deform_conv2d.cpp, consumed by deform_conv2d_cuda.cu. fp16/bf16 forwards run as one fused
-// kernel; otherwise the launcher runs the channel-mixing GEMMs itself (ATen on the current
+// deform_conv2d_cuda.cpp, consumed by deform_conv2d_cuda.cu. fp16/bf16 forwards run as one fused
+// kernel; otherwise the host side runs the channel-mixing GEMMs itself (ATen on the current
 // stream) and these kernels do the sampling around them.
 #pragma once
 
@@ -8,11 +8,11 @@
 
 #include <cstdint>
 
-#include "tokenmix/deform_math.h"
+#include "deform_conv2d_math.h"
 #include "tokenmix/dtype.h"
 
 namespace tokenmix {
-namespace deform {
+namespace deform_conv2d {
 
 struct DeformParams {
   const void* input;   // [B, Cin, H, W] contiguous
@@ -29,7 +29,7 @@ struct DeformParams {
   void* grad_offset;      // backward: like offset
   void* grad_mask;        // backward: like mask, or null
 
-  // Fused forward (ImplicitGemm in deform_math.h) over images [b0, b0 + nb):
+  // Fused forward (ImplicitGemm in deform_conv2d_math.h) over images [b0, b0 + nb):
   const void* weight_tk;  // [Cout, kk * Cin], tap-major columns
   const void* bias;       // [Cout] or null
   void* out;              // [B, Cout, Ho, Wo] contiguous
@@ -47,5 +47,5 @@ cudaError_t deform_col2im_coord_cuda(const DeformParams& p, cudaStream_t stream)
 bool deform_forward_fused_supported(const DeformParams& p, int64_t weight_groups);
 cudaError_t deform_forward_fused_cuda(const DeformParams& p, cudaStream_t stream);
 
-}  // namespace deform
+}  // namespace deform_conv2d
 }  // namespace tokenmix

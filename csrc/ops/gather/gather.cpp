@@ -1,26 +1,15 @@
-// Sparse-token gather family (DynamicViT): argument checks, the device-independent composition of
-// each op from a few row primitives, the CPU and CUDA backends of those primitives, C++ autograd,
-// and the dispatcher registrations. Schemas live in csrc/tokenmix.cpp.
+// Sparse-token gather family (DynamicViT): argument checks, each op composed from the row
+// primitives of the device's kernel table (gather_problem.h), C++ autograd and the dispatcher
+// registrations. Schemas are defined here too.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/autograd.h>
-#include <torch/library.h>
 
 #include <climits>
 
-#include "gather_cpu.h"
-#include "tokenmix/autocast.h"
+#include "gather_problem.h"
 #include "tokenmix/checks.h"
-#include "tokenmix/op_handle.h"
-
-#if defined(TOKENMIX_WITH_CUDA)
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include "gather_params.h"
-#include "tokenmix/cuda_launch.h"
-#endif
+#include "tokenmix/registration.h"
 
 namespace tokenmix {
 namespace gather {
@@ -71,123 +60,9 @@ void check_unique(const char* op, const at::Tensor& count) {
                     " times");
 }
 
-// ---- backends: the five row primitives on each device --------------------------------------
-
-struct Inverse {
-  at::Tensor count, first;
-};
-
-struct CpuBackend {
-  static void gather_rows(const at::Tensor& x, const at::Tensor& index, at::Tensor& out) {
-    gather_cpu_kernels().gather_rows(x, index, out);
-  }
-  static Inverse inverse(const at::Tensor& index, int64_t N) {
-    const auto opts = index.options().dtype(at::kInt);
-    Inverse inv{at::empty({index.size(0), N}, opts), at::empty({index.size(0), N}, opts)};
-    gather_cpu_kernels().build_inverse(index, inv.count, inv.first);
-    return inv;
-  }
-  static void compose(RowMode mode, const at::Tensor& rows, const at::Tensor& self,
-                      const at::Tensor& index, const Inverse& inv, at::Tensor& out) {
-    gather_cpu_kernels().compose_rows(mode, rows, self, index, inv.count, inv.first, out);
-  }
-  static void topk_index(const at::Tensor& score, int64_t k, int64_t keep_first,
-                         at::Tensor& index) {
-    gather_cpu_kernels().topk_index(score, k, keep_first, index);
-  }
-  static void policy_forward(const at::Tensor& logits, const at::Tensor& policy, double eps,
-                             at::Tensor& out) {
-    gather_cpu_kernels().policy_forward(logits, policy, eps, out);
-  }
-  static void policy_backward(const at::Tensor& grad, const at::Tensor& logits,
-                              const at::Tensor& policy, double eps, at::Tensor& grad_logits,
-                              at::Tensor& grad_policy) {
-    gather_cpu_kernels().policy_backward(grad, logits, policy, eps, grad_logits, grad_policy);
-  }
-};
-
-#if defined(TOKENMIX_WITH_CUDA)
-struct CudaBackend {
-  static void gather_rows(const at::Tensor& x, const at::Tensor& index, at::Tensor& out) {
-    const GatherParams p{x.const_data_ptr(),           x.stride(0),
-                         x.stride(1),                  index.const_data_ptr<int64_t>(),
-                         out.mutable_data_ptr(),       index.size(0),
-                         x.size(1),                    index.size(1),
-                         x.size(2),                    to_dtype(x.scalar_type())};
-    check_launch(gather_rows_cuda(p, current_stream()), "gather_rows");
-  }
-  static Inverse inverse(const at::Tensor& index, int64_t N) {
-    const auto opts = index.options().dtype(at::kInt);
-    Inverse inv{at::zeros({index.size(0), N}, opts), at::full({index.size(0), N}, kNoEntry, opts)};
-    const InverseParams p{index.const_data_ptr<int64_t>(), inv.count.mutable_data_ptr<int32_t>(),
-                          inv.first.mutable_data_ptr<int32_t>(), index.size(0), N, index.size(1)};
-    check_launch(build_inverse_cuda(p, current_stream()), "build_inverse");
-    return inv;
-  }
-  static void compose(RowMode mode, const at::Tensor& rows, const at::Tensor& self,
-                      const at::Tensor& index, const Inverse& inv, at::Tensor& out) {
-    const ComposeParams p{mode,
-                          rows.defined() ? rows.const_data_ptr() : nullptr,
-                          self.defined() ? self.const_data_ptr() : nullptr,
-                          self.defined() ? self.stride(0) : 0,
-                          self.defined() ? self.stride(1) : 0,
-                          index.const_data_ptr<int64_t>(),
-                          inv.count.const_data_ptr<int32_t>(),
-                          inv.first.const_data_ptr<int32_t>(),
-                          out.mutable_data_ptr(),
-                          out.size(0),
-                          out.size(1),
-                          index.size(1),
-                          out.size(2),
-                          to_dtype(out.scalar_type())};
-    check_launch(compose_rows_cuda(p, current_stream()), "compose_rows");
-  }
-  static void topk_index(const at::Tensor& score, int64_t k, int64_t keep_first,
-                         at::Tensor& index) {
-    const TopkParams p{score.const_data_ptr(), score.stride(0), index.mutable_data_ptr<int64_t>(),
-                       score.size(0), score.size(1), k, keep_first, to_dtype(score.scalar_type())};
-    check_launch(topk_index_cuda(p, current_stream()), "topk_index");
-  }
-  static void policy_forward(const at::Tensor& logits, const at::Tensor& policy, double eps,
-                             at::Tensor& out) {
-    PolicySoftmaxParams p{};
-    p.logits = logits.const_data_ptr();
-    p.policy = policy.const_data_ptr();
-    p.out = out.mutable_data_ptr();
-    p.B = logits.size(0);
-    p.H = logits.size(1);
-    p.N = logits.size(2);
-    p.eps = eps;
-    p.dtype = to_dtype(logits.scalar_type());
-    check_launch(policy_softmax_forward_cuda(p, current_stream()), "policy_softmax");
-  }
-  static void policy_backward(const at::Tensor& grad, const at::Tensor& logits,
-                              const at::Tensor& policy, double eps, at::Tensor& grad_logits,
-                              at::Tensor& grad_policy) {
-    const int64_t B = logits.size(0), H = logits.size(1), N = logits.size(2);
-    const int64_t chunks = (N + kPolicyRowsPerChunk - 1) / kPolicyRowsPerChunk;
-    const auto acc = acc_scalar_type(logits.scalar_type());
-    at::Tensor partial = at::empty({B, H, chunks, N}, logits.options().dtype(acc));
-    PolicySoftmaxParams p{};
-    p.logits = logits.const_data_ptr();
-    p.policy = policy.const_data_ptr();
-    p.grad_out = grad.const_data_ptr();
-    p.out = grad_logits.mutable_data_ptr();
-    p.grad_policy = grad_policy.mutable_data_ptr();
-    p.partial = partial.mutable_data_ptr();
-    p.B = B;
-    p.H = H;
-    p.N = N;
-    p.eps = eps;
-    p.dtype = to_dtype(logits.scalar_type());
-    check_launch(policy_softmax_backward_cuda(p, current_stream()), "policy_softmax_backward");
-  }
-};
-#endif
-
 // ---- ops, composed from the primitives ------------------------------------------------------
 
-template <class Backend>
+template <c10::DeviceType D>
 at::Tensor gather_tokens_impl(const at::Tensor& x_in, const at::Tensor& index_in) {
   const c10::DeviceGuard guard(x_in.device());
   const char* op = "gather_tokens";
@@ -200,12 +75,12 @@ at::Tensor gather_tokens_impl(const at::Tensor& x_in, const at::Tensor& index_in
                                    : at::empty({x.size(0), index.size(1), x.size(2)}, x.options());
   if (out.numel() > 0) {
     at::Tensor rows = as_tokens(out);
-    Backend::gather_rows(x, index, rows);
+    kernels<D>().gather_rows(x, index, rows);
   }
   return out;
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 at::Tensor gather_tokens_backward_impl(const at::Tensor& grad_in, const at::Tensor& index_in,
                                        int64_t num_tokens) {
   const c10::DeviceGuard guard(grad_in.device());
@@ -221,13 +96,13 @@ at::Tensor gather_tokens_backward_impl(const at::Tensor& grad_in, const at::Tens
                        : at::empty({grad.size(0), num_tokens, grad.size(2)}, grad.options());
   if (out.numel() > 0) {
     at::Tensor rows = as_tokens(out);
-    const Inverse inv = Backend::inverse(index, num_tokens);
-    Backend::compose(RowMode::GatherBackward, grad, at::Tensor(), index, inv, rows);
+    const Inverse inv = kernels<D>().inverse(index, num_tokens);
+    kernels<D>().compose(RowMode::GatherBackward, grad, at::Tensor(), index, inv, rows);
   }
   return out;
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 at::Tensor scatter_tokens_impl(const at::Tensor& x_in, const at::Tensor& index_in,
                                const at::Tensor& src_in) {
   const c10::DeviceGuard guard(x_in.device());
@@ -245,14 +120,14 @@ at::Tensor scatter_tokens_impl(const at::Tensor& x_in, const at::Tensor& index_i
   const at::Tensor index = index_int64(index_in);
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
   if (out.numel() > 0) {
-    const Inverse inv = Backend::inverse(index, x.size(1));
+    const Inverse inv = kernels<D>().inverse(index, x.size(1));
     check_unique(op, inv.count);
-    Backend::compose(RowMode::Scatter, src_in.contiguous(), x, index, inv, out);
+    kernels<D>().compose(RowMode::Scatter, src_in.contiguous(), x, index, inv, out);
   }
   return out;
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 std::tuple<at::Tensor, at::Tensor> scatter_tokens_backward_impl(const at::Tensor& grad_in,
                                                                 const at::Tensor& index_in) {
   const c10::DeviceGuard guard(grad_in.device());
@@ -265,16 +140,16 @@ std::tuple<at::Tensor, at::Tensor> scatter_tokens_backward_impl(const at::Tensor
   at::Tensor grad_x = at::empty(grad.sizes(), grad.options());
   at::Tensor grad_src = at::empty({grad.size(0), index.size(1), grad.size(2)}, grad.options());
   if (grad_x.numel() > 0) {
-    const Inverse inv = Backend::inverse(index, grad.size(1));
-    Backend::compose(RowMode::ScatterBackward, at::Tensor(), grad, index, inv, grad_x);
+    const Inverse inv = kernels<D>().inverse(index, grad.size(1));
+    kernels<D>().compose(RowMode::ScatterBackward, at::Tensor(), grad, index, inv, grad_x);
   }
   if (grad_src.numel() > 0) {
-    Backend::gather_rows(grad, index, grad_src);
+    kernels<D>().gather_rows(grad, index, grad_src);
   }
   return {grad_x, grad_src};
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 std::tuple<at::Tensor, at::Tensor> topk_tokens_impl(const at::Tensor& x_in,
                                                     const at::Tensor& score_in, int64_t k,
                                                     int64_t keep_first) {
@@ -296,10 +171,10 @@ std::tuple<at::Tensor, at::Tensor> topk_tokens_impl(const at::Tensor& x_in,
   at::Tensor index = at::empty({x.size(0), keep_first + k}, x.options().dtype(at::kLong));
   at::Tensor tokens = at::empty({x.size(0), keep_first + k, x.size(2)}, x.options());
   if (index.numel() > 0) {
-    Backend::topk_index(score, k, keep_first, index);
+    kernels<D>().topk_index(score, k, keep_first, index);
   }
   if (tokens.numel() > 0) {
-    Backend::gather_rows(x, index, tokens);
+    kernels<D>().gather_rows(x, index, tokens);
   }
   return {tokens, index};
 }
@@ -321,7 +196,7 @@ at::Tensor policy_as(const at::Tensor& policy, const at::Tensor& logits) {
   return policy.to(logits.scalar_type()).contiguous();
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 at::Tensor policy_softmax_impl(const at::Tensor& logits_in, const at::Tensor& policy_in,
                                double eps) {
   const c10::DeviceGuard guard(logits_in.device());
@@ -329,12 +204,12 @@ at::Tensor policy_softmax_impl(const at::Tensor& logits_in, const at::Tensor& po
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor out = at::empty(logits.sizes(), logits.options());
   if (out.numel() > 0) {
-    Backend::policy_forward(logits, policy_as(policy_in, logits), eps, out);
+    kernels<D>().policy_forward(logits, policy_as(policy_in, logits), eps, out);
   }
   return out;
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 std::tuple<at::Tensor, at::Tensor> policy_softmax_backward_impl(const at::Tensor& grad_in,
                                                                 const at::Tensor& logits_in,
                                                                 const at::Tensor& policy_in,
@@ -351,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> policy_softmax_backward_impl(const at::Tensor
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
   at::Tensor grad_policy = at::zeros(policy_in.sizes(), logits.options());
   if (grad_logits.numel() > 0) {
-    Backend::policy_backward(grad_in.contiguous(), logits, policy_as(policy_in, logits), eps,
+    kernels<D>().policy_backward(grad_in.contiguous(), logits, policy_as(policy_in, logits), eps,
                              grad_logits, grad_policy);
   }
   return {grad_logits, grad_policy.to(policy_in.scalar_type())};
@@ -359,24 +234,24 @@ std::tuple<at::Tensor, at::Tensor> policy_softmax_backward_impl(const at::Tensor
 
 // ---- autograd ---------------------------------------------------------------------------------
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 class GatherTokensFn : public torch::autograd::Function<GatherTokensFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& index) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>(
-        "tokenmix::gather_tokens");
     ctx->save_for_backward({index});
     ctx->saved_data["num_tokens"] = x.sym_size(1);
-    return op.call(x, index);
+    return op_of<gather_tokens_impl<c10::kCPU>>("tokenmix::gather_tokens").call(x, index);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>(
-        "tokenmix::gather_tokens_backward");
-    const auto saved = ctx->get_saved_variables();
-    return {op.call(grads[0], saved[0], ctx->saved_data["num_tokens"].toSymInt()), at::Tensor()};
+    return {gather_backward(ctx, grads[0]), at::Tensor()};
+  }
+
+  // gather_tokens_backward of grad with the index and token count a forward saved in ctx (the
+  // count as the SymInt the schema takes, which the kernel sees as an int64).
+  static at::Tensor gather_backward(AutogradContext* ctx, const at::Tensor& grad) {
+    using Sig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt);
+    static const auto op = op_handle<Sig>("tokenmix::gather_tokens_backward");
+    return op.call(grad, ctx->get_saved_variables()[0], ctx->saved_data["num_tokens"].toSymInt());
   }
 };
 
@@ -385,18 +260,13 @@ class ScatterTokensFn : public torch::autograd::Function<ScatterTokensFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& index,
                             const at::Tensor& src) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op =
-        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
-            "tokenmix::scatter_tokens");
     ctx->save_for_backward({index});
-    return op.call(x, index, src);
+    return op_of<scatter_tokens_impl<c10::kCPU>>("tokenmix::scatter_tokens").call(x, index, src);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
-                                                                  const at::Tensor&)>(
-        "tokenmix::scatter_tokens_backward");
-    const auto saved = ctx->get_saved_variables();
-    auto [grad_x, grad_src] = op.call(grads[0], saved[0]);
+    auto [grad_x, grad_src] =
+        op_of<scatter_tokens_backward_impl<c10::kCPU>>("tokenmix::scatter_tokens_backward")
+            .call(grads[0], ctx->get_saved_variables()[0]);
     return {grad_x, at::Tensor(), grad_src};
   }
 };
@@ -406,22 +276,16 @@ class TopkTokensFn : public torch::autograd::Function<TopkTokensFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& score,
                                int64_t k, int64_t keep_first) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, int64_t, int64_t)>("tokenmix::topk_tokens");
-    auto [tokens, index] = op.call(x, score, k, keep_first);
+    auto [tokens, index] =
+        op_of<topk_tokens_impl<c10::kCPU>>("tokenmix::topk_tokens").call(x, score, k, keep_first);
     ctx->mark_non_differentiable({index});
     ctx->save_for_backward({index});
     ctx->saved_data["num_tokens"] = x.sym_size(1);
     return {tokens, index};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>(
-        "tokenmix::gather_tokens_backward");
-    const auto saved = ctx->get_saved_variables();
-    at::Tensor grad_x;
-    if (grads[0].defined()) {
-      grad_x = op.call(grads[0], saved[0], ctx->saved_data["num_tokens"].toSymInt());
-    }
+    const at::Tensor grad_x =
+        grads[0].defined() ? GatherTokensFn::gather_backward(ctx, grads[0]) : at::Tensor();
     return {grad_x, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -431,73 +295,46 @@ class PolicySoftmaxFn : public torch::autograd::Function<PolicySoftmaxFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
                             const at::Tensor& policy, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, double)>(
-        "tokenmix::policy_softmax");
     ctx->save_for_backward({logits, policy});
     ctx->saved_data["eps"] = eps;
-    return op.call(logits, policy, eps);
+    return op_of<policy_softmax_impl<c10::kCPU>>("tokenmix::policy_softmax")
+        .call(logits, policy, eps);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
-        "tokenmix::policy_softmax_backward");
     const auto saved = ctx->get_saved_variables();
     auto [grad_logits, grad_policy] =
-        op.call(grads[0], saved[0], saved[1], ctx->saved_data["eps"].toDouble());
+        op_of<policy_softmax_backward_impl<c10::kCPU>>("tokenmix::policy_softmax_backward")
+            .call(grads[0], saved[0], saved[1], ctx->saved_data["eps"].toDouble());
     return {grad_logits, grad_policy, at::Tensor()};
   }
 };
 
-at::Tensor gather_tokens_autograd(const at::Tensor& x, const at::Tensor& index) {
-  return GatherTokensFn::apply(x, index);
-}
-
-at::Tensor scatter_tokens_autograd(const at::Tensor& x, const at::Tensor& index,
-                                   const at::Tensor& src) {
-  return ScatterTokensFn::apply(x, index, src);
-}
-
-std::tuple<at::Tensor, at::Tensor> topk_tokens_autograd(const at::Tensor& x,
-                                                        const at::Tensor& score, int64_t k,
-                                                        int64_t keep_first) {
-  auto out = TopkTokensFn::apply(x, score, k, keep_first);
-  return {out[0], out[1]};
-}
-
-at::Tensor policy_softmax_autograd(const at::Tensor& logits, const at::Tensor& policy,
-                                   double eps) {
-  return PolicySoftmaxFn::apply(logits, policy, eps);
-}
-
 }  // namespace
 
-// ---- registrations ----------------------------------------------------------------------------
-
-#define TM_GATHER_REGISTER(m, Backend)                                                  \
-  m.impl("gather_tokens", &gather_tokens_impl<Backend>);                               \
-  m.impl("gather_tokens_backward", &gather_tokens_backward_impl<Backend>);             \
-  m.impl("scatter_tokens", &scatter_tokens_impl<Backend>);                             \
-  m.impl("scatter_tokens_backward", &scatter_tokens_backward_impl<Backend>);           \
-  m.impl("topk_tokens", &topk_tokens_impl<Backend>);                                   \
-  m.impl("policy_softmax", &policy_softmax_impl<Backend>);                             \
-  m.impl("policy_softmax_backward", &policy_softmax_backward_impl<Backend>)
-
-TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {
-  TM_GATHER_REGISTER(m, CpuBackend);
+TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
+  def(m, "gather_tokens(Tensor x, Tensor index) -> Tensor");
+  def(m, "gather_tokens_backward(Tensor grad, Tensor index, SymInt num_tokens) -> Tensor");
+  def(m, "scatter_tokens(Tensor x, Tensor index, Tensor src) -> Tensor");
+  def(m, "scatter_tokens_backward(Tensor grad, Tensor index) -> (Tensor, Tensor)");
+  def(m, "topk_tokens(Tensor x, Tensor score, int k, *, int keep_first=0) -> (Tensor, Tensor)");
+  def(m, "policy_softmax(Tensor logits, Tensor policy, float eps=1e-06) -> Tensor");
+  def(m,
+      "policy_softmax_backward(Tensor grad, Tensor logits, Tensor policy, float eps) "
+      "-> (Tensor, Tensor)");
 }
 
-#if defined(TOKENMIX_WITH_CUDA)
-TORCH_LIBRARY_IMPL(tokenmix, CUDA, m) {
-  TM_GATHER_REGISTER(m, CudaBackend);
-}
-#endif
+TM_IMPL("gather_tokens", gather_tokens_impl)
+TM_IMPL("gather_tokens_backward", gather_tokens_backward_impl)
+TM_IMPL("scatter_tokens", scatter_tokens_impl)
+TM_IMPL("scatter_tokens_backward", scatter_tokens_backward_impl)
+TM_IMPL("topk_tokens", topk_tokens_impl)
+TM_IMPL("policy_softmax", policy_softmax_impl)
+TM_IMPL("policy_softmax_backward", policy_softmax_backward_impl)
 
-TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
-  m.impl("gather_tokens", &gather_tokens_autograd);
-  m.impl("scatter_tokens", &scatter_tokens_autograd);
-  m.impl("topk_tokens", &topk_tokens_autograd);
-  m.impl("policy_softmax", &policy_softmax_autograd);
-}
+TM_AUTOGRAD("gather_tokens", GatherTokensFn)
+TM_AUTOGRAD("scatter_tokens", ScatterTokensFn)
+TM_AUTOGRAD("topk_tokens", TopkTokensFn, std::tuple<at::Tensor, at::Tensor>)
+TM_AUTOGRAD("policy_softmax", PolicySoftmaxFn)
 
 // Gather, top-k and the policy softmax keep their dtypes (data movement; the softmax reduces in
 // fp32 and takes an fp32 policy beside low-precision logits); scatter merges two activations.

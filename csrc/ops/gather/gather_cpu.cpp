@@ -9,6 +9,7 @@
 // This file is compiled once per CPU capability (see cpu_capability.h); nothing here may have
 // external linkage except the kernel-table function.
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,7 +23,7 @@
 #include <numeric>
 #include <vector>
 
-#include "gather_cpu.h"
+#include "gather_problem.h"
 
 namespace tokenmix {
 namespace gather {
@@ -49,11 +50,13 @@ void gather_rows(const at::Tensor& x, const at::Tensor& index, at::Tensor& out) 
   });
 }
 
-void build_inverse(const at::Tensor& index, at::Tensor& count, at::Tensor& first) {
-  const int64_t B = index.size(0), K = index.size(1), N = count.size(1);
+Inverse inverse(const at::Tensor& index, int64_t N) {
+  const auto opts = index.options().dtype(at::kInt);
+  Inverse inv{at::empty({index.size(0), N}, opts), at::empty({index.size(0), N}, opts)};
+  const int64_t B = index.size(0), K = index.size(1);
   const int64_t* idx = index.const_data_ptr<int64_t>();
-  int32_t* cnt = count.mutable_data_ptr<int32_t>();
-  int32_t* fst = first.mutable_data_ptr<int32_t>();
+  int32_t* cnt = inv.count.mutable_data_ptr<int32_t>();
+  int32_t* fst = inv.first.mutable_data_ptr<int32_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       int32_t* c = cnt + b * N;
@@ -68,6 +71,7 @@ void build_inverse(const at::Tensor& index, at::Tensor& count, at::Tensor& first
       }
     }
   });
+  return inv;
 }
 
 template <typename scalar_t>
@@ -83,15 +87,14 @@ void sum_rows(const scalar_t* rows, const int64_t* idx_b, int64_t first, int64_t
   for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
 }
 
-void compose_rows(RowMode mode, const at::Tensor& rows, const at::Tensor& self,
-                  const at::Tensor& index, const at::Tensor& count, const at::Tensor& first,
-                  at::Tensor& out) {
+void compose(RowMode mode, const at::Tensor& rows, const at::Tensor& self,
+             const at::Tensor& index, const Inverse& inv, at::Tensor& out) {
   const int64_t B = out.size(0), N = out.size(1), C = out.size(2), K = index.size(1);
   const int64_t elem = out.element_size();
   const int64_t row_bytes = C * elem;
   const int64_t* idx = index.const_data_ptr<int64_t>();
-  const int32_t* cnt = count.const_data_ptr<int32_t>();
-  const int32_t* fst = first.const_data_ptr<int32_t>();
+  const int32_t* cnt = inv.count.const_data_ptr<int32_t>();
+  const int32_t* fst = inv.first.const_data_ptr<int32_t>();
   const char* rows_p = rows.defined() ? static_cast<const char*>(rows.const_data_ptr()) : nullptr;
   const char* self_p = self.defined() ? static_cast<const char*>(self.const_data_ptr()) : nullptr;
   const int64_t self_sb = self.defined() ? self.stride(0) * elem : 0;
@@ -360,11 +363,8 @@ void policy_backward(const at::Tensor& grad_out, const at::Tensor& logits, const
 
 }  // namespace
 
-const CpuKernels& TM_CPU_KERNELS(gather)() {
-  static const CpuKernels kernels{&gather_rows,    &build_inverse,  &compose_rows,
-                                  &topk_index,     &policy_forward, &policy_backward};
-  return kernels;
-}
+TM_DEFINE_KERNELS(TM_CPU_KERNELS(gather), &gather_rows, &inverse, &compose, &topk_index,
+                  &policy_forward, &policy_backward)
 
 }  // namespace gather
 }  // namespace tokenmix

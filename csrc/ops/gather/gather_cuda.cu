@@ -1,5 +1,5 @@
-// CUDA kernels of the sparse-token gather family (DynamicViT). No torch headers: gather.cpp fills
-// the params structs of gather_params.h.
+// CUDA kernels of the sparse-token gather family (DynamicViT). No torch headers: gather_cuda.cpp
+// fills the params structs of gather_params.h.
 //
 // gather_rows / compose_rows: row copies as flat elementwise kernels over (row, word) pairs, with
 //   the widest word (16 down to 1 bytes) that every address and row size allows. Each output row

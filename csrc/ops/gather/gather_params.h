@@ -1,5 +1,5 @@
 // Plain parameter structs and CUDA entry points of the sparse-token gather family.
-// Torch-free: the launchers in gather.cpp fill these from tensors, gather_cuda.cu consumes them.
+// Torch-free: gather_cuda.cpp fills these from tensors, gather_cuda.cu consumes them.
 // Strides and sizes are in elements and 64-bit; every [B, ., C] row has a contiguous channel dim.
 #pragma once
 
@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "tokenmix/dtype.h"
-#include "tokenmix/gather_math.h"
+#include "gather_math.h"
 
 namespace tokenmix {
 namespace gather {

@@ -1,24 +1,15 @@
-// HorNet's recursive gated convolution (gnConv): argument checks, the CPU and CUDA backends, C++
-// autograd and the dispatcher registrations. Schemas live in csrc/tokenmix.cpp.
+// HorNet's recursive gated convolution (gnConv): the schemas, argument checks, the ops over the
+// device's kernel table (gnconv_problem.h), C++ autograd and the dispatcher registrations.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/autograd.h>
-#include <torch/library.h>
 
-#include <algorithm>
+#include <cmath>
 #include <string>
 
-#include "gnconv_cpu.h"
+#include "gnconv_problem.h"
 #include "tokenmix/checks.h"
-#include "tokenmix/autocast.h"
-#include "tokenmix/op_handle.h"
-
-#if defined(TOKENMIX_WITH_CUDA)
-#include "gnconv_params.h"
-#include "tokenmix/cuda_launch.h"
-#include "tokenmix/env.h"
-#endif
+#include "tokenmix/registration.h"
 
 namespace tokenmix {
 namespace gnconv {
@@ -105,209 +96,9 @@ Grads empty_grads(const Problem& p) {
   return g;
 }
 
-// ---- backends ---------------------------------------------------------------------------------
-
-struct CpuBackend {
-  static void forward(const Problem& p, at::Tensor& out) { gnconv_cpu_kernels().forward(p, out); }
-  static void backward(const Problem& p, const at::Tensor& grad, Grads& g) {
-    gnconv_cpu_kernels().backward(p, grad, g);
-  }
-};
-
-#if defined(TOKENMIX_WITH_CUDA)
-// Channels-last rows throughout. proj_in and proj_out are cuBLAS GEMMs (through ATen); the
-// depthwise conv with its bias, scale and first gate is one kernel; each pws step is one CUTLASS
-// GEMM with its gate in the epilogue (fp16/bf16 with 16-byte aligned widths), else an ATen GEMM
-// and an elementwise product. TOKENMIX_GNCONV_CUTLASS=0 forces the second form, for comparison.
-struct CudaBackend {
-  static at::Tensor mat(const at::Tensor& w) { return w.view({w.size(0), w.size(1)}); }
-  // The depthwise kernels read the weight tap-major, [k * k, S].
-  static at::Tensor taps_major(const at::Tensor& w_dw) {
-    return w_dw.view({w_dw.size(0), w_dw.size(2) * w_dw.size(3)}).t().contiguous();
-  }
-
-  static bool cutlass_enabled() {
-    static const bool on = env_enabled("TOKENMIX_GNCONV_CUTLASS");
-    return on;
-  }
-
-  // The fused GEMM when it supports these operands; false leaves the work to the caller.
-  static bool try_gated_gemm(GatedGemmParams& g, const at::Tensor& a, const at::Tensor& w,
-                             const at::Tensor& gate, const at::Tensor& z, const at::Tensor& t) {
-    const auto unit = [](const at::Tensor& m) { return !m.defined() || m.stride(1) == 1; };
-    if (!cutlass_enabled() || !unit(a) || !unit(w) || !unit(gate) || !unit(z) || !unit(t)) return false;
-    g.M = a.size(0);
-    g.N = z.size(1);
-    g.K = a.size(1);
-    g.a = a.const_data_ptr();
-    g.lda = a.stride(0);
-    g.w = w.const_data_ptr();
-    g.ldw = w.stride(0);
-    g.gate = gate.const_data_ptr();
-    g.ld_gate = gate.stride(0);
-    g.z = z.mutable_data_ptr();
-    g.ld_z = z.stride(0);
-    g.t = t.defined() ? t.mutable_data_ptr() : nullptr;
-    g.ld_t = t.defined() ? t.stride(0) : 0;
-    g.dtype = to_dtype(a.scalar_type());
-    if (!gnconv_gated_gemm_supported(g)) return false;
-    check_launch(gnconv_gated_gemm_cuda(g, current_stream()), "gnconv_gated_gemm");
-    return true;
-  }
-
-  // Forward intermediates, [N, channels] rows.
-  struct Chain {
-    at::Tensor x_rows, F, G;        // x, proj_in output, gates (scaled dwconv)
-    std::vector<at::Tensor> y, z;   // y_i (gated), z_i (pws output before its gate; z_0 unused)
-    at::Tensor w_taps;              // the depthwise weight tap-major, [k * k, S]
-  };
-
-  static at::Tensor gate_of(const Problem& p, const Chain& c, int64_t j) {
-    return c.G.narrow(1, p.lay.offs[j], p.lay.dims[j]);
-  }
-
-  // y_i = (y_{i-1} W_i^T + b_i) * g_i; z_i (before the gate) only when backward needs it.
-  static void pws_step(const Problem& p, Chain& c, int64_t i, bool keep_z) {
-    const at::Tensor& y_prev = c.y.back();
-    const at::Tensor w = mat(p.w_pw[i - 1]), gate = gate_of(p, c, i);
-    at::Tensor y = at::empty({y_prev.size(0), p.lay.dims[i]}, y_prev.options());
-    at::Tensor z = keep_z ? at::empty_like(y) : at::Tensor();
-    GatedGemmParams g{};
-    g.mode = GateMode::kForward;
-    g.bias = p.b_pw[i - 1].const_data_ptr();
-    g.scale = 1.0f;
-    if (!try_gated_gemm(g, y_prev, w, gate, y, z)) {
-      z = at::addmm(p.b_pw[i - 1], y_prev, w.t());
-      at::mul_out(y, z, gate);
-    }
-    c.y.push_back(y);
-    c.z.push_back(z);
-  }
-
-  static Chain chain(const Problem& p, bool keep_z) {
-    const Layout& L = p.lay;
-    const int64_t B = p.x.size(0), N = B * p.geo.H * p.geo.W;
-    Chain c;
-    c.x_rows = p.x.permute({0, 2, 3, 1}).reshape({N, L.dim});
-    c.F = at::addmm(p.b_in, c.x_rows, mat(p.w_in).t());
-    c.G = at::empty({N, L.S}, c.F.options());
-    at::Tensor y0 = at::empty({N, L.dims[0]}, c.F.options());
-    c.w_taps = taps_major(p.w_dw);
-    DepthwiseParams d{};
-    d.src = static_cast<const char*>(c.F.const_data_ptr()) + L.dims[0] * c.F.element_size();
-    d.ld_src = L.proj_width();
-    d.weight = c.w_taps.const_data_ptr();
-    d.bias = p.b_dw.const_data_ptr();
-    d.scale = static_cast<float>(p.scale);
-    d.dst = c.G.mutable_data_ptr();
-    d.ld_dst = L.S;
-    d.gate_in = c.F.const_data_ptr();
-    d.ld_gate_in = L.proj_width();
-    d.gate_out = y0.mutable_data_ptr();
-    d.ld_gate_out = L.dims[0];
-    d.gate_channels = L.dims[0];
-    d.geo = p.geo;
-    d.B = B;
-    d.S = L.S;
-    d.dtype = to_dtype(p.x.scalar_type());
-    check_launch(gnconv_depthwise_cuda(d, current_stream()), "gnconv_depthwise");
-    c.y.push_back(y0);
-    c.z.push_back(at::Tensor());
-    for (int64_t i = 1; i < L.order; ++i) pws_step(p, c, i, keep_z);
-    return c;
-  }
-
-  // Step j of the chain, backwards: dy_j = a W is dL/dy_j. Writes scale * dy_j * pre_j, the
-  // gradient of dwconv block j, into dD (pre_j is z_j, or proj_in's first split for j = 0), and
-  // returns dy_j * g_j: dL/dz_j for j >= 1; for j = 0 the first split's gradient, written into dF.
-  static at::Tensor gate_backward(const Problem& p, const Chain& c, int64_t j, const at::Tensor& a,
-                                  const at::Tensor& w, at::Tensor& dD, at::Tensor& dF) {
-    const Layout& L = p.lay;
-    const at::Tensor gate = gate_of(p, c, j), dDj = dD.narrow(1, L.offs[j], L.dims[j]);
-    const at::Tensor pre = j == 0 ? c.F.narrow(1, 0, L.dims[0]) : c.z[j];
-    at::Tensor dz = j == 0 ? dF.narrow(1, 0, L.dims[0]) : at::empty({a.size(0), L.dims[j]}, a.options());
-    GatedGemmParams g{};
-    g.mode = GateMode::kBackward;
-    g.pre = pre.const_data_ptr();
-    g.ld_pre = pre.stride(0);
-    g.scale = static_cast<float>(p.scale);
-    if (!try_gated_gemm(g, a, w, gate, dz, dDj)) {
-      const at::Tensor dy = at::mm(a, w);
-      dDj.copy_(dy * pre * p.scale);
-      at::mul_out(dz, dy, gate);
-    }
-    return dz;
-  }
-
-  // [N, dim] rows -> dst [B, dim, H, W] in its own memory format.
-  static void store_rows(const Problem& p, const at::Tensor& rows, at::Tensor& dst) {
-    dst.copy_(rows.view({p.x.size(0), p.geo.H, p.geo.W, p.lay.dim}).permute({0, 3, 1, 2}));
-  }
-
-  static void forward(const Problem& p, at::Tensor& out) {
-    const Chain c = chain(p, false);
-    store_rows(p, at::addmm(p.b_out, c.y.back(), mat(p.w_out).t()), out);
-  }
-
-  static void backward(const Problem& p, const at::Tensor& grad, Grads& g) {
-    const Layout& L = p.lay;
-    const int64_t B = p.x.size(0), N = B * p.geo.H * p.geo.W, n = L.order, d0 = L.dims[0];
-    const Chain c = chain(p, true);
-    const at::Tensor dO = grad.permute({0, 2, 3, 1}).reshape({N, L.dim});
-    g.w_out.copy_(at::mm(dO.t(), c.y.back()).view(g.w_out.sizes()));
-    g.b_out.copy_(dO.sum(0));
-    at::Tensor dD = at::empty({N, L.S}, c.F.options());
-    at::Tensor dF = at::empty_like(c.F);
-    at::Tensor dz = gate_backward(p, c, n - 1, dO, mat(p.w_out), dD, dF);
-    for (int64_t i = n - 1; i >= 1; --i) {
-      g.w_pw[i - 1].copy_(at::mm(dz.t(), c.y[i - 1]).view(g.w_pw[i - 1].sizes()));
-      g.b_pw[i - 1].copy_(dz.sum(0));
-      dz = gate_backward(p, c, i - 1, dz, mat(p.w_pw[i - 1]), dD, dF);
-    }
-
-    DepthwiseParams d{};
-    d.src = dD.const_data_ptr();
-    d.ld_src = L.S;
-    d.weight = c.w_taps.const_data_ptr();
-    d.scale = 1.0f;
-    d.flip = true;
-    d.dst = static_cast<char*>(dF.mutable_data_ptr()) + d0 * dF.element_size();
-    d.ld_dst = L.proj_width();
-    d.geo = p.geo;
-    d.B = B;
-    d.S = L.S;
-    d.dtype = to_dtype(p.x.scalar_type());
-    check_launch(gnconv_depthwise_cuda(d, current_stream()), "gnconv_depthwise (transposed)");
-
-    // About 8 output rows per chunk: enough threads to fill the GPU, a partial buffer of a few MB.
-    const int64_t chunks = std::clamp<int64_t>(B * p.geo.H / 8, 1, 512);
-    at::Tensor part = at::empty({chunks, L.S, p.geo.taps()},
-                                c.F.options().dtype(acc_scalar_type(p.x.scalar_type())));
-    DepthwiseGradParams w{};
-    w.src = static_cast<const char*>(c.F.const_data_ptr()) + d0 * c.F.element_size();
-    w.ld_src = L.proj_width();
-    w.dy = dD.const_data_ptr();
-    w.ld_dy = L.S;
-    w.partial = part.mutable_data_ptr();
-    w.chunks = chunks;
-    w.geo = p.geo;
-    w.B = B;
-    w.S = L.S;
-    w.dtype = d.dtype;
-    check_launch(gnconv_depthwise_weight_grad_cuda(w, current_stream()), "gnconv_depthwise_weight_grad");
-    g.w_dw.copy_(part.sum(0).view(g.w_dw.sizes()));
-    g.b_dw.copy_(dD.sum(0));
-
-    g.w_in.copy_(at::mm(dF.t(), c.x_rows).view(g.w_in.sizes()));
-    g.b_in.copy_(dF.sum(0));
-    store_rows(p, at::mm(dF, mat(p.w_in)), g.x);
-  }
-};
-#endif
-
 // ---- ops --------------------------------------------------------------------------------------
 
-template <class Backend>
+template <c10::DeviceType D>
 at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                         const at::Tensor& w_dw, const at::Tensor& b_dw, at::TensorList w_pw,
                         at::TensorList b_pw, const at::Tensor& w_out, const at::Tensor& b_out,
@@ -315,14 +106,14 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& w_in, const at::T
   const c10::DeviceGuard guard(x.device());
   const Problem p = make_problem(x, w_in, b_in, w_dw, b_dw, w_pw, b_pw, w_out, b_out, order, scale);
   at::Tensor out = at::empty_like(p.x);
-  if (out.numel() > 0) Backend::forward(p, out);
+  if (out.numel() > 0) kernels<D>().forward(p, out);
   return out;
 }
 
 using GradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
 
-template <class Backend>
+template <c10::DeviceType D>
 GradTuple backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w_in,
                         const at::Tensor& b_in, const at::Tensor& w_dw, const at::Tensor& b_dw,
                         at::TensorList w_pw, at::TensorList b_pw, const at::Tensor& w_out,
@@ -339,15 +130,12 @@ GradTuple backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::T
     for (auto& t : g.w_pw) t.zero_();
     for (auto& t : g.b_pw) t.zero_();
   } else {
-    Backend::backward(p, grad.contiguous(p.x.suggest_memory_format()), g);
+    kernels<D>().backward(p, grad.contiguous(p.x.suggest_memory_format()), g);
   }
   return {g.x, g.w_in, g.b_in, g.w_dw, g.b_dw, g.w_pw, g.b_pw, g.w_out, g.b_out};
 }
 
 // ---- autograd ---------------------------------------------------------------------------------
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 class GnConvFn : public torch::autograd::Function<GnConvFn> {
  public:
@@ -356,25 +144,25 @@ class GnConvFn : public torch::autograd::Function<GnConvFn> {
                             at::TensorList w_pw, at::TensorList b_pw, const at::Tensor& w_out,
                             const at::Tensor& b_out, int64_t order, double scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<decltype(forward_impl<CpuBackend>)>("tokenmix::gnconv");
     variable_list saved{x, w_in, b_in, w_dw, b_dw, w_out, b_out};
     saved.insert(saved.end(), w_pw.begin(), w_pw.end());
     saved.insert(saved.end(), b_pw.begin(), b_pw.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["order"] = order;
     ctx->saved_data["scale"] = scale;
-    return op.call(x, w_in, b_in, w_dw, b_dw, w_pw, b_pw, w_out, b_out, order, scale);
+    return op_of<forward_impl<c10::kCPU>>("tokenmix::gnconv")
+        .call(x, w_in, b_in, w_dw, b_dw, w_pw, b_pw, w_out, b_out, order, scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = op_handle<decltype(backward_impl<CpuBackend>)>("tokenmix::gnconv_backward");
     const auto s = ctx->get_saved_variables();
     const int64_t order = ctx->saved_data["order"].toInt();
     const std::vector<at::Tensor> w_pw(s.begin() + 7, s.begin() + 7 + (order - 1));
     const std::vector<at::Tensor> b_pw(s.begin() + 7 + (order - 1), s.end());
     auto [gx, gwi, gbi, gwd, gbd, gwp, gbp, gwo, gbo] =
-        op.call(grads[0], s[0], s[1], s[2], s[3], s[4], w_pw, b_pw, s[5], s[6], order,
-                ctx->saved_data["scale"].toDouble());
+        op_of<backward_impl<c10::kCPU>>("tokenmix::gnconv_backward")
+            .call(grads[0], s[0], s[1], s[2], s[3], s[4], w_pw, b_pw, s[5], s[6], order,
+                  ctx->saved_data["scale"].toDouble());
     variable_list out{gx, gwi, gbi, gwd, gbd};
     out.insert(out.end(), gwp.begin(), gwp.end());
     out.insert(out.end(), gbp.begin(), gbp.end());
@@ -383,30 +171,24 @@ class GnConvFn : public torch::autograd::Function<GnConvFn> {
   }
 };
 
-at::Tensor gnconv_autograd(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
-                           const at::Tensor& w_dw, const at::Tensor& b_dw, at::TensorList w_pw,
-                           at::TensorList b_pw, const at::Tensor& w_out, const at::Tensor& b_out,
-                           int64_t order, double scale) {
-  return GnConvFn::apply(x, w_in, b_in, w_dw, b_dw, w_pw, b_pw, w_out, b_out, order, scale);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {
-  m.impl("gnconv", &forward_impl<CpuBackend>);
-  m.impl("gnconv_backward", &backward_impl<CpuBackend>);
+TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
+  def(m,
+      "gnconv(Tensor x, Tensor proj_in_weight, Tensor proj_in_bias, Tensor dw_weight, "
+      "Tensor dw_bias, Tensor[] pw_weights, Tensor[] pw_biases, Tensor proj_out_weight, "
+      "Tensor proj_out_bias, *, int order, float scale) -> Tensor");
+  def(m,
+      "gnconv_backward(Tensor grad, Tensor x, Tensor proj_in_weight, Tensor proj_in_bias, "
+      "Tensor dw_weight, Tensor dw_bias, Tensor[] pw_weights, Tensor[] pw_biases, "
+      "Tensor proj_out_weight, Tensor proj_out_bias, *, int order, float scale) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
 }
 
-#if defined(TOKENMIX_WITH_CUDA)
-TORCH_LIBRARY_IMPL(tokenmix, CUDA, m) {
-  m.impl("gnconv", &forward_impl<CudaBackend>);
-  m.impl("gnconv_backward", &backward_impl<CudaBackend>);
-}
-#endif
+TM_IMPL("gnconv", forward_impl)
+TM_IMPL("gnconv_backward", backward_impl)
 
-TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
-  m.impl("gnconv", &gnconv_autograd);
-}
+TM_AUTOGRAD("gnconv", GnConvFn)
 
 TM_AUTOCAST("gnconv", kLowerPrecision)
 

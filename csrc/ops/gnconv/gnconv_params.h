@@ -1,6 +1,7 @@
 // Plain parameter structs and CUDA entry points of HorNet's gnConv. Torch-free: filled by
-// gnconv.cpp, consumed by gnconv_cuda.cu (depthwise parts) and gnconv_gemm_cuda.cu (the gated
-// pws GEMMs). proj_in and proj_out run in the launcher as plain GEMMs (ATen, current stream).
+// gnconv_cuda.cpp, consumed by gnconv_cuda.cu (depthwise parts) and gnconv_gemm_cutlass.cu (the
+// gated pws GEMMs). proj_in and proj_out run on the host side as plain GEMMs (ATen, current
+// stream).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -8,7 +9,7 @@
 #include <cstdint>
 
 #include "tokenmix/dtype.h"
-#include "tokenmix/gnconv_math.h"
+#include "gnconv_math.h"
 
 namespace tokenmix {
 namespace gnconv {
@@ -51,7 +52,7 @@ struct DepthwiseGradParams {
 };
 
 // One step of the pws chain on tensor cores, with the gate applied in the GEMM's epilogue
-// (gnconv_gemm_cuda.cu; CUTLASS, fp16/bf16). All matrices row-major; acc is fp32.
+// (gnconv_gemm_cutlass.cu; CUTLASS, fp16/bf16). All matrices row-major; acc is fp32.
 //   kForward  (W is [N, K], acc = A W^T):  t = acc + bias;  z = t * gate
 //             z is y_i of the chain; t (z_i before its gate, kept for backward) may be null.
 //   kBackward (W is [K, N], acc = A W):    z = acc * gate;  t = scale * acc * pre

@@ -1,30 +1,19 @@
 // Windowed attention (Swin W-MSA / SW-MSA, GC ViT global query, HAT-Net local windows): argument
-// checks, the CPU and CUDA backends, C++ autograd and the dispatcher registrations. Schemas live
-// in csrc/tokenmix.cpp.
+// checks, the ops over the device's kernel table (window_attention_problem.h), C++ autograd and
+// the dispatcher registrations. Schemas are defined here too.
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/autograd.h>
-#include <torch/library.h>
 
 #include <cmath>
 
-#include "tokenmix/autocast.h"
 #include "tokenmix/checks.h"
-#include "tokenmix/op_handle.h"
-#include "window_attention_cpu.h"
-
-#if defined(TOKENMIX_WITH_CUDA)
-#include "tokenmix/cuda_launch.h"
-#include "tokenmix/env.h"
-#include "window_attention_params.h"
-#endif
+#include "tokenmix/registration.h"
+#include "window_attention_problem.h"
 
 namespace tokenmix {
-namespace window {
+namespace window_attention {
 namespace {
-
-constexpr const char* kOp = "window_attention";
 
 // Checks every argument and builds the problem; q, k, v keep their strides when the last one is 1.
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -88,97 +77,10 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
-// ---- backends ---------------------------------------------------------------------------------
-
-struct CpuBackend {
-  static void forward(const Problem& p, at::Tensor& out, at::Tensor& lse) {
-    window_attention_cpu_kernels().forward(p, out, lse);
-  }
-  static void backward(const Problem& p, const at::Tensor& grad, const at::Tensor& lse,
-                       at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
-    window_attention_cpu_kernels().backward(p, grad, lse, dq, dk, dv, dbias);
-  }
-};
-
-#if defined(TOKENMIX_WITH_CUDA)
-struct CudaBackend {
-  static WindowParams params(const Problem& p) {
-    WindowParams w{};
-    w.q = p.q.const_data_ptr();
-    w.k = p.k.const_data_ptr();
-    w.v = p.v.const_data_ptr();
-    w.bias_table = p.bias_table.defined() ? p.bias_table.const_data_ptr() : nullptr;
-    w.q_strides = {p.q.stride(0), p.q.stride(1), p.q.stride(2), p.q.stride(3)};
-    w.k_strides = {p.k.stride(0), p.k.stride(1), p.k.stride(2), p.k.stride(3)};
-    w.v_strides = {p.v.stride(0), p.v.stride(1), p.v.stride(2), p.v.stride(3)};
-    w.geo = p.geo;
-    w.B = p.k.size(0);
-    w.heads = p.k.size(3);
-    w.d = p.k.size(4);
-    w.scale = p.scale;
-    w.global_q = p.global_q;
-    w.dtype = to_dtype(p.k.scalar_type());
-    static const bool tensor_cores = env_enabled("TOKENMIX_WINDOW_TENSOR_CORES");
-    w.tensor_cores = tensor_cores;
-    return w;
-  }
-  // The kernels keep a window in shared memory and a query row in one warp's registers.
-  static void check_limits(const WindowParams& w, bool backward) {
-    TORCH_CHECK_VALUE(w.geo.tokens() <= kMaxWindowTokens, "tokenmix.", kOp,
-                      ": the CUDA kernel takes windows of at most ", kMaxWindowTokens,
-                      " tokens, got ", w.geo.wh, " x ", w.geo.ww);
-    TORCH_CHECK_VALUE(w.d <= kMaxHeadDim, "tokenmix.", kOp, ": the CUDA kernel takes head_dim <= ",
-                      kMaxHeadDim, ", got ", w.d);
-    int device = 0, limit = 0;
-    check_launch(cudaGetDevice(&device), "cudaGetDevice");
-    check_launch(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                 "cudaDeviceGetAttribute");
-    const int64_t need = window_attention_smem_bytes(w, backward);
-    TORCH_CHECK_VALUE(need <= limit, "tokenmix.", kOp, ": window ", w.geo.wh, " x ", w.geo.ww,
-                      " with head_dim ", w.d, " needs ", need, " bytes of shared memory per block",
-                      backward ? " in backward" : "", ", the device allows ", limit);
-  }
-  static void forward(const Problem& p, at::Tensor& out, at::Tensor& lse) {
-    WindowParams w = params(p);
-    check_limits(w, false);
-    w.out = out.mutable_data_ptr();
-    w.lse = lse.defined() ? lse.mutable_data_ptr() : nullptr;
-    check_launch(window_attention_forward_cuda(w, current_stream()), "window_attention");
-  }
-  static void backward(const Problem& p, const at::Tensor& grad, const at::Tensor& lse,
-                       at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
-    WindowParams w = params(p);
-    check_limits(w, true);
-    const int64_t B = w.B, nW = p.geo.windows(), T = p.geo.tokens();
-    const auto acc = p.k.options().dtype(acc_scalar_type(p.k.scalar_type()));
-    // Per-(image, window, head) partials, summed in a fixed order by the reduction kernels.
-    at::Tensor dbias_part, dbias_chunks, dq_part;
-    if (p.bias_table.defined()) {
-      dbias_part = at::empty({B * nW * w.heads, p.geo.table_size()}, acc);
-      dbias_chunks = at::empty({dbias_chunk_count(B * nW), w.heads, p.geo.table_size()}, acc);
-      w.dbias_partial = dbias_part.mutable_data_ptr();
-      w.dbias_chunks = dbias_chunks.mutable_data_ptr();
-      w.dbias = dbias.mutable_data_ptr();
-    }
-    if (p.global_q) {
-      // Zeroed: rows of window tokens outside the map (partial windows) are never written.
-      dq_part = at::zeros({B, nW, T, w.heads, w.d}, acc);
-      w.dq_partial = dq_part.mutable_data_ptr();
-    }
-    w.grad = grad.const_data_ptr();
-    w.lse = const_cast<void*>(lse.const_data_ptr());
-    w.dq = dq.mutable_data_ptr();
-    w.dk = dk.mutable_data_ptr();
-    w.dv = dv.mutable_data_ptr();
-    check_launch(window_attention_backward_cuda(w, current_stream()), "window_attention_backward");
-  }
-};
-#endif
-
 // ---- ops --------------------------------------------------------------------------------------
 
 // The output, and the row log-sum-exp when `with_lse` (only backward needs it).
-template <class Backend>
+template <c10::DeviceType D>
 std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v, at::IntArrayRef window_size,
                                                at::IntArrayRef shift_size,
@@ -193,30 +95,30 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Te
                     k.options().dtype(acc_scalar_type(k.scalar_type())));
   }
   if (out.numel() > 0) {
-    Backend::forward(p, out, lse);
+    kernels<D>().forward(p, out, lse);
   }
   return {out, lse};
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
                                                 const at::Tensor& v, at::IntArrayRef window_size,
                                                 at::IntArrayRef shift_size,
                                                 const std::optional<at::Tensor>& bias_table,
                                                 std::optional<double> scale) {
-  return run_forward<Backend>(q, k, v, window_size, shift_size, bias_table, scale, true);
+  return run_forward<D>(q, k, v, window_size, shift_size, bias_table, scale, true);
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 at::Tensor window_attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  at::IntArrayRef window_size, at::IntArrayRef shift_size,
                                  const std::optional<at::Tensor>& bias_table,
                                  std::optional<double> scale) {
   return std::get<0>(
-      run_forward<Backend>(q, k, v, window_size, shift_size, bias_table, scale, false));
+      run_forward<D>(q, k, v, window_size, shift_size, bias_table, scale, false));
 }
 
-template <class Backend>
+template <c10::DeviceType D>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& lse, at::IntArrayRef window_size, at::IntArrayRef shift_size,
@@ -232,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor dbias = p.bias_table.defined() ? at::empty(p.bias_table.sizes(), k.options())
                                             : at::empty({0}, k.options());
   if (k.numel() > 0) {
-    Backend::backward(p, g, lse.contiguous(), dq, dk, dv, dbias);
+    kernels<D>().backward(p, g, lse.contiguous(), dq, dk, dv, dbias);
   } else {
     dq.zero_();
     dbias.zero_();
@@ -245,9 +147,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
 
 // ---- autograd ---------------------------------------------------------------------------------
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 class WindowAttentionFn : public torch::autograd::Function<WindowAttentionFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
@@ -255,11 +154,9 @@ class WindowAttentionFn : public torch::autograd::Function<WindowAttentionFn> {
                             at::IntArrayRef shift_size, const std::optional<at::Tensor>& bias_table,
                             std::optional<double> scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op =
-        op_handle<decltype(forward_impl<CpuBackend>)>("tokenmix::window_attention_fwd");
-    auto [out, lse] = op.call(q, k, v, window_size, shift_size, bias_table, scale);
-    const at::Tensor table = bias_table.has_value() ? *bias_table : at::Tensor();
-    ctx->save_for_backward({q, k, v, lse, table});
+    auto [out, lse] = op_of<forward_impl<c10::kCPU>>("tokenmix::window_attention_fwd")
+                          .call(q, k, v, window_size, shift_size, bias_table, scale);
+    ctx->save_for_backward({q, k, v, lse, saved_optional(bias_table)});
     ctx->saved_data["window_size"] = window_size.vec();
     ctx->saved_data["shift_size"] = shift_size.vec();
     ctx->saved_data["scale"] = scale;
@@ -267,49 +164,43 @@ class WindowAttentionFn : public torch::autograd::Function<WindowAttentionFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op =
-        op_handle<decltype(backward_impl<CpuBackend>)>("tokenmix::window_attention_backward");
     const auto saved = ctx->get_saved_variables();
-    const std::optional<at::Tensor> table =
-        saved[4].defined() ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
-    const auto window = ctx->saved_data["window_size"].toIntVector();
-    const auto shift = ctx->saved_data["shift_size"].toIntVector();
-    const auto scale = ctx->saved_data["scale"].toOptional<double>();
+    const std::optional<at::Tensor> table = restored_optional(saved[4]);
     auto [dq, dk, dv, dbias] =
-        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], window, shift, table, scale);
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), table.has_value() ? dbias : at::Tensor(),
+        op_of<backward_impl<c10::kCPU>>("tokenmix::window_attention_backward")
+            .call(grads[0], saved[0], saved[1], saved[2], saved[3],
+                  ctx->saved_data["window_size"].toIntVector(),
+                  ctx->saved_data["shift_size"].toIntVector(), table,
+                  ctx->saved_data["scale"].toOptional<double>());
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), grad_if(table.has_value(), dbias),
             at::Tensor()};
   }
 };
 
-at::Tensor window_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     at::IntArrayRef window_size, at::IntArrayRef shift_size,
-                                     const std::optional<at::Tensor>& bias_table,
-                                     std::optional<double> scale) {
-  return WindowAttentionFn::apply(q, k, v, window_size, shift_size, bias_table, scale);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {
-  m.impl("window_attention", &window_attention_impl<CpuBackend>);
-  m.impl("window_attention_fwd", &forward_impl<CpuBackend>);
-  m.impl("window_attention_backward", &backward_impl<CpuBackend>);
+TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
+  // The public op returns the output; _fwd also returns the row log-sum-exp that backward
+  // recomputes P from.
+  def(m,
+      "window_attention(Tensor q, Tensor k, Tensor v, int[2] window_size, int[2] shift_size=[0, 0], "
+      "Tensor? bias_table=None, float? scale=None) -> Tensor");
+  def(m,
+      "window_attention_fwd(Tensor q, Tensor k, Tensor v, int[2] window_size, int[2] shift_size, "
+      "Tensor? bias_table, float? scale) -> (Tensor, Tensor)");
+  def(m,
+      "window_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor lse, "
+      "int[2] window_size, int[2] shift_size, Tensor? bias_table, float? scale) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-#if defined(TOKENMIX_WITH_CUDA)
-TORCH_LIBRARY_IMPL(tokenmix, CUDA, m) {
-  m.impl("window_attention", &window_attention_impl<CudaBackend>);
-  m.impl("window_attention_fwd", &forward_impl<CudaBackend>);
-  m.impl("window_attention_backward", &backward_impl<CudaBackend>);
-}
-#endif
+TM_IMPL("window_attention", window_attention_impl)
+TM_IMPL("window_attention_fwd", forward_impl)
+TM_IMPL("window_attention_backward", backward_impl)
 
-TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
-  m.impl("window_attention", &window_attention_autograd);
-}
+TM_AUTOGRAD("window_attention", WindowAttentionFn)
 
 TM_AUTOCAST("window_attention", kLowerPrecision)
 
-}  // namespace window
+}  // namespace window_attention
 }  // namespace tokenmix

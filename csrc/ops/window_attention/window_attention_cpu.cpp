@@ -2,9 +2,10 @@
 //
 // Fuses roll + pad + window partition + scaled QK^T + relative position bias + region mask +
 // softmax + PV + window reverse + crop + reverse roll: one task per (image, window), heads inside,
-// tokens read from and written to their original map positions through window_math.h. Per head,
-// the window's Q (pre-scaled), K^T and V are gathered into small padded buffers in cache and every
-// product is a register-blocked vector x matrix loop (vec_mat). No [T, T] matrix leaves the task.
+// tokens read from and written to their original map positions through window_attention_math.h.
+// Per head, the window's Q (pre-scaled), K^T and V are gathered into small padded buffers in cache
+// and every product is a register-blocked vector x matrix loop (vec_mat). No [T, T] matrix leaves
+// the task.
 // Forward saves the row log-sum-exp; backward recomputes P from it.
 //
 // Backward is deterministic: dq/dk/dv rows belong to exactly one window; the bias-table gradient
@@ -22,10 +23,10 @@
 #include <limits>
 #include <vector>
 
-#include "window_attention_cpu.h"
+#include "window_attention_problem.h"
 
 namespace tokenmix {
-namespace window {
+namespace window_attention {
 namespace {
 
 template <typename A>
@@ -162,7 +163,7 @@ struct WindowTokens {
       exists[t] = shifted_coords(g, win, t, &sy, &sx);
       y[t] = exists[t] ? original_row(g, sy) : 0;
       x[t] = exists[t] ? original_col(g, sx) : 0;
-      region[t] = exists[t] ? window::region(g, sy, sx) : -1;
+      region[t] = exists[t] ? window_attention::region(g, sy, sx) : -1;
       masked = masked || !exists[t] || region[t] != region[0];
     }
   }
@@ -443,10 +444,7 @@ void backward(const Problem& p, const at::Tensor& grad, const at::Tensor& lse, a
 
 }  // namespace
 
-const CpuKernels& TM_CPU_KERNELS(window_attention)() {
-  static const CpuKernels kernels{&forward, &backward};
-  return kernels;
-}
+TM_DEFINE_KERNELS(TM_CPU_KERNELS(window_attention), &forward, &backward)
 
-}  // namespace window
+}  // namespace window_attention
 }  // namespace tokenmix

@@ -1,5 +1,6 @@
 // Plain parameter struct and CUDA entry points of windowed attention. Torch-free: filled by
-// window_attention.cpp, consumed by window_attention_cuda.cu. Sizes and strides in elements.
+// window_attention_cuda.cpp, consumed by the kernels of window_attention_*.cu. Sizes and strides
+// in elements.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -8,10 +9,10 @@
 
 #include "tokenmix/dtype.h"
 #include "tokenmix/macros.h"
-#include "tokenmix/window_math.h"
+#include "window_attention_math.h"
 
 namespace tokenmix {
-namespace window {
+namespace window_attention {
 
 // Strides of dims 0-3 of a [B, H, W, heads, d] (or [B, wh, ww, heads, d]) tensor; dim 4 has 1.
 struct Strides4 {
@@ -63,5 +64,5 @@ int64_t window_attention_smem_bytes(const WindowParams& p, bool backward);
 cudaError_t window_attention_forward_cuda(const WindowParams& p, cudaStream_t stream);
 cudaError_t window_attention_backward_cuda(const WindowParams& p, cudaStream_t stream);
 
-}  // namespace window
+}  // namespace window_attention
 }  // namespace tokenmix

@@ -1,13 +1,15 @@
-// CPU kernel table of deformable convolution (compiled once per CPU capability).
+// What both devices of deformable convolution share: the checked problem and the kernel table
+// (deform_conv2d.cpp builds the problem and allocates the outputs; deform_conv2d_cpu.cpp and
+// deform_conv2d_cuda.cpp implement the table).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-#include "tokenmix/cpu_capability.h"
-#include "tokenmix/deform_math.h"
+#include "deform_conv2d_math.h"
+#include "tokenmix/kernel_table.h"
 
 namespace tokenmix {
-namespace deform {
+namespace deform_conv2d {
 
 // Checked operands: input [B, Cin, H, W], offset [B, 2 G kk, Ho, Wo], weight
 // [Cout, Cin / groups, kh, kw], optional bias [Cout] and mask [B, G kk, Ho, Wo]; all contiguous.
@@ -17,7 +19,7 @@ struct Problem {
   int64_t groups, offset_groups;
 };
 
-struct CpuKernels {
+struct Kernels {
   // out [B, Cout, Ho, Wo] contiguous.
   void (*forward)(const Problem& p, at::Tensor& out);
   // grad [B, Cout, Ho, Wo] contiguous; outputs preallocated like their inputs (grad_mask and
@@ -27,7 +29,7 @@ struct CpuKernels {
                    at::Tensor& grad_mask);
 };
 
-TM_DECLARE_CPU_KERNELS(deform_conv2d, CpuKernels)
+TM_DECLARE_KERNELS(deform_conv2d, Kernels)
 
-}  // namespace deform
+}  // namespace deform_conv2d
 }  // namespace tokenmix

@@ -1,12 +1,14 @@
-// CPU kernel table of HorNet's recursive gated convolution (compiled once per CPU capability).
+// What both devices of HorNet's recursive gated convolution share: the checked problem, its
+// gradients and the kernel table (gnconv.cpp builds the problem and allocates the outputs;
+// gnconv_cpu.cpp and gnconv_cuda.cpp implement the table).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <vector>
 
-#include "tokenmix/cpu_capability.h"
-#include "tokenmix/gnconv_math.h"
+#include "gnconv_math.h"
+#include "tokenmix/kernel_table.h"
 
 namespace tokenmix {
 namespace gnconv {
@@ -29,14 +31,14 @@ struct Grads {
   std::vector<at::Tensor> w_pw, b_pw;
 };
 
-struct CpuKernels {
+struct Kernels {
   // out [B, dim, H, W] in x's memory format.
   void (*forward)(const Problem& p, at::Tensor& out);
   // grad like out, dense in x's memory format.
   void (*backward)(const Problem& p, const at::Tensor& grad, Grads& g);
 };
 
-TM_DECLARE_CPU_KERNELS(gnconv, CpuKernels)
+TM_DECLARE_KERNELS(gnconv, Kernels)
 
 }  // namespace gnconv
 }  // namespace tokenmix

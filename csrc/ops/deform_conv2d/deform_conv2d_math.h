@@ -8,7 +8,7 @@
 #include "tokenmix/macros.h"
 
 namespace tokenmix {
-namespace deform {
+namespace deform_conv2d {
 
 // input [B, Cin, H, W] -> output [B, Cout, Ho, Wo]; kernel kh x kw with stride, padding, dilation.
 struct Geometry {
@@ -175,5 +175,5 @@ TM_HOST_DEVICE A grad_x(const A v[4], A ly) {
   return (A(1) - ly) * (v[1] - v[0]) + ly * (v[3] - v[2]);
 }
 
-}  // namespace deform
+}  // namespace deform_conv2d
 }  // namespace tokenmix

@@ -1,14 +1,17 @@
-// CPU kernel table of windowed attention (compiled once per CPU capability, see cpu_capability.h).
-// Inputs are checked by window_attention.cpp; outputs are preallocated there.
+// What both devices of windowed attention share: the checked problem and the kernel table
+// (window_attention.cpp builds the problem and allocates the outputs; window_attention_cpu.cpp and
+// window_attention_cuda.cpp implement the table).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-#include "tokenmix/cpu_capability.h"
-#include "tokenmix/window_math.h"
+#include "tokenmix/kernel_table.h"
+#include "window_attention_math.h"
 
 namespace tokenmix {
-namespace window {
+namespace window_attention {
+
+constexpr const char* kOp = "window_attention";
 
 // q is [B, H, W, heads, d], or [B, wh, ww, heads, d] when global_q; k, v are [B, H, W, heads, d];
 // every tensor has a unit stride in its last dim. bias_table may be undefined.
@@ -19,7 +22,7 @@ struct Problem {
   bool global_q;
 };
 
-struct CpuKernels {
+struct Kernels {
   // out [B, H, W, heads, d] contiguous; lse [B, windows, tokens, heads] in the accumulation type,
   // or undefined when no backward will need it.
   void (*forward)(const Problem& p, at::Tensor& out, at::Tensor& lse);
@@ -29,7 +32,7 @@ struct CpuKernels {
                    at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias);
 };
 
-TM_DECLARE_CPU_KERNELS(window_attention, CpuKernels)
+TM_DECLARE_KERNELS(window_attention, Kernels)
 
-}  // namespace window
+}  // namespace window_attention
 }  // namespace tokenmix

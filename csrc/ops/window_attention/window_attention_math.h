@@ -8,7 +8,7 @@
 #include "tokenmix/macros.h"
 
 namespace tokenmix {
-namespace window {
+namespace window_attention {
 
 // A [B, H, W, heads, d] map cut into windows of wh x ww after a cyclic shift by (-sh, -sw).
 // Windows tile the shifted map from the top-left; when H or W is not a multiple of the window
@@ -80,5 +80,5 @@ TM_HOST_DEVICE int relative_offset(const Geometry& g) {
   return static_cast<int>((g.wh - 1) * (2 * g.ww - 1) + (g.ww - 1));
 }
 
-}  // namespace window
+}  // namespace window_attention
 }  // namespace tokenmix

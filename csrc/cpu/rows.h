@@ -1,0 +1,120 @@
+// Vectorised row helpers for the CPU kernels: elementwise maps over rows, column sums, transposes,
+// tiles of image pixels in NCHW or NHWC, partial-vector loads and stores, and raw memory viewed
+// as a tensor, in the vectors of the build's ISA (at::vec). Per capability (cpu/per_isa.h).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/per_isa.h"
+
+namespace tokenmix {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+template <typename A>
+using Vec = at::vec::Vectorized<A>;
+
+// Memory the kernel owns, as a tensor (no copy), e.g. for an out= GEMM into scratch memory.
+template <typename A>
+at::Tensor blob(A* p, at::IntArrayRef sizes) {
+  return at::from_blob(p, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+}
+
+// An operand of rowwise: row r starts at p + r * ld (ld = 0: one row for all, e.g. a bias).
+template <typename A>
+struct Rows {
+  const A* p;
+  int64_t ld;
+};
+
+// dst[r, :n] = op(in_0[r, :n], in_1[r, :n], ...) for r < rows; op takes and returns Vec<A> or A.
+template <typename A, typename Op, typename... In>
+void rowwise(int64_t rows, int64_t n, A* dst, int64_t ldd, const Op& op, In... in) {
+  constexpr int64_t V = Vec<A>::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    A* d = dst + r * ldd;
+    int64_t c = 0;
+    for (; c + V <= n; c += V) op(Vec<A>::loadu(in.p + r * in.ld + c)...).store(d + c);
+    for (; c < n; ++c) d[c] = op(in.p[r * in.ld + c]...);
+  }
+}
+
+// sum[:n] (+)= column sums of src[rows, :n], rows in order.
+template <typename A>
+void column_sums(int64_t rows, int64_t n, const A* src, int64_t ld, A* sum) {
+  std::fill(sum, sum + n, A(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    at::vec::map2<A>([](Vec<A> s, Vec<A> v) { return s + v; }, sum, sum, src + r * ld, n);
+  }
+}
+
+// Tile [np, C] (accumulation type) <-> tensor rows of image pixels in NCHW or NHWC: element
+// (pixel, c) at base + pixel * ps + c * cs.
+template <typename scalar_t, typename A>
+void store_tile(const A* src, int64_t np, int64_t C, scalar_t* base, int64_t ps, int64_t cs) {
+  if (cs == 1) {
+    for (int64_t i = 0; i < np; ++i) {
+      for (int64_t c = 0; c < C; ++c) base[i * ps + c] = static_cast<scalar_t>(src[i * C + c]);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t i = 0; i < np; ++i) base[c * cs + i * ps] = static_cast<scalar_t>(src[i * C + c]);
+    }
+  }
+}
+
+template <typename scalar_t, typename A>
+void load_tile(const scalar_t* base, int64_t ps, int64_t cs, int64_t np, int64_t C, A* dst) {
+  if (cs == 1) {
+    for (int64_t i = 0; i < np; ++i) {
+      for (int64_t c = 0; c < C; ++c) dst[i * C + c] = static_cast<A>(base[i * ps + c]);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t i = 0; i < np; ++i) dst[i * C + c] = static_cast<A>(base[c * cs + i * ps]);
+    }
+  }
+}
+
+// dst[c, i] = src[i, c] for i < rows, c < cols; src and dst row-major with leading dimensions
+// ld_src, ld_dst. In 16 x 16 blocks held in registers where the ISA has a kernel for them.
+template <typename A>
+void transpose(const A* src, int64_t ld_src, int64_t rows, int64_t cols, A* dst, int64_t ld_dst) {
+  constexpr int T = 16;
+  for (int64_t i = 0; i < rows; i += T) {
+    for (int64_t c = 0; c < cols; c += T) {
+      const A* s = src + i * ld_src + c;
+      A* d = dst + c * ld_dst + i;
+      if (i + T <= rows && c + T <= cols) {
+        at::vec::transpose_mxn<A, T, T>(s, ld_src, d, ld_dst);
+      } else {
+        at::vec::transpose_mxn<A>(s, ld_src, d, ld_dst, static_cast<int>(std::min<int64_t>(T, rows - i)),
+                                  static_cast<int>(std::min<int64_t>(T, cols - c)));
+      }
+    }
+  }
+}
+
+// The first n (<= Vec<A>::size()) lanes from / to p; a full vector without the mask.
+template <typename A>
+inline Vec<A> load_n(const A* p, int64_t n) {
+  return n == Vec<A>::size() ? Vec<A>::loadu(p) : Vec<A>::loadu(p, n);
+}
+
+template <typename A>
+inline void store_n(const Vec<A>& v, A* p, int64_t n) {
+  if (n == Vec<A>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, n);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace tokenmix

@@ -1,0 +1,83 @@
+// Device helpers shared by the CUDA kernel families of windowed attention
+// (window_attention_simt.cu, window_attention_tc.cu, window_attention_reduce.cu) and the entry
+// points through which the launchers of window_attention_cuda.cu reach them. Torch-free; included
+// only from .cu files.
+//
+// Every attention kernel runs one block of kWarps warps per (image, window, head), blockIdx.x =
+// (b * windows + win) * heads + h, and reads window tokens from their original map positions
+// (window_attention_math.h: shift, partial border windows).
+#pragma once
+
+#include <cstdint>
+
+#include "tokenmix/cuda_common.cuh"
+#include "window_attention_params.h"
+
+namespace tokenmix {
+namespace window_attention {
+
+constexpr int kWarps = 4;
+constexpr int kBlock = kWarps * cu::kWarp;
+constexpr int kKeysPerLane = kMaxWindowTokens / cu::kWarp;
+constexpr int kChansPerLane = kMaxHeadDim / cu::kWarp;
+
+// Window-local sizes fit in int (tokens <= 256, head_dim <= 128): 32-bit index math in the inner
+// loops, 64-bit only where global offsets are formed.
+struct Local {
+  int T, d, ld, table, rel0;
+  __device__ explicit Local(const WindowParams& p)
+      : T(static_cast<int>(p.geo.tokens())), d(static_cast<int>(p.d)), ld(static_cast<int>(p.d) + 1),
+        table(static_cast<int>(p.geo.table_size())), rel0(relative_offset(p.geo)) {}
+};
+
+// Flat offset of (b, y, x, h) in a contiguous [B, H, W, heads, d] tensor.
+__device__ __forceinline__ int64_t map_offset(const WindowParams& p, int64_t b, int64_t y,
+                                              int64_t x, int64_t h) {
+  return (((b * p.geo.H + y) * p.geo.W + x) * p.heads + h) * p.d;
+}
+
+// Offset of (b, y, x, h) in a tensor with strides s (its channel stride is 1).
+__device__ __forceinline__ int64_t strided(const Strides4& s, int64_t b, int64_t y, int64_t x,
+                                           int64_t h) {
+  return b * s.b + y * s.y + x * s.x + h * s.h;
+}
+
+// Token t of window `win`: its original row and column, Swin region (-1 outside the map) and
+// relative position, into the shared arrays; returns whether it lies inside the map.
+__device__ __forceinline__ bool place_token(const Geometry& g, int64_t win, int t, int* ty, int* tx,
+                                            int* treg, int* tpos) {
+  int64_t sy = 0, sx = 0;
+  const bool exists = shifted_coords(g, win, t, &sy, &sx);
+  ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
+  tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
+  treg[t] = exists ? region(g, sy, sx) : -1;
+  tpos[t] = relative_pos(g, t);
+  return exists;
+}
+
+// Sets the kernel's dynamic shared memory limit to smem, then launches it with one block per
+// (image, window, head).
+template <typename Kernel>
+cudaError_t launch_per_window(Kernel kernel, const WindowParams& p, int64_t smem,
+                              cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = p.B * p.geo.windows() * p.heads;
+  kernel<<<static_cast<unsigned>(blocks), kBlock, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The forward or backward attention kernel of a family: SIMT, for every supported dtype and shape
+// (window_attention_simt.cu), or tensor cores, for the problems tensor_cores_cover() accepts
+// (window_attention_tc.cu).
+cudaError_t simt_attention_cuda(const WindowParams& p, bool backward, cudaStream_t stream);
+bool tensor_cores_cover(const WindowParams& p);
+cudaError_t tc_attention_cuda(const WindowParams& p, bool backward, cudaStream_t stream);
+
+// After either backward: the bias-table gradient and the global query's dq from the per-block
+// partials, in fixed order (window_attention_reduce.cu).
+cudaError_t backward_reductions_cuda(const WindowParams& p, cudaStream_t stream);
+
+}  // namespace window_attention
+}  // namespace tokenmix
