@@ -79,7 +79,21 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 // ---- ops --------------------------------------------------------------------------------------
 
-// The output, and the row log-sum-exp when `with_lse` (only backward needs it).
+// The forward's outputs, unfilled: out [B, H, W, heads, d], and when `with_lse` (only backward
+// needs it) the row log-sum-exp [B, windows, tokens, heads] in the accumulation type. The one
+// definition of their shapes: the Meta kernel below (what torch.compile traces with) uses it too.
+std::tuple<at::Tensor, at::Tensor> forward_outputs(const Problem& p, const at::Tensor& k,
+                                                   bool with_lse) {
+  at::Tensor out = at::empty(k.sizes(), k.options());
+  at::Tensor lse;
+  if (with_lse) {
+    lse = at::empty({k.size(0), p.geo.windows(), p.geo.tokens(), k.size(3)},
+                    k.options().dtype(acc_scalar_type(k.scalar_type())));
+  }
+  return {out, lse};
+}
+
+// The output, and the row log-sum-exp when `with_lse`.
 template <c10::DeviceType D>
 std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v, at::IntArrayRef window_size,
@@ -88,12 +102,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Te
                                                std::optional<double> scale, bool with_lse) {
   const c10::DeviceGuard guard(k.device());
   const Problem p = make_problem(q, k, v, window_size, shift_size, bias_table, scale);
-  at::Tensor out = at::empty(k.sizes(), k.options());
-  at::Tensor lse;
-  if (with_lse) {
-    lse = at::empty({k.size(0), p.geo.windows(), p.geo.tokens(), k.size(3)},
-                    k.options().dtype(acc_scalar_type(k.scalar_type())));
-  }
+  auto [out, lse] = forward_outputs(p, k, with_lse);
   if (out.numel() > 0) {
     kernels<D>().forward(p, out, lse);
   }
@@ -107,6 +116,15 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::T
                                                 const std::optional<at::Tensor>& bias_table,
                                                 std::optional<double> scale) {
   return run_forward<D>(q, k, v, window_size, shift_size, bias_table, scale, true);
+}
+
+// Meta (fake-tensor) kernel of window_attention_fwd: the same checks and output shapes, no work.
+std::tuple<at::Tensor, at::Tensor> forward_meta(const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, at::IntArrayRef window_size,
+                                                at::IntArrayRef shift_size,
+                                                const std::optional<at::Tensor>& bias_table,
+                                                std::optional<double> scale) {
+  return forward_outputs(make_problem(q, k, v, window_size, shift_size, bias_table, scale), k, true);
 }
 
 template <c10::DeviceType D>
@@ -197,6 +215,9 @@ TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
 TM_IMPL("window_attention", window_attention_impl)
 TM_IMPL("window_attention_fwd", forward_impl)
 TM_IMPL("window_attention_backward", backward_impl)
+TORCH_LIBRARY_IMPL(tokenmix, Meta, m) {
+  m.impl("window_attention_fwd", &forward_meta);
+}
 
 TM_AUTOGRAD("window_attention", WindowAttentionFn)
 

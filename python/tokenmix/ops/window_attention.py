@@ -2,7 +2,7 @@
 fused op with a backward pass on CPU and CUDA."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -51,25 +51,13 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window_size: IntPair, shif
     return call_op(torch.ops.tokenmix.window_attention, q, k, v, window, shift, bias_table, scale)
 
 
-def _lse_shape(k: Tensor, window_size: Sequence[int]) -> tuple:
-    B, H, W, heads, _ = k.shape
-    wh, ww = window_size
-    windows = ((H + wh - 1) // wh) * ((W + ww - 1) // ww)
-    return (B, windows, wh * ww, heads)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("tokenmix::window_attention")
 def _(q, k, v, window_size, shift_size=(0, 0), bias_table=None, scale=None):
     return k.new_empty(k.shape)
 
 
-@torch.library.register_fake("tokenmix::window_attention_fwd")
-def _(q, k, v, window_size, shift_size, bias_table, scale):
-    return k.new_empty(k.shape), k.new_empty(_lse_shape(k, window_size), dtype=_acc(k.dtype))
+# window_attention_fwd has a C++ Meta kernel instead: the log-sum-exp's shape is defined once,
+# beside the kernels that write it.
 
 
 @torch.library.register_fake("tokenmix::window_attention_backward")
