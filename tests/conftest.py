@@ -14,7 +14,8 @@ import torch
 
 import tokenmix  # noqa: F401  (registers the ops)
 from tokenmix import registry
-from tokenmix.testing import TOL_FACTOR, TOL_FLOOR, assert_close_to_exact, check_against_oracle, clone_inputs
+from tokenmix.testing import (TOL_FACTOR, TOL_FLOOR, assert_close_to_exact, check_against_oracle, clone_inputs,
+                              grad_leaves)
 
 __all__ = ["HAS_CUDA", "DEVICES", "DTYPES", "TOL_FLOOR", "TOL_FACTOR", "AUTOCAST", "device_dtype_params",
            "assert_close_to_exact", "check_against_oracle", "check_gradcheck", "check_opcheck",
@@ -95,47 +96,28 @@ AUTOCAST = [
 ]
 
 
-def _detached(inputs: Sequence, to: torch.dtype | None) -> list:
-    """Leaf copies of the floating tensors (also inside lists), each in its own dtype unless `to`
-    is given, all requiring grad."""
-    out = []
-    for t in inputs:
-        if isinstance(t, list):
-            out.append(_detached(t, to))
-        elif isinstance(t, torch.Tensor) and t.is_floating_point():
-            out.append(t.detach().to(to or t.dtype).clone().requires_grad_(True))
-        else:
-            out.append(t)
-    return out
-
-
-def _leaves(inputs: list) -> list:
-    return [t for a in inputs for t in (a if isinstance(a, list) else [a])
-            if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
 def check_autocast(fused: Callable, oracle: Callable, inputs: Sequence, device: str,
                    amp_dtype: torch.dtype, out_dtypes: Sequence[torch.dtype], seed: int = 0) -> None:
     """`fused` under ``torch.autocast(device, amp_dtype)`` vs the fp64 oracle, with the accuracy
     rule of `assert_close_to_exact` at the autocast dtype's floor and relative to the error of the
     eager oracle under the same autocast. Inputs keep their own dtypes (mixed ones included);
     floating outputs must have `out_dtypes` (the op's policy), every gradient its input's dtype."""
-    exact_in = _detached(inputs, torch.float64)
+    exact_in = clone_inputs(inputs, torch.float64, True)
     exact_outs = oracle(*exact_in)
     exact_outs = [o for o in (exact_outs if isinstance(exact_outs, (tuple, list)) else [exact_outs])
                   if o.is_floating_point()]
     gen = torch.Generator().manual_seed(seed)
     grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in exact_outs]
-    exact_grads = torch.autograd.grad(exact_outs, _leaves(exact_in), grad_outs, allow_unused=True)
+    exact_grads = torch.autograd.grad(exact_outs, grad_leaves(exact_in, None)[0], grad_outs, allow_unused=True)
 
     def run(fn):
-        ins = _detached(inputs, None)
+        ins = clone_inputs(inputs, None, True)
         with torch.autocast(device, dtype=amp_dtype):
             outs = fn(*ins)
         outs = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs]) if o.is_floating_point()]
-        grads = torch.autograd.grad(outs, _leaves(ins), [g.to(o.dtype) for g, o in zip(grad_outs, outs)],
+        grads = torch.autograd.grad(outs, grad_leaves(ins, None)[0], [g.to(o.dtype) for g, o in zip(grad_outs, outs)],
                                     allow_unused=True)
-        return outs, grads, _leaves(ins)
+        return outs, grads, grad_leaves(ins, None)[0]
 
     eager_outs, eager_grads, _ = run(oracle)
     fused_outs, fused_grads, leaves = run(fused)

@@ -7,7 +7,6 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import tokenmix
 import tokenmix.ops as tm
@@ -15,6 +14,7 @@ from conftest import AUTOCAST, DEVICES, assert_close_to_exact, check_autocast
 from tokenmix import reference as ref
 from tokenmix import registry
 from tokenmix.nn import DeformablePatchMerging, GlobalWindowAttention, GnConv, WindowAttention
+from tokenmix.testing import module_functions
 
 GEN = torch.Generator().manual_seed(11)
 F32, BF16 = torch.float32, torch.bfloat16
@@ -195,30 +195,15 @@ def test_low_precision_weights_without_autocast_still_rejected():
 # ---- modules --------------------------------------------------------------------------------
 
 
-def _module_fns(mod: torch.nn.Module, oracle_forward, extra: int):
-    """(fused, oracle) as functions of (*inputs, *parameters), for check_autocast; the first
-    `extra` + 1 arguments are the module's inputs."""
-    names = [n for n, _ in mod.named_parameters()]
-
-    def run_fused(*args):
-        return functional_call(mod, dict(zip(names, args[extra + 1:])), tuple(args[:extra + 1]))
-
-    def run_oracle(*args):
-        return oracle_forward(dict(zip(names, args[extra + 1:])), *args[:extra + 1])
-
-    return run_fused, run_oracle, [p.detach() for p in mod.parameters()]
-
-
 def _module_case(name, device):
-    """(module, oracle forward(params, *inputs) from tokenmix.reference.modules, inputs)."""
+    """(module, oracle forward(module, params, *inputs) from tokenmix.reference.modules, inputs)."""
     torch.manual_seed(3)
     if name == "WindowAttention":
         mod = WindowAttention(32, 2, window_size=4, shift_size=2)
-        return mod, functools.partial(ref.modules.window_attention, mod), [rnd(2, 8, 8, 32)]
+        return mod, ref.modules.window_attention, [rnd(2, 8, 8, 32)]
     if name == "GlobalWindowAttention":
         mod = GlobalWindowAttention(32, 2, window_size=4)
-        return (mod, functools.partial(ref.modules.global_window_attention, mod),
-                [rnd(2, 8, 8, 32), rnd(2, 4, 4, 32)])
+        return mod, ref.modules.global_window_attention, [rnd(2, 8, 8, 32), rnd(2, 4, 4, 32)]
     if name == "DeformablePatchMerging":
         # Eval mode: in train mode BatchNorm makes the gradient of dconv.bias cancel to zero
         # exactly, so its error could only be judged against the terms that cancel.
@@ -227,9 +212,9 @@ def _module_case(name, device):
             mod.dconv.conv_offset.weight.normal_(0, 0.1, generator=GEN)
             mod.norm_layer.running_mean.normal_(0, 0.2, generator=GEN)
             mod.norm_layer.running_var.uniform_(0.5, 1.5, generator=GEN)
-        return mod, functools.partial(ref.modules.deformable_patch_merging, mod), [rnd(2, 8, 8, 10)]
+        return mod, ref.modules.deformable_patch_merging, [rnd(2, 8, 8, 10)]
     mod = GnConv(16, order=3)
-    return mod, functools.partial(ref.modules.gnconv, mod), [rnd(2, 16, 7, 6)]
+    return mod, ref.modules.gnconv, [rnd(2, 16, 7, 6)]
 
 
 MODULES = ["WindowAttention", "GlobalWindowAttention", "DeformablePatchMerging", "GnConv"]
@@ -240,7 +225,8 @@ MODULES = ["WindowAttention", "GlobalWindowAttention", "DeformablePatchMerging",
 def test_module_under_autocast(device, amp, name):
     mod, oracle_forward, inputs = _module_case(name, device)
     mod = mod.to(device)
-    fused, oracle, params = _module_fns(mod, oracle_forward, len(inputs) - 1)
+    fused, oracle, _ = module_functions(mod, oracle_forward, len(inputs))
+    params = [p.detach() for p in mod.parameters()]
     check_autocast(fused, oracle, [x.to(device) for x in inputs] + params, device, amp, [amp])
 
 

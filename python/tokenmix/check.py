@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, TextIO, Tuple
 
 import torch
-from torch.func import functional_call
 
 from tokenmix import registry
 from tokenmix.registry import ModuleSpec, OpSpec
 from tokenmix.samples import Sample
-from tokenmix.testing import Comparison, compare_with_oracle
+from tokenmix.testing import Comparison, compare_with_oracle, module_functions
 
 __all__ = ["Row", "select", "check_op", "check_module", "run", "format_row", "summary", "HEADER"]
 
@@ -109,17 +108,10 @@ def check_module(spec: ModuleSpec, device: str, dtypes: Sequence[torch.dtype]) -
         except Exception as exc:
             rows.append(Row(spec.name, "(building module)", _failure("module", dtype, exc)))
             continue
-        mod, n_in = ms.module, len(ms.inputs)
-        params = dict(mod.named_parameters())
-        names = list(params)
-
-        def fused(*args, mod=mod, names=names, n_in=n_in):
-            return functional_call(mod, dict(zip(names, args[n_in:])), tuple(args[:n_in]))
-
-        def oracle(*args, mod=mod, names=names, n_in=n_in):
-            return forward(mod, dict(zip(names, args[n_in:])), *args[:n_in])
-
-        inputs = [t.to(device, dtype) for t in ms.inputs] + [p.detach().to(device, dtype) for p in params.values()]
+        mod = ms.module
+        fused, oracle, names = module_functions(mod, forward, len(ms.inputs))
+        inputs = ([t.to(device, dtype) for t in ms.inputs]
+                  + [p.detach().to(device, dtype) for p in mod.parameters()])
         rows += _compare(spec.name, ms.name, dtype, fused, oracle, inputs, list(ms.input_names) + names)
     return rows
 

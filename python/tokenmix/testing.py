@@ -9,13 +9,13 @@ for the cases where eager happens to be exact. Integer outputs must match exactl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["TOL_FLOOR", "TOL_FACTOR", "Comparison", "compare_to_exact", "assert_close_to_exact",
-           "clone_inputs", "compare_with_oracle", "check_against_oracle"]
+           "clone_inputs", "compare_with_oracle", "check_against_oracle", "module_functions", "grad_leaves"]
 
 # (rtol, atol) floors per dtype, and how much worse than the eager oracle a fused op may be.
 TOL_FLOOR = {
@@ -94,7 +94,7 @@ def clone_inputs(inputs: Sequence, dtype: Optional[torch.dtype], requires_grad: 
     return out
 
 
-def _leaves(inputs: Sequence, names: Optional[Sequence[str]]) -> tuple[list, list]:
+def grad_leaves(inputs: Sequence, names: Optional[Sequence[str]]) -> tuple[list, list]:
     """The tensors that require grad, lists flattened, and a name for each: ``names[i]`` (with
     ``[j]`` for list members), or ``input i`` / ``input i[j]`` without names."""
     leaves, labels = [], []
@@ -136,13 +136,13 @@ def compare_with_oracle(fused: Callable, oracle: Callable, inputs: Sequence, dty
     gen = torch.Generator().manual_seed(seed)
     grad_outs = [torch.randn(o.shape, generator=gen, dtype=torch.float64)
                  for o in exact_outs if o.is_floating_point()]
-    exact_leaves, labels = _leaves(exact_in, names)
+    exact_leaves, labels = grad_leaves(exact_in, names)
     exact_grads = _grads(exact_outs, exact_leaves, grad_outs)
 
     def run(fn: Callable) -> tuple[list, list]:
         ins = clone_inputs(inputs, dtype, True)
         outs = _outputs(fn(*ins))
-        return outs, _grads(outs, _leaves(ins, names)[0], grad_outs)
+        return outs, _grads(outs, grad_leaves(ins, names)[0], grad_outs)
 
     eager_outs, eager_grads = run(oracle)
     fused_outs, fused_grads = run(fused)
@@ -181,3 +181,25 @@ def check_against_oracle(fused: Callable, oracle: Callable, inputs: Sequence, dt
     fails."""
     for c in compare_with_oracle(fused, oracle, inputs, dtype, seed=seed):
         assert c.ok, c.message()
+
+
+def module_functions(mod: torch.nn.Module, oracle_forward: Callable, n_inputs: int
+                     ) -> Tuple[Callable, Callable, List[str]]:
+    """A module and the oracle of its computation as functions of ``(*inputs, *parameters)``,
+    so the comparisons above take gradients of the parameters like of any input.
+
+    ``oracle_forward(mod, params, *inputs)`` computes what `mod` computes with the parameters in
+    ``params`` (a name -> tensor dict); the fused side runs `mod` itself through
+    ``torch.func.functional_call``. Returns ``(fused, oracle, parameter names)``.
+    """
+    from torch.func import functional_call
+
+    names = [n for n, _ in mod.named_parameters()]
+
+    def fused(*args):
+        return functional_call(mod, dict(zip(names, args[n_inputs:])), tuple(args[:n_inputs]))
+
+    def oracle(*args):
+        return oracle_forward(mod, dict(zip(names, args[n_inputs:])), *args[:n_inputs])
+
+    return fused, oracle, names
