@@ -26,10 +26,11 @@ def cmd_info(_args=None) -> int:
         print(f"cutlass  {'yes' if i['cutlass'] else 'no (gnconv gated GEMMs use ATen GEMMs + elementwise)'}")
     else:
         print("cuda     not compiled (rebuild with a CUDA build of torch and nvcc, TOKENMIX_CUDA=ON)")
-    print(f"\n{'op':<18}{'family':<18}{'cpu':<6}{'cuda':<6}{'backward':<9}")
+    w = max(map(len, i["ops"]), default=0) + 2
+    print(f"\n{'op':<{w}}{'family':<18}{'cpu':<6}{'cuda':<6}{'backward':<9}")
     for op, d in i["ops"].items():
         yes = lambda b: "yes" if b else "-"  # noqa: E731
-        print(f"{op:<18}{d['family']:<18}{yes(d['cpu']):<6}{yes(d['cuda']):<6}{yes(d['autograd']):<9}")
+        print(f"{op:<{w}}{d['family']:<18}{yes(d['cpu']):<6}{yes(d['cuda']):<6}{yes(d['autograd']):<9}")
     return 0
 
 
@@ -82,9 +83,10 @@ def cmd_ops(args) -> int:
     if args.readme_table:
         print(registry.readme_op_table())
         return 0
-    print(f"{'op':<18}{'family':<18}{'autocast':<10}{'seed models':<24}test module")
+    w = max((len(s.name) for s in specs), default=0) + 2
+    print(f"{'op':<{w}}{'family':<18}{'autocast':<10}{'seed models':<26}test module")
     for spec in specs:
-        print(f"{spec.name:<18}{spec.family:<18}{spec.autocast:<10}{', '.join(spec.seed_models):<24}{spec.test_file}")
+        print(f"{spec.name:<{w}}{spec.family:<18}{spec.autocast:<10}{', '.join(spec.seed_models):<26}{spec.test_file}")
     return 0
 
 

@@ -171,6 +171,7 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in [
     Family("window_attention", "windowed attention", "tokenmix.bench.window_attention", {"cpu": 4, "cuda": 64}),
     Family("deform_conv2d", "deformable token merging", "tokenmix.bench.deform_conv2d", {"cpu": 4, "cuda": 64}),
     Family("gnconv", "recursive gated convolution", "tokenmix.bench.gnconv", {"cpu": 4, "cuda": 64}),
+    Family("shift", "shifted / rearranged token mixing", "tokenmix.bench.shift", {"cpu": 4, "cuda": 64}),
 ]}
 
 # In the order the README's op table lists them.
@@ -194,6 +195,16 @@ OPS: Dict[str, OpSpec] = {o.name: o for o in [
            ("x", "proj_in_weight", "proj_in_bias", "dw_weight", "dw_bias", "pw_weights", "pw_biases",
             "proj_out_weight", "proj_out_bias"),
            backward_summary="x and every weight and bias"),
+    *[OpSpec(name, "shift", seeds, f"tokenmix.reference.shift:{name}", f"tokenmix.bench.shift_samples:{name}_samples",
+             autocast, grads)
+      for name, seeds, autocast, grads in [
+          ("shift_tokens", ("AS-MLP", "S²-MLP", "ShiftViT"), "keep", ("x",)),
+          ("shift_linear", ("AS-MLP", "CycleMLP"), "lower", ("x", "weight", "bias")),
+          ("region_fold", ("Hire-MLP",), "keep", ("x",)),
+          ("region_unfold", ("Hire-MLP",), "keep", ("y",)),
+          ("region_fold_linear", ("Hire-MLP", "RaftMLP"), "lower", ("x", "weight", "bias")),
+          ("linear_region_unfold", ("Hire-MLP", "RaftMLP"), "lower", ("y", "weight", "bias")),
+      ]],
 ]}
 
 MODULES: Dict[str, ModuleSpec] = {m.name: m for m in [

@@ -326,7 +326,9 @@ def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: i
 
 
 def format_table(result: dict) -> str:
-    head = (f"{'op':<18}{'case':<44}{'pass':<9}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}"
+    wo = max([len(r["op"]) for r in result["rows"]] + [16]) + 2
+    wc = max([len(r["case"]) for r in result["rows"]] + [42]) + 2
+    head = (f"{'op':<{wo}}{'case':<{wc}}{'pass':<9}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}"
             f"{'x eager':>9}{'x compile':>10}{'GB/s':>8}{'% copy':>8}{'max err':>10}")
     amp = f", autocast {result['autocast']}" if result.get("autocast") else ""
     lines = [f"device: {result['device']} ({result['device_type']}, {result['dtype']}{amp}, "
@@ -337,7 +339,7 @@ def format_table(result: dict) -> str:
         xcomp = f"{r['speedup_vs_compiled']:.2f}" if r["speedup_vs_compiled"] else "-"
         gbps = f"{r['gbps']:.1f}" if r["gbps"] else "-"
         pct = f"{r['pct_of_copy']:.0f}%" if r["pct_of_copy"] else "-"
-        lines.append(f"{r['op']:<18}{r['case']:<44}{r['mode']:<9}{r['fused_ms']:>10.3f}"
+        lines.append(f"{r['op']:<{wo}}{r['case']:<{wc}}{r['mode']:<9}{r['fused_ms']:>10.3f}"
                      f"{r['eager_ms']:>10.3f}{comp:>11}{r['speedup_vs_eager']:>9.2f}{xcomp:>10}"
                      f"{gbps:>8}{pct:>8}{r['max_abs_err']:>10.1e}"
                      + (f"   fused/floor {r['extra']['fused_over_floor']:.2f}"

@@ -1,0 +1,407 @@
+// CPU kernels of the shifted / rearranged token-mixing family: the four primitives of
+// shift_problem.h.
+//
+// Everything moves whole grid rows: a row (b, k, gy) of the grid [B, K, GH, GW] reads one source
+// row through a RowRule (shift_math.h's map, resolved once per row): the same columns, the columns
+// shifted by dx (zeros or wrapped), or a column table (a fold along the columns). Sources whose
+// columns are not contiguous (channels_last, strided views) take an element-by-element path
+// through source_offset, the function the CUDA kernels use.
+//
+// The projections (linear, weight_grad) run over tiles: bands of whole grid rows of one image, of
+// about kTileFloats / max(K, J) pixels. A tile's operand is packed through the map into per-thread
+// scratch as a [K, pixels] matrix in the accumulation type, which is the GEMM's operand load: the
+// shifted or folded tensor never exists beyond one tile, and a tile stays in cache. The GEMM is
+// ATen's (at::mm_out), single-threaded inside the tile loop. Its result goes straight into the
+// output where the output's pixels of a band are one strided matrix (NCHW or channels_last, no
+// store map), else through scratch and the store map, row by row. Weight gradients sum per-chunk
+// partials (a chunk: a fixed range of tiles) in chunk order, so their bits do not depend on the
+// thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/rows.h"
+#include "cpu/scratch.h"
+#include "shift_problem.h"
+#include "tokenmix/checks.h"
+
+namespace tokenmix {
+namespace shift {
+namespace {
+
+using namespace cpu;
+
+enum class Slot { kOperand, kGrad, kResult, kRow, kCount };
+
+// Floats of one packed tile operand: it and the result tile fit in a core's L2 cache.
+constexpr int64_t kTileFloats = 48 * 1024;
+constexpr int64_t kMaxChunks = 32;
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// How one grid row reads its source row, for sources with contiguous columns.
+struct RowRule {
+  enum Kind { Zero, Same, Shift, Table } kind;
+  int64_t base;          // offset of the source row's column 0
+  int64_t dx;            // Shift: normalised column shift
+  bool circular;         // Shift
+  const int64_t* table;  // Table: grid column -> source column, or -1
+};
+
+// Column tables of a fold along axis 3: table[kk * GW + gx] = source column of padded position
+// gx * p + kk, or -1.
+std::vector<int64_t> fold_column_table(const TokenMap& m) {
+  std::vector<int64_t> t;
+  if (m.kind == MapKind::Fold && m.axis == 3) {
+    const int64_t GW = m.GW();
+    t.resize(m.p * GW);
+    for (int64_t kk = 0; kk < m.p; ++kk) {
+      for (int64_t gx = 0; gx < GW; ++gx) t[kk * GW + gx] = fold_source(m, gx * m.p + kk);
+    }
+  }
+  return t;
+}
+
+RowRule row_rule(const TokenMap& m, const Strides4& st, const std::vector<int64_t>& cols,
+                 int64_t b, int64_t k, int64_t gy) {
+  const int64_t base = b * st.b;
+  switch (m.kind) {
+    case MapKind::Shift: {
+      const int64_t h = shifted_source(gy, m.dyx[2 * k], m.H, m.circular);
+      if (h < 0) return {RowRule::Zero, 0, 0, false, nullptr};
+      return {RowRule::Shift, base + k * st.c + h * st.h, m.dyx[2 * k + 1], m.circular, nullptr};
+    }
+    case MapKind::Fold: {
+      const int64_t c = k / m.p, kk = k - c * m.p;
+      if (m.axis == 3) {
+        return {RowRule::Table, base + c * st.c + gy * st.h, 0, false, cols.data() + kk * m.GW()};
+      }
+      const int64_t h = fold_source(m, gy * m.p + kk);
+      if (h < 0) return {RowRule::Zero, 0, 0, false, nullptr};
+      return {RowRule::Same, base + c * st.c + h * st.h, 0, false, nullptr};
+    }
+    default:
+      return {RowRule::Same, base + k * st.c + gy * st.h, 0, false, nullptr};
+  }
+}
+
+template <typename D, typename S>
+void convert(D* dst, const S* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+}
+
+// dst[gx] = source element of grid column gx (0 where the map reads zero), gx < n.
+template <typename S, typename D>
+void load_row(const RowRule& r, const S* src, int64_t n, D* dst) {
+  const S* row = src + r.base;
+  switch (r.kind) {
+    case RowRule::Zero:
+      std::fill(dst, dst + n, D(0));
+      return;
+    case RowRule::Same:
+      convert(dst, row, n);
+      return;
+    case RowRule::Shift:
+      if (r.circular) {  // dx in [0, n): columns [0, dx) wrap to the row's end
+        convert(dst, row + n - r.dx, r.dx);
+        convert(dst + r.dx, row, n - r.dx);
+      } else {  // dx in [-n, n]: columns whose source lies outside read zero
+        const int64_t lo = std::max<int64_t>(0, r.dx), hi = std::min<int64_t>(n, n + r.dx);
+        std::fill(dst, dst + lo, D(0));
+        convert(dst + lo, row + lo - r.dx, hi - lo);
+        std::fill(dst + std::max(lo, hi), dst + n, D(0));
+      }
+      return;
+    case RowRule::Table:
+      for (int64_t gx = 0; gx < n; ++gx) {
+        dst[gx] = r.table[gx] < 0 ? D(0) : static_cast<D>(row[r.table[gx]]);
+      }
+      return;
+  }
+}
+
+// The inverse: source element of grid column gx = src[gx], for the columns the map reads.
+template <typename S, typename D>
+void store_row(const RowRule& r, const S* src, int64_t n, D* dst) {
+  D* row = dst + r.base;
+  switch (r.kind) {
+    case RowRule::Zero:
+      return;
+    case RowRule::Same:
+      convert(row, src, n);
+      return;
+    case RowRule::Shift:
+      if (r.circular) {
+        convert(row + n - r.dx, src, r.dx);
+        convert(row, src + r.dx, n - r.dx);
+      } else {
+        const int64_t lo = std::max<int64_t>(0, r.dx), hi = std::min<int64_t>(n, n + r.dx);
+        if (hi > lo) convert(row + lo - r.dx, src + lo, hi - lo);
+      }
+      return;
+    case RowRule::Table:
+      for (int64_t gx = 0; gx < n; ++gx) {
+        if (r.table[gx] >= 0) row[r.table[gx]] = static_cast<D>(src[gx]);
+      }
+      return;
+  }
+}
+
+// A grid row through the map, element by element (sources with non-contiguous columns).
+template <typename S, typename D>
+void load_row_strided(const TokenMap& m, const Strides4& st, const S* src, int64_t b, int64_t k,
+                      int64_t gy, int64_t n, D* dst) {
+  for (int64_t gx = 0; gx < n; ++gx) {
+    const int64_t o = source_offset(m, st, b, k, gy, gx);
+    dst[gx] = o < 0 ? D(0) : static_cast<D>(src[o]);
+  }
+}
+
+template <typename S, typename D>
+void store_row_strided(const TokenMap& m, const Strides4& st, const S* src, int64_t b, int64_t k,
+                       int64_t gy, int64_t n, D* dst) {
+  for (int64_t gx = 0; gx < n; ++gx) {
+    const int64_t o = source_offset(m, st, b, k, gy, gx);
+    if (o >= 0) dst[o] = static_cast<D>(src[gx]);
+  }
+}
+
+// Reads and writes grid rows of one source tensor through one map.
+template <typename S>
+struct MappedRows {
+  const TokenMap& m;
+  Strides4 st;
+  std::vector<int64_t> cols;
+  int64_t n;  // GW
+
+  MappedRows(const TokenMap& map, const at::Tensor& t)
+      : m(map), st(strides_of(t)), cols(fold_column_table(map)), n(map.GW()) {}
+
+  template <typename D>
+  void load(const S* src, int64_t b, int64_t k, int64_t gy, D* dst) const {
+    if (st.w == 1) {
+      load_row(row_rule(m, st, cols, b, k, gy), src, n, dst);
+    } else {
+      load_row_strided(m, st, src, b, k, gy, n, dst);
+    }
+  }
+  template <typename A>
+  void store(const A* src, int64_t b, int64_t k, int64_t gy, S* dst) const {
+    if (st.w == 1) {
+      store_row(row_rule(m, st, cols, b, k, gy), src, n, dst);
+    } else {
+      store_row_strided(m, st, src, b, k, gy, n, dst);
+    }
+  }
+};
+
+// ---- gather and unfold --------------------------------------------------------------------------
+
+template <typename S>
+void gather_typed(const at::Tensor& src, const TokenMap& m, at::Tensor& out) {
+  const MappedRows<S> rows(m, src);
+  const Strides4 os = strides_of(out);
+  const S* s = src.const_data_ptr<S>();
+  S* o = out.mutable_data_ptr<S>();
+  const int64_t K = m.K(), GH = m.GH(), GW = m.GW();
+  at::parallel_for(0, out.size(0) * K * GH, std::max<int64_t>(1, 16384 / GW), [&](int64_t r0, int64_t r1) {
+    S* tmp = os.w == 1 ? nullptr : scratch<S>(Slot::kRow, GW);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t gy = r % GH, k = (r / GH) % K, b = r / (GH * K);
+      S* dst = o + b * os.b + k * os.c + gy * os.h;
+      rows.load(s, b, k, gy, os.w == 1 ? dst : tmp);
+      if (os.w != 1) {
+        for (int64_t gx = 0; gx < GW; ++gx) dst[gx * os.w] = tmp[gx];
+      }
+    }
+  });
+}
+
+void gather(const at::Tensor& src, const TokenMap& m, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "shift_gather",
+                                  [&] { gather_typed<scalar_t>(src, m, out); });
+}
+
+// out[b, c, i (along the axis), o] = grid at padded position fold_target(i) (+ its padded copy
+// with wrap), element by element; the accumulation type adds the two copies.
+template <typename S>
+void unfold_typed(const at::Tensor& grid, const TokenMap& m, at::Tensor& out) {
+  using A = at::opmath_type<S>;
+  const Strides4 gs = strides_of(grid), os = strides_of(out);
+  const S* g = grid.const_data_ptr<S>();
+  S* o = out.mutable_data_ptr<S>();
+  const int64_t C = m.C, H = m.H, W = m.W;
+  at::parallel_for(0, out.size(0) * C * H, std::max<int64_t>(1, 16384 / W), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = r % H, c = (r / H) % C, b = r / (H * C);
+      S* dst = o + b * os.b + c * os.c + h * os.h;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t i = m.axis == 2 ? h : w, other = m.axis == 2 ? w : h;
+        const int64_t t = fold_target(m, i);
+        GridPos q = fold_grid_pos(m, c, t, other);
+        A v = static_cast<A>(g[b * gs.b + q.k * gs.c + q.gy * gs.h + q.gx * gs.w]);
+        if (m.wrap && t + m.L < m.Lp) {
+          q = fold_grid_pos(m, c, t + m.L, other);
+          v += static_cast<A>(g[b * gs.b + q.k * gs.c + q.gy * gs.h + q.gx * gs.w]);
+        }
+        dst[w * os.w] = static_cast<S>(v);
+      }
+    }
+  });
+}
+
+void unfold(const at::Tensor& grid, const TokenMap& m, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(), "shift_unfold",
+                                  [&] { unfold_typed<scalar_t>(grid, m, out); });
+}
+
+// ---- projections --------------------------------------------------------------------------------
+
+// Bands of whole grid rows: tile t covers image t / bands, grid rows [y0, y1).
+struct Tiles {
+  int64_t GH, GW, rows, bands, count;
+  Tiles(int64_t B, int64_t GH_, int64_t GW_, int64_t width)
+      : GH(GH_), GW(GW_) {
+    const int64_t pixels = std::clamp<int64_t>(kTileFloats / std::max<int64_t>(width, 1), 16, 1024);
+    rows = std::clamp<int64_t>((pixels + GW - 1) / std::max<int64_t>(GW, 1), 1, std::max<int64_t>(GH, 1));
+    bands = (GH + rows - 1) / rows;
+    count = B * bands;
+  }
+  int64_t image(int64_t t) const { return t / bands; }
+  int64_t y0(int64_t t) const { return (t % bands) * rows; }
+  int64_t y1(int64_t t) const { return std::min(GH, y0(t) + rows); }
+};
+
+// Packs grid rows [y0, y1) of image b, channels [0, K), as a [K, (y1 - y0) * GW] matrix.
+template <typename S, typename A>
+void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t b, int64_t y0, int64_t y1,
+          A* buf) {
+  const int64_t GW = rows.n, n = (y1 - y0) * GW;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t gy = y0; gy < y1; ++gy) rows.load(src, b, k, gy, buf + k * n + (gy - y0) * GW);
+  }
+}
+
+// The output's pixels of band [y0, y1) of image b as a [J, n] matrix, where the output (a grid of
+// the identity map) is NCHW or channels_last; undefined otherwise.
+at::Tensor direct_view(at::Tensor& out, int64_t b, int64_t y0, int64_t y1) {
+  const int64_t J = out.size(1), GW = out.size(3), n = (y1 - y0) * GW;
+  const auto s = out.strides();
+  const bool nchw = s[3] == 1 && s[2] == GW;
+  const bool nhwc = s[1] == 1 && s[3] == J && s[2] == GW * J;
+  if (!nchw && !nhwc) {
+    return at::Tensor();
+  }
+  const int64_t pix = nchw ? 1 : J;
+  return out.as_strided({J, n}, {s[1], pix}, out.storage_offset() + b * s[0] + y0 * s[2]);
+}
+
+template <typename S>
+void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tensor& weight,
+                  const at::Tensor& bias, const TokenMap& out_map, at::Tensor& out) {
+  using A = at::opmath_type<S>;  // acc_scalar_type: weight and bias arrive in it
+  const int64_t K = in_map.K(), J = weight.size(0);
+  const Tiles tiles(src.size(0), in_map.GH(), in_map.GW(), std::max(K, J));
+  const MappedRows<S> in(in_map, src);
+  const MappedRows<S> store(out_map, out);
+  const bool identity_store = out_map.kind == MapKind::Identity;
+  const S* s = src.const_data_ptr<S>();
+  S* o = out.mutable_data_ptr<S>();
+  const A* bp = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
+  at::parallel_for(0, tiles.count, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = tiles.image(t), y0 = tiles.y0(t), y1 = tiles.y1(t), n = (y1 - y0) * tiles.GW;
+      A* abuf = scratch<A>(Slot::kOperand, K * n);
+      pack(in, s, K, b, y0, y1, abuf);
+      const at::Tensor a = blob(abuf, {K, n});
+      if constexpr (std::is_same_v<S, A>) {
+        at::Tensor view = identity_store ? direct_view(out, b, y0, y1) : at::Tensor();
+        if (view.defined()) {
+          if (bp != nullptr) {
+            at::addmm_out(view, bias.view({J, 1}).expand({J, n}), weight, a);
+          } else {
+            at::mm_out(view, weight, a);
+          }
+          continue;
+        }
+      }
+      A* rbuf = scratch<A>(Slot::kResult, J * n);
+      at::Tensor r = blob(rbuf, {J, n});
+      at::mm_out(r, weight, a);
+      for (int64_t j = 0; j < J; ++j) {
+        A* row = rbuf + j * n;
+        if (bp != nullptr) {
+          for (int64_t i = 0; i < n; ++i) row[i] += bp[j];
+        }
+        for (int64_t gy = y0; gy < y1; ++gy) {
+          store.store(row + (gy - y0) * tiles.GW, b, j, gy, o);
+        }
+      }
+    }
+  });
+}
+
+void linear(const at::Tensor& src, const TokenMap& in_map, const at::Tensor& weight,
+            const at::Tensor& bias, const TokenMap& out_map, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "shift_linear",
+                                  [&] { linear_typed<scalar_t>(src, in_map, weight, bias, out_map, out); });
+}
+
+template <typename S>
+void weight_grad_typed(const at::Tensor& grad, const TokenMap& g_map, const at::Tensor& src,
+                       const TokenMap& a_map, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using A = at::opmath_type<S>;
+  const int64_t J = g_map.K(), K = a_map.K();
+  const Tiles tiles(src.size(0), a_map.GH(), a_map.GW(), std::max(K, J));
+  const MappedRows<S> gr(g_map, grad), ar(a_map, src);
+  const S* g = grad.const_data_ptr<S>();
+  const S* s = src.const_data_ptr<S>();
+  const int64_t chunks = std::min(tiles.count, kMaxChunks);
+  at::Tensor pw = at::zeros({chunks, J, K}, grad_weight.options());
+  at::Tensor pb = at::zeros({chunks, J}, grad_bias.options());
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      at::Tensor w = pw[c];
+      A* bsum = pb[c].mutable_data_ptr<A>();
+      for (int64_t t = c * tiles.count / chunks; t < (c + 1) * tiles.count / chunks; ++t) {
+        const int64_t b = tiles.image(t), y0 = tiles.y0(t), y1 = tiles.y1(t), n = (y1 - y0) * tiles.GW;
+        A* gbuf = scratch<A>(Slot::kGrad, J * n);
+        A* abuf = scratch<A>(Slot::kOperand, K * n);
+        pack(gr, g, J, b, y0, y1, gbuf);
+        pack(ar, s, K, b, y0, y1, abuf);
+        w.addmm_(blob(gbuf, {J, n}), blob(abuf, {K, n}).t());
+        for (int64_t j = 0; j < J; ++j) {
+          A acc = 0;
+          for (int64_t i = 0; i < n; ++i) acc += gbuf[j * n + i];
+          bsum[j] += acc;
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < chunks; ++c) {
+    grad_weight.add_(pw[c]);
+    grad_bias.add_(pb[c]);
+  }
+}
+
+void weight_grad(const at::Tensor& grad, const TokenMap& g_map, const at::Tensor& src,
+                 const TokenMap& a_map, at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "shift_weight_grad",
+                                  [&] { weight_grad_typed<scalar_t>(grad, g_map, src, a_map, grad_weight, grad_bias); });
+}
+
+}  // namespace
+
+TM_DEFINE_KERNELS(TM_CPU_KERNELS(shift), &gather, &unfold, &linear, &weight_grad)
+
+}  // namespace shift
+}  // namespace tokenmix
