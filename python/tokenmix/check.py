@@ -108,7 +108,9 @@ def check_module(spec: ModuleSpec, device: str, dtypes: Sequence[torch.dtype]) -
         except Exception as exc:
             rows.append(Row(spec.name, "(building module)", _failure("module", dtype, exc)))
             continue
-        mod = ms.module
+        # Buffers (BatchNorm's running statistics) must share the inputs' device and dtype; the
+        # parameters are passed beside the inputs.
+        mod = ms.module.to(device, dtype)
         fused, oracle, names = module_functions(mod, forward, len(ms.inputs))
         inputs = ([t.to(device, dtype) for t in ms.inputs]
                   + [p.detach().to(device, dtype) for p in mod.parameters()])

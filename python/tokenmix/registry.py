@@ -215,6 +215,14 @@ MODULES: Dict[str, ModuleSpec] = {m.name: m for m in [
     ModuleSpec("DeformConv2dPack", ("deform_conv2d",), "tokenmix.bench.deform_conv2d:deform_conv2d_pack_module_sample",
                "tokenmix.reference.modules:deform_conv2d_pack"),
     ModuleSpec("GnConv", ("gnconv",), "tokenmix.bench.gnconv:gnconv_module_sample", "tokenmix.reference.modules:gnconv"),
+    ModuleSpec("HireMLP", ("region_fold_linear", "linear_region_unfold"), "tokenmix.bench.shift_modules:hire_mlp_module_sample",
+               "tokenmix.reference.shift_official:hire_mlp"),
+    ModuleSpec("CycleFC", ("shift_linear",), "tokenmix.bench.shift_modules:cycle_fc_module_sample",
+               "tokenmix.reference.shift_official:cycle_fc"),
+    ModuleSpec("AxialShift", ("shift_linear",), "tokenmix.bench.shift_modules:axial_shift_module_sample",
+               "tokenmix.reference.shift_official:axial_shift"),
+    ModuleSpec("RaftTokenMixer", ("region_fold_linear", "linear_region_unfold"),
+               "tokenmix.bench.shift_modules:raft_token_mixer_module_sample", "tokenmix.reference.shift_official:raft_token_mixer"),
 ]}
 
 

@@ -18,6 +18,10 @@ void check_map(const char* op, const char* name, const at::Tensor& x) {
   check_floating(op, name, x);
 }
 
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
 TokenMap identity_map(const at::Tensor& t) {
   TokenMap m{};
   m.kind = MapKind::Identity;

@@ -22,6 +22,9 @@ void check_axis(const char* op, int64_t axis);
 void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& ref, const char* ref_name,
                 at::IntArrayRef shape);
 
+// The element strides of a [B, C, H, W] tensor, as the kernels take them.
+Strides4 strides_of(const at::Tensor& t);
+
 // The map that reads t itself.
 TokenMap identity_map(const at::Tensor& t);
 

@@ -29,6 +29,7 @@
 
 #include "cpu/rows.h"
 #include "cpu/scratch.h"
+#include "shift_args.h"
 #include "shift_problem.h"
 #include "tokenmix/checks.h"
 
@@ -43,10 +44,6 @@ enum class Slot { kOperand, kGrad, kResult, kRow, kCount };
 // Floats of one packed tile operand: it and the result tile fit in a core's L2 cache.
 constexpr int64_t kTileFloats = 48 * 1024;
 constexpr int64_t kMaxChunks = 32;
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
 
 // How one grid row reads its source row, for sources with contiguous columns.
 struct RowRule {

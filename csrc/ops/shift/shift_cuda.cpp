@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include "shift_params.h"
+#include "shift_args.h"
 #include "shift_problem.h"
 #include "tokenmix/checks.h"
 #include "tokenmix/cuda_launch.h"
@@ -14,10 +15,6 @@
 namespace tokenmix {
 namespace shift {
 namespace {
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
 
 // The kernels read weight and bias as contiguous arrays of the accumulation type; shift.cpp
 // prepares them so, and this keeps a future caller from handing them anything else.

@@ -13,6 +13,7 @@ from torch import Tensor
 
 import tokenmix.ops as tm
 from tokenmix.bench.harness import Case
+from tokenmix.bench.shift_modules import module_cases
 
 
 def _asmlp_shift(x: Tensor, shift_size: int, dim: int) -> Tensor:
@@ -115,8 +116,4 @@ def cases(batch: int) -> list[Case]:
             bytes_fwd=lambda dt, nx=nx, G=G, p=p, hw=hw: (nx + nx // hw * G * p) * size(dt),
             bytes_bwd=lambda dt, nx=nx, G=G, p=p, hw=hw: (nx + nx // hw * G * p) * size(dt)))
 
-    try:
-        from tokenmix.bench.shift_modules import module_cases
-    except ImportError:
-        return out
     return out + module_cases(batch)
