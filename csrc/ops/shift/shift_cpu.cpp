@@ -7,15 +7,15 @@
 // columns are not contiguous (channels_last, strided views) take an element-by-element path
 // through source_offset, the function the CUDA kernels use.
 //
-// The projections (linear, weight_grad) run over tiles: bands of whole grid rows of one image, of
-// about kTileFloats / max(K, J) pixels. A tile's operand is packed through the map into per-thread
-// scratch as a [K, pixels] matrix in the accumulation type, which is the GEMM's operand load: the
-// shifted or folded tensor never exists beyond one tile, and a tile stays in cache. The GEMM is
-// ATen's (at::mm_out), single-threaded inside the tile loop. Its result goes straight into the
-// output where the output's pixels of a band are one strided matrix (NCHW or channels_last, no
-// store map), else through scratch and the store map, row by row. Weight gradients sum per-chunk
-// partials (a chunk: a fixed range of tiles) in chunk order, so their bits do not depend on the
-// thread count.
+// The projections (linear, weight_grad) run over tiles: ranges of whole grid rows, across images,
+// of about kTileFloats / max(K, J) pixels (at least kMinTilePixels, so that Hire-MLP's small later
+// maps still give wide GEMMs). A tile's operand is packed through the map into per-thread scratch
+// as a [K, pixels] matrix in the accumulation type, which is the GEMM's operand load: the shifted
+// or folded tensor never exists beyond one tile. The GEMM is ATen's (at::mm_out), single-threaded
+// inside the tile loop. Its result goes straight into the output where the tile's pixels are one
+// strided matrix of it (one image, NCHW or channels_last, no store map), else through scratch and
+// the store map, row by row. Weight gradients sum per-chunk partials (a chunk: a fixed range of
+// tiles) in chunk order, so their bits do not depend on the thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -41,9 +41,16 @@ using namespace cpu;
 
 enum class Slot { kOperand, kGrad, kResult, kRow, kCount };
 
-// Floats of one packed tile operand: it and the result tile fit in a core's L2 cache.
+// Floats of one packed tile operand (it and the result tile stay in a core's L2 cache), bounded by
+// the pixels that make a GEMM wide enough to run at speed.
 constexpr int64_t kTileFloats = 48 * 1024;
+constexpr int64_t kMinTilePixels = 256;
+constexpr int64_t kMaxTilePixels = 2048;
+constexpr int64_t kTileGroup = 4;
+// Weight-gradient chunks: enough to spread over the cores, few enough that their partials stay
+// small next to the operands.
 constexpr int64_t kMaxChunks = 32;
+constexpr int64_t kPartialFloats = int64_t(1) << 20;
 
 // How one grid row reads its source row, for sources with contiguous columns.
 struct RowRule {
@@ -229,7 +236,8 @@ void gather(const at::Tensor& src, const TokenMap& m, at::Tensor& out) {
 }
 
 // out[b, c, i (along the axis), o] = grid at padded position fold_target(i) (+ its padded copy
-// with wrap), element by element; the accumulation type adds the two copies.
+// with wrap), the two copies added in the accumulation type: whole rows for a fold along the rows
+// of maps with contiguous columns, element by element otherwise.
 template <typename S>
 void unfold_typed(const at::Tensor& grid, const TokenMap& m, at::Tensor& out) {
   using A = at::opmath_type<S>;
@@ -241,6 +249,21 @@ void unfold_typed(const at::Tensor& grid, const TokenMap& m, at::Tensor& out) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % H, c = (r / H) % C, b = r / (H * C);
       S* dst = o + b * os.b + c * os.c + h * os.h;
+      if (m.axis == 2 && gs.w == 1 && os.w == 1) {
+        const int64_t t = fold_target(m, h);
+        const GridPos q = fold_grid_pos(m, c, t, 0);
+        const S* first = g + b * gs.b + q.k * gs.c + q.gy * gs.h;
+        if (m.wrap && t + m.L < m.Lp) {
+          const GridPos q2 = fold_grid_pos(m, c, t + m.L, 0);
+          const S* second = g + b * gs.b + q2.k * gs.c + q2.gy * gs.h;
+          for (int64_t w = 0; w < W; ++w) {
+            dst[w] = static_cast<S>(static_cast<A>(first[w]) + static_cast<A>(second[w]));
+          }
+        } else {
+          std::copy(first, first + W, dst);
+        }
+        continue;
+      }
       for (int64_t w = 0; w < W; ++w) {
         const int64_t i = m.axis == 2 ? h : w, other = m.axis == 2 ? w : h;
         const int64_t t = fold_target(m, i);
@@ -263,39 +286,47 @@ void unfold(const at::Tensor& grid, const TokenMap& m, at::Tensor& out) {
 
 // ---- projections --------------------------------------------------------------------------------
 
-// Bands of whole grid rows: tile t covers image t / bands, grid rows [y0, y1).
+// Tiles: ranges of whole grid rows, the rows of all images in a row (row r is row r % GH of image
+// r / GH), about `pixels` pixels each, so that small maps (Hire-MLP's later stages) still give
+// GEMMs wide enough to be efficient. Fixed by the shape alone, never by the thread count: the
+// GEMMs' results, and the weight gradients' order of summation, do not depend on it.
 struct Tiles {
-  int64_t GH, GW, rows, bands, count;
-  Tiles(int64_t B, int64_t GH_, int64_t GW_, int64_t width)
-      : GH(GH_), GW(GW_) {
-    const int64_t pixels = std::clamp<int64_t>(kTileFloats / std::max<int64_t>(width, 1), 16, 1024);
-    rows = std::clamp<int64_t>((pixels + GW - 1) / std::max<int64_t>(GW, 1), 1, std::max<int64_t>(GH, 1));
-    bands = (GH + rows - 1) / rows;
-    count = B * bands;
+  int64_t GH, GW, rows_total, rows, count;
+  Tiles(int64_t B, int64_t GH_, int64_t GW_, int64_t width) : GH(GH_), GW(GW_) {
+    const int64_t pixels = std::clamp<int64_t>(kTileFloats / std::max<int64_t>(width, 1), kMinTilePixels,
+                                               kMaxTilePixels);
+    rows_total = B * GH;
+    const int64_t target = std::max<int64_t>(1, pixels / std::max<int64_t>(GW, 1));
+    // A multiple of kTileGroup tiles of (nearly) equal rows, so that 1, 2 or 4 threads share them
+    // evenly.
+    count = (rows_total + target - 1) / target;
+    count = std::min(rows_total, (count + kTileGroup - 1) / kTileGroup * kTileGroup);
+    rows = count == 0 ? 1 : (rows_total + count - 1) / count;
+    count = rows_total == 0 ? 0 : (rows_total + rows - 1) / rows;
   }
-  int64_t image(int64_t t) const { return t / bands; }
-  int64_t y0(int64_t t) const { return (t % bands) * rows; }
-  int64_t y1(int64_t t) const { return std::min(GH, y0(t) + rows); }
+  int64_t r0(int64_t t) const { return t * rows; }
+  int64_t r1(int64_t t) const { return std::min(rows_total, r0(t) + rows); }
 };
 
-// Packs grid rows [y0, y1) of image b, channels [0, K), as a [K, (y1 - y0) * GW] matrix.
+// Packs grid rows [r0, r1) (across images), channels [0, K), as a [K, (r1 - r0) * GW] matrix.
 template <typename S, typename A>
-void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t b, int64_t y0, int64_t y1,
+void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t GH, int64_t r0, int64_t r1,
           A* buf) {
-  const int64_t GW = rows.n, n = (y1 - y0) * GW;
+  const int64_t GW = rows.n, n = (r1 - r0) * GW;
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t gy = y0; gy < y1; ++gy) rows.load(src, b, k, gy, buf + k * n + (gy - y0) * GW);
+    for (int64_t r = r0; r < r1; ++r) rows.load(src, r / GH, k, r % GH, buf + k * n + (r - r0) * GW);
   }
 }
 
-// The output's pixels of band [y0, y1) of image b as a [J, n] matrix, where the output (a grid of
-// the identity map) is NCHW or channels_last; undefined otherwise.
-at::Tensor direct_view(at::Tensor& out, int64_t b, int64_t y0, int64_t y1) {
-  const int64_t J = out.size(1), GW = out.size(3), n = (y1 - y0) * GW;
+// The output's pixels of grid rows [r0, r1) as a [J, n] matrix, where they lie in one image of an
+// output (a grid of the identity map) in NCHW or channels_last; undefined otherwise.
+at::Tensor direct_view(at::Tensor& out, int64_t r0, int64_t r1) {
+  const int64_t J = out.size(1), GH = out.size(2), GW = out.size(3), n = (r1 - r0) * GW;
+  const int64_t b = r0 / GH, y0 = r0 % GH;
   const auto s = out.strides();
   const bool nchw = s[3] == 1 && s[2] == GW;
   const bool nhwc = s[1] == 1 && s[3] == J && s[2] == GW * J;
-  if (!nchw && !nhwc) {
+  if ((r1 - 1) / GH != b || (!nchw && !nhwc)) {
     return at::Tensor();
   }
   const int64_t pix = nchw ? 1 : J;
@@ -316,12 +347,12 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
   const A* bp = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
   at::parallel_for(0, tiles.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = tiles.image(t), y0 = tiles.y0(t), y1 = tiles.y1(t), n = (y1 - y0) * tiles.GW;
+      const int64_t r0 = tiles.r0(t), r1 = tiles.r1(t), n = (r1 - r0) * tiles.GW;
       A* abuf = scratch<A>(Slot::kOperand, K * n);
-      pack(in, s, K, b, y0, y1, abuf);
+      pack(in, s, K, tiles.GH, r0, r1, abuf);
       const at::Tensor a = blob(abuf, {K, n});
       if constexpr (std::is_same_v<S, A>) {
-        at::Tensor view = identity_store ? direct_view(out, b, y0, y1) : at::Tensor();
+        at::Tensor view = identity_store ? direct_view(out, r0, r1) : at::Tensor();
         if (view.defined()) {
           if (bp != nullptr) {
             at::addmm_out(view, bias.view({J, 1}).expand({J, n}), weight, a);
@@ -339,8 +370,8 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
         if (bp != nullptr) {
           for (int64_t i = 0; i < n; ++i) row[i] += bp[j];
         }
-        for (int64_t gy = y0; gy < y1; ++gy) {
-          store.store(row + (gy - y0) * tiles.GW, b, j, gy, o);
+        for (int64_t r = r0; r < r1; ++r) {
+          store.store(row + (r - r0) * tiles.GW, r / tiles.GH, j, r % tiles.GH, o);
         }
       }
     }
@@ -362,20 +393,28 @@ void weight_grad_typed(const at::Tensor& grad, const TokenMap& g_map, const at::
   const MappedRows<S> gr(g_map, grad), ar(a_map, src);
   const S* g = grad.const_data_ptr<S>();
   const S* s = src.const_data_ptr<S>();
-  const int64_t chunks = std::min(tiles.count, kMaxChunks);
-  at::Tensor pw = at::zeros({chunks, J, K}, grad_weight.options());
+  // Partials of at most kPartialFloats in all (a wide weight gets fewer chunks); a chunk's first
+  // tile overwrites its partial, so none needs zeroing.
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min({tiles.count, kMaxChunks, kPartialFloats / std::max<int64_t>(J * K, 1)}));
+  at::Tensor pw = at::empty({chunks, J, K}, grad_weight.options());
   at::Tensor pb = at::zeros({chunks, J}, grad_bias.options());
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       at::Tensor w = pw[c];
       A* bsum = pb[c].mutable_data_ptr<A>();
-      for (int64_t t = c * tiles.count / chunks; t < (c + 1) * tiles.count / chunks; ++t) {
-        const int64_t b = tiles.image(t), y0 = tiles.y0(t), y1 = tiles.y1(t), n = (y1 - y0) * tiles.GW;
+      const int64_t first = c * tiles.count / chunks;
+      for (int64_t t = first; t < (c + 1) * tiles.count / chunks; ++t) {
+        const int64_t r0 = tiles.r0(t), r1 = tiles.r1(t), n = (r1 - r0) * tiles.GW;
         A* gbuf = scratch<A>(Slot::kGrad, J * n);
         A* abuf = scratch<A>(Slot::kOperand, K * n);
-        pack(gr, g, J, b, y0, y1, gbuf);
-        pack(ar, s, K, b, y0, y1, abuf);
-        w.addmm_(blob(gbuf, {J, n}), blob(abuf, {K, n}).t());
+        pack(gr, g, J, tiles.GH, r0, r1, gbuf);
+        pack(ar, s, K, tiles.GH, r0, r1, abuf);
+        if (t == first) {
+          at::mm_out(w, blob(gbuf, {J, n}), blob(abuf, {K, n}).t());
+        } else {
+          w.addmm_(blob(gbuf, {J, n}), blob(abuf, {K, n}).t());
+        }
         for (int64_t j = 0; j < J; ++j) {
           A acc = 0;
           for (int64_t i = 0; i < n; ++i) acc += gbuf[j * n + i];
