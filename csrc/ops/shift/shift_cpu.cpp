@@ -308,13 +308,71 @@ struct Tiles {
   int64_t r1(int64_t t) const { return std::min(rows_total, r0(t) + rows); }
 };
 
+// A fold along the columns of a source with contiguous columns, by whole source rows: row (c, h)
+// is rolled and circularly padded into `padded` (Lp entries; zero past L without wrap), whose
+// [Lp / p, p] entries are the columns of grid rows c * p + kk, kk < p. Replaces p table lookups
+// per grid element with two copies and a small transpose.
+template <typename S, typename A>
+void rolled_row(const TokenMap& m, const S* row, A* padded) {
+  const int64_t L = m.L, s = m.s;
+  convert(padded + s, row, L - s);  // padded[t] = row[(t - s) mod L], t < L
+  convert(padded, row + L - s, s);
+  for (int64_t t = L; t < m.Lp; ++t) padded[t] = m.wrap ? padded[t - L] : A(0);
+}
+
 // Packs grid rows [r0, r1) (across images), channels [0, K), as a [K, (r1 - r0) * GW] matrix.
 template <typename S, typename A>
 void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t GH, int64_t r0, int64_t r1,
           A* buf) {
   const int64_t GW = rows.n, n = (r1 - r0) * GW;
+  const TokenMap& m = rows.m;
+  if (m.kind == MapKind::Fold && m.axis == 3 && rows.st.w == 1) {
+    const int64_t p = m.p;
+    A* padded = scratch<A>(Slot::kRow, m.Lp);
+    for (int64_t c = 0; c < m.C; ++c) {
+      for (int64_t r = r0; r < r1; ++r) {
+        rolled_row(m, src + (r / GH) * rows.st.b + c * rows.st.c + (r % GH) * rows.st.h, padded);
+        A* dst = buf + c * p * n + (r - r0) * GW;
+        for (int64_t g = 0; g < GW; ++g) {
+          for (int64_t kk = 0; kk < p; ++kk) dst[kk * n + g] = padded[g * p + kk];
+        }
+      }
+    }
+    return;
+  }
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t r = r0; r < r1; ++r) rows.load(src, r / GH, k, r % GH, buf + k * n + (r - r0) * GW);
+  }
+}
+
+// Stores a [J, (r1 - r0) * GW] tile through the map `rows` (rows.store per grid row), or, for an
+// unfold along the columns of an output with contiguous columns, by whole output rows: the p grid
+// rows of channel c become one padded row, rolled back and cropped into the output row.
+template <typename S, typename A>
+void store_tile(const MappedRows<S>& rows, const A* tile, int64_t J, int64_t GH, int64_t r0,
+                int64_t r1, S* out) {
+  const int64_t GW = rows.n, n = (r1 - r0) * GW;
+  const TokenMap& m = rows.m;
+  if (m.kind == MapKind::Fold && m.axis == 3 && rows.st.w == 1) {
+    const int64_t p = m.p, L = m.L, s = m.s;
+    A* padded = scratch<A>(Slot::kRow, m.Lp);
+    for (int64_t c = 0; c < m.C; ++c) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const A* src = tile + c * p * n + (r - r0) * GW;
+        for (int64_t g = 0; g < GW; ++g) {
+          for (int64_t kk = 0; kk < p; ++kk) padded[g * p + kk] = src[kk * n + g];
+        }
+        S* row = out + (r / GH) * rows.st.b + c * rows.st.c + (r % GH) * rows.st.h;
+        convert(row, padded + s, L - s);  // row[i] = padded[(i + s) mod L]
+        convert(row + L - s, padded, s);
+      }
+    }
+    return;
+  }
+  for (int64_t j = 0; j < J; ++j) {
+    for (int64_t r = r0; r < r1; ++r) {
+      rows.store(tile + j * n + (r - r0) * GW, r / GH, j, r % GH, out);
+    }
   }
 }
 
@@ -364,16 +422,12 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
       }
       A* rbuf = scratch<A>(Slot::kResult, J * n);
       at::Tensor r = blob(rbuf, {J, n});
-      at::mm_out(r, weight, a);
-      for (int64_t j = 0; j < J; ++j) {
-        A* row = rbuf + j * n;
-        if (bp != nullptr) {
-          for (int64_t i = 0; i < n; ++i) row[i] += bp[j];
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          store.store(row + (r - r0) * tiles.GW, r / tiles.GH, j, r % tiles.GH, o);
-        }
+      if (bp != nullptr) {
+        at::addmm_out(r, bias.view({J, 1}).expand({J, n}), weight, a);
+      } else {
+        at::mm_out(r, weight, a);
       }
+      store_tile(store, rbuf, J, tiles.GH, r0, r1, o);
     }
   });
 }
