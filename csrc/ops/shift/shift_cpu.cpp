@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -100,7 +101,11 @@ RowRule row_rule(const TokenMap& m, const Strides4& st, const std::vector<int64_
 
 template <typename D, typename S>
 void convert(D* dst, const S* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+  if constexpr (std::is_same_v<D, S>) {
+    if (n > 0) std::memcpy(dst, src, n * sizeof(D));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+  }
 }
 
 // dst[gx] = source element of grid column gx (0 where the map reads zero), gx < n.

@@ -190,6 +190,10 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
     if amp is not None:
         variants = {k: under_autocast(f, device, amp) for k, f in variants.items()}
     if compile_ref:
+        # A fresh cache per case: cases that share a function's code (closures over different
+        # modules) would otherwise count as recompiles of one function and, past dynamo's limit,
+        # silently run eager.
+        torch._dynamo.reset()
         variants["compiled"] = torch.compile(variants["compiled"], dynamic=False)
     with torch.no_grad():
         if case.exact is not None:
