@@ -14,7 +14,7 @@ from conftest import AUTOCAST, DEVICES, assert_close_to_exact, check_autocast
 from tokenmix import reference as ref
 from tokenmix import registry
 from tokenmix.nn import DeformablePatchMerging, GlobalWindowAttention, GnConv, WindowAttention
-from tokenmix.testing import module_functions
+from tokenmix.testing import clone_inputs, module_functions
 
 GEN = torch.Generator().manual_seed(11)
 F32, BF16 = torch.float32, torch.bfloat16
@@ -100,6 +100,23 @@ OP_CASES = {
         lambda *a: ref.gnconv.gnconv(*a, order=3, scale=1 / 3),
         _gnconv),
 }
+
+
+def _registry_case(name: str) -> tuple:
+    """(fused, oracle, inputs(device, amp)) from the op's first basic sample in the registry, for
+    the ops without a hand-written case above: every input in fp32, as an autocast region hands
+    a model's activations and parameters to its first op."""
+    spec = registry.op(name)
+    sample = next(s for s in spec.make_samples("cpu", F32) if s.kind == "basic")
+
+    def make(device, amp):
+        return clone_inputs(sample.args, None, False, device)
+
+    return (lambda *a: spec.fused()(*a, **sample.kwargs), lambda *a: spec.load_oracle()(*a, **sample.kwargs),
+            make)
+
+
+OP_CASES.update({name: _registry_case(name) for name in registry.OPS if name not in OP_CASES})
 
 
 def _policy_dtypes(name: str, inputs: list, amp: torch.dtype) -> list:

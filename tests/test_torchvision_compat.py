@@ -270,9 +270,17 @@ def test_samples_cover_every_wrapper():
     assert {p.values[0] for p in _wrapper_samples()} == set(tm.__all__)
 
 
+def _wrapper_args(name: str, args: tuple) -> list:
+    """The sample's schema arguments as the wrapper's types: the schema's flat ``int[] shifts`` as
+    the (dy, dx) pairs that the scripted wrapper is typed with."""
+    names = [a.name for a in getattr(torch.ops.tokenmix, name).default._schema.arguments]
+    return [list(zip(a[::2], a[1::2])) if n == "shifts" else a for n, a in zip(names, args)]
+
+
 @pytest.mark.parametrize("name,args,kwargs", _wrapper_samples())
 def test_wrapper_scripts(name, args, kwargs):
     fn = getattr(tm, name)
+    args = _wrapper_args(name, args)
     scripted = torch.jit.script(fn)
     got, want = scripted(*args, **kwargs), fn(*args, **kwargs)
     got, want = (list(o) if isinstance(o, tuple) else [o] for o in (got, want))
