@@ -106,42 +106,42 @@ __global__ void unfold_kernel(UnfoldParams p, I total, I C, I H, I W, bool c_fas
 // Channels fastest where the output's channel stride is the smallest of c and w (channels_last).
 bool channels_fastest(const Strides4& s) { return s.c < s.w; }
 
-}  // namespace
-
-cudaError_t shift_gather_cuda(const GatherParams& p, cudaStream_t stream) {
-  const int64_t K = p.map.K(), GH = p.map.GH(), GW = p.map.GW();
-  const int64_t total = p.B * K * GH * GW;
+// One thread per element of the [B, d1, d2, d3] output: launch(dtype tag, index type, blocks,
+// channels fastest, total, d1, d2, d3) with 32-bit flat indices where the element count allows.
+template <typename Params, typename Launch>
+cudaError_t launch_elementwise(const Params& p, int64_t d1, int64_t d2, int64_t d3, Launch launch) {
+  const int64_t total = p.B * d1 * d2 * d3;
   if (total == 0) return cudaSuccess;
   const bool cf = channels_fastest(p.out_st);
   const int blocks = blocks_for(total, kThreads);
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
     if (total <= INT32_MAX) {
-      gather_kernel<T, uint32_t><<<blocks, kThreads, 0, stream>>>(
-          p, static_cast<uint32_t>(total), static_cast<uint32_t>(K), static_cast<uint32_t>(GH),
-          static_cast<uint32_t>(GW), cf);
+      launch(tag, uint32_t{0}, blocks, cf, static_cast<uint32_t>(total), static_cast<uint32_t>(d1),
+             static_cast<uint32_t>(d2), static_cast<uint32_t>(d3));
     } else {
-      gather_kernel<T, int64_t><<<blocks, kThreads, 0, stream>>>(p, total, K, GH, GW, cf);
+      launch(tag, int64_t{0}, blocks, cf, total, d1, d2, d3);
     }
   });
 }
 
+}  // namespace
+
+cudaError_t shift_gather_cuda(const GatherParams& p, cudaStream_t stream) {
+  return launch_elementwise(p, p.map.K(), p.map.GH(), p.map.GW(),
+                            [&](auto tag, auto index, int blocks, bool cf, auto... dims) {
+                              using T = decltype(tag);
+                              using I = decltype(index);
+                              gather_kernel<T, I><<<blocks, kThreads, 0, stream>>>(p, dims..., cf);
+                            });
+}
+
 cudaError_t shift_unfold_cuda(const UnfoldParams& p, cudaStream_t stream) {
-  const int64_t C = p.map.C, H = p.map.H, W = p.map.W;
-  const int64_t total = p.B * C * H * W;
-  if (total == 0) return cudaSuccess;
-  const bool cf = channels_fastest(p.out_st);
-  const int blocks = blocks_for(total, kThreads);
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if (total <= INT32_MAX) {
-      unfold_kernel<T, uint32_t><<<blocks, kThreads, 0, stream>>>(
-          p, static_cast<uint32_t>(total), static_cast<uint32_t>(C), static_cast<uint32_t>(H),
-          static_cast<uint32_t>(W), cf);
-    } else {
-      unfold_kernel<T, int64_t><<<blocks, kThreads, 0, stream>>>(p, total, C, H, W, cf);
-    }
-  });
+  return launch_elementwise(p, p.map.C, p.map.H, p.map.W,
+                            [&](auto tag, auto index, int blocks, bool cf, auto... dims) {
+                              using T = decltype(tag);
+                              using I = decltype(index);
+                              unfold_kernel<T, I><<<blocks, kThreads, 0, stream>>>(p, dims..., cf);
+                            });
 }
 
 }  // namespace shift
