@@ -45,9 +45,9 @@ enum class Slot { kOperand, kGrad, kResult, kRow, kCount };
 // Floats of one packed tile operand (it and the result tile stay in a core's L2 cache), bounded by
 // the pixels that make a GEMM wide enough to run at speed.
 constexpr int64_t kTileFloats = 48 * 1024;
-constexpr int64_t kMinTilePixels = 256;
+constexpr int64_t kMinTilePixels = 512;
 constexpr int64_t kMaxTilePixels = 2048;
-constexpr int64_t kTileGroup = 4;
+constexpr int64_t kTileGroup = 2;
 // Weight-gradient chunks: enough to spread over the cores, few enough that their partials stay
 // small next to the operands.
 constexpr int64_t kMaxChunks = 32;
@@ -302,8 +302,8 @@ struct Tiles {
                                                kMaxTilePixels);
     rows_total = B * GH;
     const int64_t target = std::max<int64_t>(1, pixels / std::max<int64_t>(GW, 1));
-    // A multiple of kTileGroup tiles of (nearly) equal rows, so that 1, 2 or 4 threads share them
-    // evenly.
+    // A multiple of kTileGroup tiles of (nearly) equal rows, so that an even number of threads
+    // shares them evenly.
     count = (rows_total + target - 1) / target;
     count = std::min(rows_total, (count + kTileGroup - 1) / kTileGroup * kTileGroup);
     rows = count == 0 ? 1 : (rows_total + count - 1) / count;
