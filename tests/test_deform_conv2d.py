@@ -81,6 +81,31 @@ def test_oracle_on_integer_points(device, geo):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 1e30, -1e30])
+def test_non_finite_and_huge_offsets_read_zero(device, bad):
+    """The documented rule (docs/api.md): a sample position that is NaN, infinite or two pixels
+    or more outside the map reads zero and gets zero gradients, as any position outside the map
+    does. Forward and every gradient equal the oracle's with those offsets moved far outside the
+    map (1e4), and stay finite."""
+    x, off, w, b, m = make(*GEOMETRIES[1])
+    bad_off = off.clone()
+    bad_off[:, 0::3] = bad
+    far = off.clone()
+    far[:, 0::3] = 1e4
+    fn = _call(tm.deform_conv2d, 2, 0, 1)
+    ins = [t.to(device).requires_grad_() for t in (x, bad_off, w, b, m)]
+    out = fn(*ins)
+    out.sum().backward()
+    want_ins = [t.to(device).requires_grad_() for t in (x, far, w, b, m)]
+    want = _call(ref, 2, 0, 1)(*want_ins)
+    want.sum().backward()
+    torch.testing.assert_close(out, want)
+    for got_t, want_t in zip(ins, want_ins):
+        assert torch.isfinite(got_t.grad).all()
+        torch.testing.assert_close(got_t.grad, want_t.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_offsets_equal_conv2d(device):
     x, off, w, b = (t.to(device) for t in make(2, 8, 12, 10, 6, 3, 1, 1, 2, 2, 1, False)[:4])
     out = tm.deform_conv2d(x, torch.zeros_like(off), w, b, padding=1, dilation=2)

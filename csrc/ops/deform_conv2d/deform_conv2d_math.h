@@ -36,6 +36,20 @@ struct Corners {
 template <typename A>
 TM_HOST_DEVICE Corners<A> corners(A y, A x, int64_t H, int64_t W, bool outer_check) {
   Corners<A> c;
+  // A position two pixels or more outside the map has no corner inside it: it reads zero and has
+  // zero gradients. NaN and infinite positions (offsets a network predicted) fail these
+  // comparisons and take the same path, before any cast: converting NaN, an infinity or a value
+  // of 2^63 or more to an integer is undefined behaviour.
+  if (!(y > A(-2) && y < A(H) && x > A(-2) && x < A(W))) {
+    c.ly = A(0);
+    c.lx = A(0);
+    for (int k = 0; k < 4; ++k) {
+      c.valid[k] = false;
+      c.idx[k] = 0;
+      c.w[k] = A(0);
+    }
+    return c;
+  }
 #if defined(__CUDA_ARCH__)
   const A yf = floor(y), xf = floor(x);
 #else
