@@ -6,6 +6,9 @@
 #   make bench      setup + the CPU benchmark, written to benchmarks/results/
 #   make test-cpu-only   a build with TOKENMIX_CUDA=OFF, its info, the test suite, and the op tests
 #                        again on the baseline-ISA and the AVX2 CPU kernels (TOKENMIX_CPU_CAPABILITY)
+#   make test-sanitize   a CPU-only build of the baseline-ISA kernels with AddressSanitizer and
+#                        UndefinedBehaviorSanitizer (float casts and divisions included), and the op
+#                        tests under it; any report fails the run
 #
 # Variables: PYTHON (interpreter that creates the venv), TORCH (the torch requirement; the CPU
 # build works too, e.g. TORCH="torch==2.13.0"), CUTLASS (the nvidia-cutlass requirement),
@@ -21,7 +24,7 @@ STAMP := $(VENV)/.tokenmix-deps
 # The op families' test files, from the op registry (read when the recipe runs, after the build).
 OP_TESTS = $$($(PY) -m tokenmix ops --test-files)
 
-.PHONY: setup test demo bench test-cpu-only clean
+.PHONY: setup test demo bench test-cpu-only test-sanitize clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +62,19 @@ test-cpu-only: $(STAMP)
 	$(PY) -m pytest tests -q
 	TOKENMIX_CPU_CAPABILITY=default $(PY) -m pytest -q $(OP_TESTS)
 	TOKENMIX_CPU_CAPABILITY=avx2 $(PY) -m pytest -q $(OP_TESTS)
+
+# The sanitizers' runtimes are preloaded because python itself is not instrumented; every report
+# aborts (-fno-sanitize-recover). Leak checking is off: the interpreter and torch keep memory for
+# the life of the process by design. pytest captures at the sys level only, so that a report
+# written to file descriptor 2 reaches the log before the abort.
+SANITIZE := -fsanitize=address,undefined,float-cast-overflow,float-divide-by-zero -fno-sanitize-recover=all -fno-omit-frame-pointer
+test-sanitize: $(STAMP)
+	TOKENMIX_CUDA=OFF $(PIP) install --no-build-isolation -C build-dir=build/sanitize \
+	  -C "cmake.define.CMAKE_CXX_FLAGS=$(SANITIZE)" -C "cmake.define.CMAKE_MODULE_LINKER_FLAGS=$(SANITIZE)" \
+	  -C cmake.define.TOKENMIX_ISA_KERNELS=OFF -e ".[test,bench]"
+	export LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1; \
+	  $(PY) -m pytest -q -p no:cacheprovider --capture=sys $(OP_TESTS)
 
 clean:
 	rm -rf build $(VENV)
