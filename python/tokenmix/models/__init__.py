@@ -58,5 +58,6 @@ def _register_with_timm() -> None:
 
 
 from tokenmix.models import hire_mlp as _hire_mlp  # noqa: E402,F401  (registers its models)
+from tokenmix.models import hornet as _hornet  # noqa: E402,F401  (registers its models)
 
 _register_with_timm()

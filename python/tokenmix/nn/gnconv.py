@@ -28,16 +28,20 @@ class GnConv(nn.Module):
         gflayer: HorNet's hook for another spatial mixer: ``gflayer(sum(dims), h=h, w=w)`` builds
             ``dwconv`` (e.g. ``GlobalLocalFilter``); the gating chain then runs in eager PyTorch.
         h, w: passed to ``gflayer`` (its filter size).
+        fused: keyword-only; ``False`` runs HorNet's official eager gnconv (1x1 conv, depthwise
+            conv, split, gating products) with the same parameters, for comparisons. An attribute,
+            so it can be flipped on a built module; without effect when ``gflayer`` is given
+            (that path is always eager).
     """
 
     def __init__(self, dim: int, order: int = 5, s: float = 1.0 / 3, kernel_size: int = 7, *,
-                 gflayer=None, h: int = 14, w: int = 8):
+                 gflayer=None, h: int = 14, w: int = 8, fused: bool = True):
         super().__init__()
         if dim % 2 ** (order - 1):
             raise ValueError(f"GnConv: dim ({dim}) must be a multiple of 2**(order-1) = {2 ** (order - 1)}")
         if kernel_size % 2 == 0:
             raise ValueError(f"GnConv: kernel_size must be odd, got {kernel_size}")
-        self.order, self.scale = order, s
+        self.order, self.scale, self.fused = order, s, fused
         self.dims = gate_dims(dim, order)
         self.proj_in = nn.Conv2d(dim, 2 * dim, 1)
         if gflayer is None:
@@ -45,16 +49,18 @@ class GnConv(nn.Module):
                                     padding=(kernel_size - 1) // 2, groups=sum(self.dims))
         else:
             self.dwconv = gflayer(sum(self.dims), h=h, w=w)
-        self.pws = nn.ModuleList(nn.Conv2d(self.dims[i], self.dims[i + 1], 1) for i in range(order - 1))
+        # Registered in HorNet's order (proj_out before pws): an official optimizer state, indexed
+        # by parameter order, maps onto ours.
         self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.pws = nn.ModuleList(nn.Conv2d(self.dims[i], self.dims[i + 1], 1) for i in range(order - 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.dwconv, nn.Conv2d):
+        if self.fused and isinstance(self.dwconv, nn.Conv2d):
             return gnconv(x, self.proj_in.weight, self.proj_in.bias, self.dwconv.weight,
                           self.dwconv.bias, [p.weight for p in self.pws], [p.bias for p in self.pws],
                           self.proj_out.weight, self.proj_out.bias, order=self.order, scale=self.scale)
-        # Another spatial mixer (gflayer) has no fused kernel: the gating chain runs in eager
-        # PyTorch, as HorNet writes it.
+        # Another spatial mixer (gflayer) has no fused kernel, and fused=False asks for the
+        # official computation: the gating chain runs in eager PyTorch, as HorNet writes it.
         pwa, abc = torch.split(self.proj_in(x), (self.dims[0], sum(self.dims)), dim=1)
         gates = torch.split(self.dwconv(abc) * self.scale, self.dims, dim=1)
         y = pwa * gates[0]
