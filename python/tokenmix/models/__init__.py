@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List
 
 from torch import nn
 
-__all__ = ["create", "list_models", "register"]
+__all__ = ["create", "list_models", "register", "build"]
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -42,6 +42,28 @@ def create(name: str, fused: bool = True, **kwargs: Any) -> nn.Module:
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
     return fn(fused=fused, **kwargs)
+
+
+# What timm passes an entry point for its own bookkeeping (and HorNet's checkpoint flag): no
+# constructor takes them.
+_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "in_22k")
+
+
+def build(name: str, cls: Callable[..., nn.Module], pretrained: bool, config: dict, kwargs: dict,
+          default_cfg: dict) -> nn.Module:
+    """What every entry point returns: ``cls(**config, **kwargs)`` with timm's bookkeeping
+    arguments dropped, ``device`` / ``dtype`` applied and timm's ``default_cfg`` set. Random weights
+    only: ``pretrained=True`` raises, nothing is ever downloaded."""
+    if pretrained:
+        raise ValueError(f"{name}: no pretrained weights are available (tokenmix builds random weights only)")
+    for k in _TIMM_ONLY:
+        kwargs.pop(k, None)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    model = cls(**config, **kwargs)
+    model.default_cfg = model.pretrained_cfg = dict(default_cfg, architecture=name)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model
 
 
 def _register_with_timm() -> None:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from tokenmix.models import register
+from tokenmix.models import build, register
 from tokenmix.nn.shift import ConvMlp, DropPath, HireMLP
 
 __all__ = ["HireBlock", "PatchEmbedOverlapping", "Downsample", "HireMLPNet", "hire_mlp_tiny"]
@@ -161,19 +161,8 @@ class HireMLPNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _build(name: str, pretrained: bool, model_kwargs: dict, kwargs: dict) -> HireMLPNet:
-    """An entry point's model: timm's bookkeeping arguments dropped, ``device`` / ``dtype``
-    applied; random weights only (nothing is ever downloaded)."""
-    if pretrained:
-        raise ValueError(f"{name}: no pretrained weights are available (tokenmix builds random weights only)")
-    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(k, None)
-    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    model = HireMLPNet(**model_kwargs, **kwargs)
-    model.default_cfg = model.pretrained_cfg = dict(default_cfgs[name], architecture=name)
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model
+def _build(name: str, pretrained: bool, config: dict, kwargs: dict) -> HireMLPNet:
+    return build(name, HireMLPNet, pretrained, config, kwargs, default_cfgs[name])
 
 
 @register

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from tokenmix.models import register
+from tokenmix.models import build, register
 from tokenmix.nn.gnconv import GlobalLocalFilter, GnConv, LayerNorm2d
 from tokenmix.nn.shift import DropPath
 
@@ -170,19 +170,8 @@ class HorNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _build(name: str, pretrained: bool, model_kwargs: dict, kwargs: dict) -> HorNet:
-    """An entry point's model: timm's bookkeeping arguments dropped, ``device`` / ``dtype``
-    applied; random weights only (nothing is ever downloaded)."""
-    if pretrained:
-        raise ValueError(f"{name}: no pretrained weights are available (tokenmix builds random weights only)")
-    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "in_22k"):
-        kwargs.pop(k, None)
-    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    model = HorNet(**model_kwargs, **kwargs)
-    model.default_cfg = model.pretrained_cfg = dict(default_cfgs[name], architecture=name)
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model
+def _build(name: str, pretrained: bool, config: dict, kwargs: dict) -> HorNet:
+    return build(name, HorNet, pretrained, config, kwargs, default_cfgs[name])
 
 
 _TINY = dict(depths=[2, 3, 18, 2], base_dim=64, orders=[2, 3, 4, 5], s=1.0 / 3.0)
