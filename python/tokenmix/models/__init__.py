@@ -14,11 +14,27 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["create", "list_models", "register", "build"]
+__all__ = ["create", "list_models", "register", "build", "Backbone"]
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+class Backbone(nn.Module):
+    """timm's classifier interface for a backbone with ``head``, ``num_features`` and
+    ``num_classes``, and ``forward = forward_head(forward_features(x))``; subclasses define those
+    two."""
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from tokenmix.models import build, register
+from tokenmix.models import Backbone, build, register
 from tokenmix.nn.shift import ConvMlp, DropPath, HireMLP
 
 __all__ = ["HireBlock", "PatchEmbedOverlapping", "Downsample", "HireMLPNet", "hire_mlp_tiny"]
@@ -90,7 +90,7 @@ class Downsample(nn.Module):
         return self.act(self.norm(self.proj(x)))
 
 
-class HireMLPNet(nn.Module):
+class HireMLPNet(Backbone):
     """The Hire-MLP network (the official ``HireMLPNet`` signature; ``img_size``, ``patch_size``
     and ``drop_rate`` are accepted and unused there too). Differences that change no result and
     no key: ``in_chans`` is honoured (the official code always builds 3 input channels), and the
@@ -139,13 +139,6 @@ class HireMLPNet(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, in_chans, H, W]`` -> the normalised last-stage map ``[B, 512, H/32, W/32]``."""
         x = self.patch_embed(x)
@@ -156,9 +149,6 @@ class HireMLPNet(nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x.flatten(2).mean(2)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _build(name: str, pretrained: bool, config: dict, kwargs: dict) -> HireMLPNet:

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from tokenmix.models import build, register
+from tokenmix.models import Backbone, build, register
 from tokenmix.nn.gnconv import GlobalLocalFilter, GnConv, LayerNorm2d
 from tokenmix.nn.shift import DropPath
 
@@ -89,7 +89,7 @@ class HorBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
-class HorNet(nn.Module):
+class HorNet(Backbone):
     """The HorNet network. The official constructor takes per-stage ``gnconv`` constructors
     (``functools.partial`` of its ``gnconv``); this one takes their configuration instead:
     ``orders``, the scale ``s`` and ``global_filters`` (per stage, ``(h, w)`` of a
@@ -148,13 +148,6 @@ class HorNet(nn.Module):
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, in_chans, H, W]`` -> the last stage's map ``[B, 8 base_dim, H/32, W/32]``."""
         for down, stage in zip(self.downsample_layers, self.stages):
@@ -165,9 +158,6 @@ class HorNet(nn.Module):
         """Global mean, ``norm``, then ``head`` unless ``pre_logits``."""
         x = self.norm(x.mean([-2, -1]))
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _build(name: str, pretrained: bool, config: dict, kwargs: dict) -> HorNet:
