@@ -321,7 +321,7 @@ def test_hire_mlp_tiny_timm_and_channels_last():
     import tokenmix.models  # noqa: F401
     model = timm.create_model("hire_mlp_tiny", num_classes=10, drop_path_rate=0.1).eval()
     assert model.num_classes == 10 and model.pretrained_cfg["input_size"] == (3, 224, 224)
-    with pytest.raises(ValueError, match="pretrained"):
+    with pytest.raises(FileNotFoundError, match="downloads nothing"):
         timm.create_model("hire_mlp_tiny", pretrained=True)
     x = torch.randn(2, 3, 64, 64, generator=_gen())
     with torch.no_grad():

@@ -102,6 +102,8 @@ def cmd_bench(args) -> int:
         # Autocast's own defaults: bf16 on CPU, fp16 on CUDA; the inputs stay fp32.
         amp = DTYPES[amp] if amp != "default" else (torch.bfloat16 if device.type == "cpu" else torch.float16)
         dtype = torch.float32
+    if getattr(args, "models", False):
+        return _bench_models(args, device, dtype, amp)
     cases = bench.select_cases(args.ops, device.type, quick=getattr(args, "quick", False))
     result = bench.run(cases, device, dtype, reps=args.reps, compile_ref=not args.no_compile,
                        progress=not args.quiet, amp=amp)
@@ -111,6 +113,27 @@ def cmd_bench(args) -> int:
         png = os.path.splitext(args.out)[0] + ".png"
         wrote = bench.write_chart(result, png)
         print(f"\nwrote {args.out}" + (f" and {png}" if wrote else " (no chart: matplotlib missing)"))
+    return 0
+
+
+def _bench_models(args, device: torch.device, dtype: torch.dtype, amp) -> int:
+    """``bench --models [names]``: the reference backbones end to end."""
+    import tokenmix.models as models
+    from tokenmix.bench import harness
+    from tokenmix.bench.models import format_models_table, run_models
+
+    names = args.ops or models.list_models()
+    unknown = sorted(set(names) - set(models.list_models()))
+    if unknown:
+        print(f"unknown model(s) {unknown}; choose from {models.list_models()}", file=sys.stderr)
+        return 2
+    batch = args.batch or (8 if device.type == "cpu" else 64)
+    result = run_models(names, device, dtype, batch, reps=args.reps, compile_ref=not args.no_compile,
+                        progress=not args.quiet, amp=amp)
+    print(format_models_table(result))
+    if args.out:
+        harness.write_json(result, args.out)
+        print(f"\nwrote {args.out}")
     return 0
 
 
@@ -141,13 +164,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the op test modules, space-separated (what the Makefile runs per CPU ISA)")
     o.add_argument("--readme-table", action="store_true", help="print the README's op table (markdown)")
     b = sub.add_parser("bench", help="fused vs eager vs torch.compile(eager) at backbone shapes")
-    b.add_argument("ops", nargs="*", help="ops or families to run (default: all)")
+    b.add_argument("ops", nargs="*", help="ops or families to run (default: all); with --models, model names")
+    b.add_argument("--models", action="store_true",
+                   help="the reference backbones end to end (tokenmix.models): fused vs fused=False vs "
+                        "torch.compile(fused=False), images/s, and the time share of tokenmix ops")
+    b.add_argument("--batch", type=int, help="with --models: the batch (default 8 on CPU, 64 on CUDA)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     b.add_argument("--amp", nargs="?", const="default", choices=["default", "float16", "fp16", "bfloat16", "bf16"],
                    help="time every variant under torch.autocast (default dtype: bf16 on CPU, fp16 on "
                         "CUDA) with fp32 inputs, as mixed-precision training runs them")
-    b.add_argument("--reps", type=int, default=40, help="timed rounds per variant")
+    b.add_argument("--reps", type=int, default=40, help="timed rounds per variant (--models: 10 is plenty)")
     b.add_argument("--out", help="write JSON here (and a PNG chart beside it)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

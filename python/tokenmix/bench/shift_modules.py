@@ -7,8 +7,9 @@ official one:
   ``torchvision.ops.deform_conv2d`` with fixed offsets;
 - Hire-MLP-Tiny stage 1 (64 ch, 56 x 56, pixel 4, step 2) and stage 3 (320 ch, 14 x 14, pixel 3,
   step 1): ``HireMLP`` vs the official rolls, pads, reshapes and convolutions (train mode);
-- AS-MLP-T stage 1: ``AxialShift`` (96 ch, 56 x 56, shift 5) vs the official pad + chunk + roll;
-- the whole ``hire_mlp_tiny`` at batch 8, fused vs ``fused=False`` (heavy).
+- AS-MLP-T stage 1: ``AxialShift`` (96 ch, 56 x 56, shift 5) vs the official pad + chunk + roll.
+
+The whole ``hire_mlp_tiny`` is in the backbone benchmark (``python -m tokenmix bench --models``).
 
 Parameters are inputs of the timed functions (``torch.func.functional_call``), so fwd+bwd
 includes every weight gradient. Also the ``<module>_module_sample()`` builders for
@@ -27,7 +28,7 @@ from tokenmix.bench.harness import Case
 from tokenmix.nn import AxialShift, CycleFC, HireMLP, RaftTokenMixer
 from tokenmix.samples import Draw, ModuleSample, seeded
 
-__all__ = ["module_cases", "randomise", "hire_mlp_tiny_case", "hire_mlp_module_sample", "cycle_fc_module_sample",
+__all__ = ["module_cases", "randomise", "hire_mlp_module_sample", "cycle_fc_module_sample",
            "axial_shift_module_sample", "raft_token_mixer_module_sample"]
 
 
@@ -60,7 +61,7 @@ def _caller(mods: Dict[str, nn.Module], tag: str) -> Callable:
 
 
 def _module_case(op: str, name: str, fused: Callable[[], nn.Module], eager: Callable[[], nn.Module],
-                 shape: Sequence[int], train: bool = True, input_grad: bool = True, heavy: bool = False) -> Case:
+                 shape: Sequence[int], train: bool = True, input_grad: bool = True) -> Case:
     """A Case timing ``fused()`` vs ``eager()`` (built, then given the fused module's state_dict)
     on a random ``shape`` input; the compiled variant is ``eager`` under torch.compile."""
     mods: Dict = {}
@@ -77,7 +78,7 @@ def _module_case(op: str, name: str, fused: Callable[[], nn.Module], eager: Call
         return [x] + params, ([x] if input_grad else []) + params
 
     eager_fn = _caller(mods, "eager")
-    return Case(op, name, make, _caller(mods, "fused"), eager_fn, compile_target=eager_fn, heavy=heavy)
+    return Case(op, name, make, _caller(mods, "fused"), eager_fn, compile_target=eager_fn)
 
 
 def module_cases(batch: int) -> list[Case]:
@@ -92,17 +93,7 @@ def module_cases(batch: int) -> list[Case]:
             (batch, dim, hw, hw)))
     out.append(_module_case("AxialShift", f"AS-MLP-T stage 1 B={batch} 96ch 56x56 shift5",
                             lambda: AxialShift(96, 5), lambda: official.AxialShift(96, 5), (batch, 96, 56, 56)))
-    out.append(hire_mlp_tiny_case())
     return out
-
-
-def hire_mlp_tiny_case(batch: int = 8) -> Case:
-    """The whole hire_mlp_tiny, train mode, 224 x 224: fused vs ``fused=False`` (its official
-    eager token mixers), forward and forward+backward with every parameter's gradient."""
-    import tokenmix.models as models
-    return _module_case("hire_mlp_tiny (model)", f"hire_mlp_tiny B={batch} 224 fused vs unfused",
-                        lambda: models.create("hire_mlp_tiny"), lambda: models.create("hire_mlp_tiny", fused=False),
-                        (batch, 3, 224, 224), input_grad=False, heavy=True)
 
 
 # ---- module samples for `python -m tokenmix check` -------------------------------------------

@@ -12,11 +12,15 @@ module once, then registers every entry point with timm.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+import argparse
+import os
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["create", "list_models", "register", "build", "Backbone"]
+__all__ = ["create", "list_models", "register", "build", "load_checkpoint", "checkpoint_file", "Backbone"]
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -24,7 +28,23 @@ _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 class Backbone(nn.Module):
     """timm's classifier interface for a backbone with ``head``, ``num_features`` and
     ``num_classes``, and ``forward = forward_head(forward_features(x))``; subclasses define those
-    two."""
+    two. Also timm's ``set_grad_checkpointing``: subclasses run their blocks through
+    :meth:`run_blocks`, which recomputes each block's activations in backward when it is on."""
+
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def run_blocks(self, blocks: Iterable[nn.Module], x: Tensor, *args: Any) -> Tensor:
+        """``x = block(x, *args)`` for each block in turn, each under non-reentrant activation
+        checkpointing when gradient checkpointing is on and autograd records."""
+        for block in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, *args, use_reentrant=False)
+            else:
+                x = block(x, *args)
+        return x
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -49,15 +69,74 @@ def list_models() -> List[str]:
     return sorted(_MODELS)
 
 
-def create(name: str, fused: bool = True, **kwargs: Any) -> nn.Module:
-    """The model ``name`` with random weights. ``fused=False`` runs every token mixer through the
-    official eager formulation; other keyword arguments go to the model's constructor
-    (``num_classes``, ``drop_path_rate``, ...). ``KeyError`` naming the known models otherwise."""
+def create(name: str, fused: bool = True, checkpoint_path: Optional[str] = None, **kwargs: Any) -> nn.Module:
+    """The model ``name``, with random weights unless ``checkpoint_path`` names a checkpoint
+    (read by :func:`load_checkpoint`) or ``pretrained=True`` (the official checkpoint file, see
+    :func:`build`). ``fused=False`` runs every token mixer through the official eager formulation;
+    other keyword arguments go to the model's constructor (``num_classes``, ``drop_path_rate``,
+    ...). ``KeyError`` naming the known models otherwise."""
     try:
         fn = _MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
-    return fn(fused=fused, **kwargs)
+    model = fn(fused=fused, **kwargs)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
+    """Load a checkpoint file into ``model`` with ``strict=True`` semantics; returns ``model``.
+
+    The file holds either a state_dict or, as the official training code saves it, a dict with the
+    state_dict under ``model`` (else ``state_dict``), possibly beside an ``args`` namespace. It is
+    read with ``weights_only=True`` (tensors, containers and ``argparse.Namespace``: no code
+    runs). A ``module.`` prefix (a DistributedDataParallel-wrapped save) is dropped. When the
+    model was built with a different ``num_classes`` than the checkpoint's, the checkpoint's
+    classifier entries (under the cfg's ``classifier`` name, ``head`` by default) are skipped and
+    the new classifier keeps its initialisation; every other key must
+    match in name and shape (``load_state_dict``'s errors otherwise)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt.items()}
+    own = model.state_dict()
+    prefix = getattr(model, "pretrained_cfg", {}).get("classifier", "head") + "."
+    head = [k for k in state if k.startswith(prefix)]
+    if head and any(k not in own or own[k].shape != state[k].shape for k in head):
+        for k in head:
+            state.pop(k)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        left = [k for k in missing if not k.startswith(prefix)]
+        if left or unexpected:
+            model.load_state_dict(state, strict=True)  # raises, naming the keys
+    else:
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def checkpoint_file(name: str, file: str) -> str:
+    """Where ``pretrained=True`` finds the official checkpoint ``file`` of model ``name``: the path
+    as given (absolute, or relative to the current directory), else under the directory
+    ``$TOKENMIX_CHECKPOINTS``. ``FileNotFoundError`` naming both otherwise: nothing is ever
+    downloaded."""
+    tried = [file]
+    if os.path.isfile(file):
+        return file
+    root = os.environ.get("TOKENMIX_CHECKPOINTS")
+    if root:
+        path = os.path.join(root, os.path.basename(file))
+        tried.append(path)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"{name}: pretrained=True needs the official checkpoint file {os.path.basename(file)!r}; tried "
+        f"{', '.join(map(repr, tried))}. tokenmix downloads nothing: put the file there, set "
+        f"TOKENMIX_CHECKPOINTS to its directory, or pass pretrained_cfg_overlay=dict(file=PATH)")
 
 
 # What timm passes an entry point for its own bookkeeping (and HorNet's checkpoint flag): no
@@ -65,18 +144,33 @@ def create(name: str, fused: bool = True, **kwargs: Any) -> nn.Module:
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "in_22k")
 
 
+def _cfg_file(cfg: Any) -> Optional[str]:
+    """The ``file`` entry of a timm pretrained cfg (a dict or timm's PretrainedCfg), if any."""
+    if isinstance(cfg, dict):
+        return cfg.get("file") or None
+    return getattr(cfg, "file", None) or None
+
+
 def build(name: str, cls: Callable[..., nn.Module], pretrained: bool, config: dict, kwargs: dict,
           default_cfg: dict) -> nn.Module:
     """What every entry point returns: ``cls(**config, **kwargs)`` with timm's bookkeeping
-    arguments dropped, ``device`` / ``dtype`` applied and timm's ``default_cfg`` set. Random weights
-    only: ``pretrained=True`` raises, nothing is ever downloaded."""
+    arguments dropped, ``device`` / ``dtype`` applied and timm's ``default_cfg`` set. Random
+    weights, unless ``pretrained=True``: then the official checkpoint is loaded from a local file
+    (:func:`load_checkpoint`), the one named by ``pretrained_cfg_overlay["file"]``, else by the
+    ``file`` of timm's ``pretrained_cfg``, else the model's default cfg's (the official release's
+    file name), found by :func:`checkpoint_file`. Nothing is ever downloaded."""
+    file = None
     if pretrained:
-        raise ValueError(f"{name}: no pretrained weights are available (tokenmix builds random weights only)")
+        file = (_cfg_file(kwargs.get("pretrained_cfg_overlay")) or _cfg_file(kwargs.get("pretrained_cfg"))
+                or default_cfg["file"])
+        file = checkpoint_file(name, file)
     for k in _TIMM_ONLY:
         kwargs.pop(k, None)
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    model = cls(**config, **kwargs)
+    model = cls(**{**config, **kwargs})
     model.default_cfg = model.pretrained_cfg = dict(default_cfg, architecture=name)
+    if file is not None:
+        load_checkpoint(model, file)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model
@@ -95,7 +189,10 @@ def _register_with_timm() -> None:
             register_model(fn)
 
 
+from tokenmix.models import dynamicvit as _dynamicvit  # noqa: E402,F401  (registers its models)
+from tokenmix.models import hatnet as _hatnet  # noqa: E402,F401  (registers its models)
 from tokenmix.models import hire_mlp as _hire_mlp  # noqa: E402,F401  (registers its models)
 from tokenmix.models import hornet as _hornet  # noqa: E402,F401  (registers its models)
+from tokenmix.models import lit as _lit  # noqa: E402,F401  (registers its models)
 
 _register_with_timm()

@@ -1,5 +1,5 @@
 """Hire-MLP (Guo et al., "Hire-MLP: Vision MLP via Hierarchical Rearrangement", CVPR 2022) as in
-ggjy/Hire-Wave-MLP.pytorch (``mlp_based/hire_mlp.py``): same architecture, configuration,
+the official code (``mlp_based/hire_mlp.py``): same architecture, configuration,
 initialisation and state_dict keys, its token mixers being :class:`tokenmix.nn.HireMLP`.
 
 The network is NCHW throughout: an overlapping patch embedding (7x7 stride-4 conv, BatchNorm,
@@ -28,14 +28,15 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _cfg(**kwargs: Any) -> dict:
-    """The official default cfg (no weights: ``url`` empty)."""
+    """The official default cfg. Nothing downloads (``url`` empty); ``file`` is the official
+    checkpoint's file name, which ``pretrained=True`` reads locally."""
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
             "interpolation": "bicubic", "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD,
             "first_conv": "patch_embed.proj", "classifier": "head", **kwargs}
 
 
-# Read by timm's register_model: the pretrained cfg of each entry point (none has weights).
-default_cfgs = {"hire_mlp_tiny": _cfg()}
+# Read by timm's register_model: the pretrained cfg of each entry point.
+default_cfgs = {"hire_mlp_tiny": _cfg(file="hire_mlp_tiny.pth")}
 
 
 class HireBlock(nn.Module):
@@ -142,8 +143,8 @@ class HireMLPNet(Backbone):
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, in_chans, H, W]`` -> the normalised last-stage map ``[B, 512, H/32, W/32]``."""
         x = self.patch_embed(x)
-        for block in self.network:
-            x = block(x)
+        for i, part in enumerate(self.network):
+            x = self.run_blocks(part, x) if i % 2 == 0 else part(x)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

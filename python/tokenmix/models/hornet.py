@@ -1,5 +1,5 @@
 """HorNet (Rao et al., "HorNet: Efficient High-Order Spatial Interactions with Recursive Gated
-Convolutions", NeurIPS 2022) as in raoyongming/HorNet (``hornet.py``): same architecture,
+Convolutions", NeurIPS 2022) as in the official code (``hornet.py``): same architecture,
 configuration, initialisation and state_dict keys, its token mixers being
 :class:`tokenmix.nn.GnConv` (HorNet-GF's with :class:`tokenmix.nn.GlobalLocalFilter` as spatial
 mixer in stages 3 and 4).
@@ -32,14 +32,15 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _cfg(**kwargs: Any) -> dict:
-    """A ConvNeXt-style default cfg, as HorNet is trained (no weights: ``url`` empty)."""
+    """A ConvNeXt-style default cfg, as HorNet is trained. Nothing downloads (``url`` empty);
+    ``file`` is the official checkpoint's file name, which ``pretrained=True`` reads locally."""
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
             "interpolation": "bicubic", "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD,
             "first_conv": "downsample_layers.0.0", "classifier": "head", **kwargs}
 
 
-# Read by timm's register_model: the pretrained cfg of each entry point (none has weights).
-default_cfgs = {"hornet_tiny_7x7": _cfg(), "hornet_tiny_gf": _cfg()}
+# Read by timm's register_model: the pretrained cfg of each entry point.
+default_cfgs = {"hornet_tiny_7x7": _cfg(file="hornet_tiny_7x7.pth"), "hornet_tiny_gf": _cfg(file="hornet_tiny_gf.pth")}
 
 
 class HorBlock(nn.Module):
@@ -151,7 +152,7 @@ class HorNet(Backbone):
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, in_chans, H, W]`` -> the last stage's map ``[B, 8 base_dim, H/32, W/32]``."""
         for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
+            x = self.run_blocks(stage, down(x))
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -1,4 +1,4 @@
-"""Eager re-implementation of the official HorNet network (raoyongming/HorNet, ``hornet.py``), our
+"""Eager re-implementation of the official HorNet network (official code: ``hornet.py``), our
 own code written from reading it, with its constructor signatures and state_dict key names:
 ``LayerNorm`` (both data formats), ``GlobalLocalFilter``, ``gnconv``, ``Block``, ``HorNet`` and
 the entry points ``hornet_tiny_7x7`` and ``hornet_tiny_gf``.

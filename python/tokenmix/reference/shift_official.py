@@ -3,13 +3,13 @@ our own code written from reading the official repositories, with their construc
 state_dict key names, and module oracles ``forward(module, params, *inputs)`` for
 ``python -m tokenmix check``:
 
-- Hire-MLP (ggjy/Hire-Wave-MLP.pytorch, ``mlp_based/hire_mlp.py``): ``HireMLP`` and the whole
+- Hire-MLP (official code: ``mlp_based/hire_mlp.py``): ``HireMLP`` and the whole
   ``HireMLPNet`` with ``hire_mlp_tiny``;
-- CycleMLP (ShoufaChen/CycleMLP, ``cycle_mlp.py``): ``CycleFC``, through
+- CycleMLP (official code: ``cycle_mlp.py``): ``CycleFC``, through
   ``torchvision.ops.deform_conv2d`` with its fixed offsets, as the official code runs it;
-- AS-MLP (svip-lab/AS-MLP, ``models/as_mlp.py``): ``AxialShift``, with the eager shift the official
+- AS-MLP (official code: ``models/as_mlp.py``): ``AxialShift``, with the eager shift the official
   code keeps beside its CuPy kernel (``torch_shift``: pad, chunk, roll, narrow);
-- RaftMLP (okojoalg/raft-mlp, ``libs/models.py``): ``PermutedBlock`` and the serial
+- RaftMLP (official code: ``libs/models.py``): ``PermutedBlock`` and the serial
   vertical/horizontal token mixer of ``SerialPermutedLevel`` (``raft_serial_token_mixer``), on
   token tensors ``[B, H*W, C]`` with einops' rearrangements spelled as reshape + permute.
 
