@@ -56,15 +56,15 @@ at::Tensor im2col(const Problem& p, DeformParams& d, int64_t b0, int64_t nb) {
 
 bool fused_forward(const Problem& p, DeformParams& d, at::Tensor& out) {
   static const bool enabled = env_enabled("TOKENMIX_DEFORM_FUSED");
+  d.b0 = 0;
+  d.nb = p.input.size(0);
+  d.Cout = p.weight.size(0);
   if (!enabled || !deform_forward_fused_supported(d, p.groups)) return false;
   // [Cout, Cin, kh, kw] -> [Cout, kh, kw, Cin]: the tap-major columns of ImplicitGemm.
   const at::Tensor wt = p.weight.permute({0, 2, 3, 1}).reshape({p.weight.size(0), -1}).contiguous();
-  d.b0 = 0;
-  d.nb = p.input.size(0);
   d.weight_tk = wt.const_data_ptr();
   d.bias = p.bias.defined() ? p.bias.const_data_ptr() : nullptr;
   d.out = out.mutable_data_ptr();
-  d.Cout = p.weight.size(0);
   check_launch(deform_forward_fused_cuda(d, current_stream()), "deform_forward_fused");
   return true;
 }

@@ -302,7 +302,11 @@ cudaError_t deform_col2im_cuda(const DeformParams& p, cudaStream_t stream) {
 }
 
 bool deform_forward_fused_supported(const DeformParams& p, int64_t weight_groups) {
-  return weight_groups == 1 && cu::tensor_core_dtype_on_device(p.dtype);
+  // The grid is (row blocks, column blocks): gridDim.y is at most 65535, so more than 65535 * BN
+  // output channels take the unfused path.
+  const ImplicitGemm ig = ImplicitGemm::make(p.nb, p.Cin, p.Cout, p.geo.taps(), p.geo.Ho * p.geo.Wo);
+  return weight_groups == 1 && ig.row_blocks() <= 0x7fffffff && ig.col_blocks() <= 65535 &&
+         cu::tensor_core_dtype_on_device(p.dtype);
 }
 
 cudaError_t deform_forward_fused_cuda(const DeformParams& p, cudaStream_t stream) {

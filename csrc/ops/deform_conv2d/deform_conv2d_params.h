@@ -43,7 +43,8 @@ cudaError_t deform_col2im_cuda(const DeformParams& p, cudaStream_t stream);
 // grad_offset and grad_mask of the chunk, one thread per (offset group, tap, pixel).
 cudaError_t deform_col2im_coord_cuda(const DeformParams& p, cudaStream_t stream);
 // The whole forward in one kernel, sampling straight into tensor-core tiles: no column buffer.
-// fp16/bf16 on devices of compute capability >= 8.0 with one weight group (see the predicate).
+// fp16/bf16 on devices of compute capability >= 8.0 with one weight group and a block grid the
+// device can launch (see the predicate).
 bool deform_forward_fused_supported(const DeformParams& p, int64_t weight_groups);
 cudaError_t deform_forward_fused_cuda(const DeformParams& p, cudaStream_t stream);
 

@@ -67,15 +67,15 @@ ShiftSpec shift_spec(const char* op, const at::Tensor& x, at::IntArrayRef shifts
                       ", got ", total);
     sizes.assign(groups.begin(), groups.end());
   }
-  at::Tensor table = at::empty({C, 2}, at::TensorOptions().dtype(at::kInt));
-  int32_t* t = table.data_ptr<int32_t>();
+  at::Tensor table = at::empty({C, 2}, at::TensorOptions().dtype(at::kLong));
+  int64_t* t = table.data_ptr<int64_t>();
   int64_t c = 0;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t dy = H > 0 ? normalise_shift(shifts[2 * g], H, circular) : 0;
     const int64_t dx = W > 0 ? normalise_shift(shifts[2 * g + 1], W, circular) : 0;
     for (int64_t i = 0; i < sizes[g]; ++i, ++c) {
-      t[2 * c] = static_cast<int32_t>(dy);
-      t[2 * c + 1] = static_cast<int32_t>(dx);
+      t[2 * c] = dy;
+      t[2 * c + 1] = dx;
     }
   }
   if (!x.is_cpu()) {
@@ -83,7 +83,7 @@ ShiftSpec shift_spec(const char* op, const at::Tensor& x, at::IntArrayRef shifts
   }
   ShiftSpec s{identity_map(x), table};
   s.map.kind = MapKind::Shift;
-  s.map.dyx = s.table.const_data_ptr<int32_t>();
+  s.map.dyx = s.table.const_data_ptr<int64_t>();
   s.map.circular = circular;
   return s;
 }

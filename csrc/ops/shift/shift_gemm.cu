@@ -20,7 +20,8 @@
 // function of J, K and the pixel count only (shift_weight_grad_chunks), so the result's bits do not
 // depend on the GPU.
 //
-// Limits: J <= 65535 * 64 (the block grid's y dimension), B * GH * GW < 2^31 * 64 for linear;
+// Limits: B * GH * GW < 2^31 * 64 for linear (the block grid's x dimension); J takes as many
+// launches as 65535 j tiles (the y dimension's limit) divide it into;
 // the operand loads coalesce for NCHW operands (consecutive threads read consecutive pixels) and
 // lean on L1 for channels_last ones; a Fold map costs a 64-bit division per operand element (the
 // channel of k), which the simple load does not hoist.
@@ -79,10 +80,10 @@ __device__ __forceinline__ A mapped_load(const T* __restrict__ base, const Token
 // ---- linear -----------------------------------------------------------------------------------
 
 // One 64 (j) x 64 (pixels) tile of R = W A (+ bias) per block: blockIdx.x the pixel tile,
-// blockIdx.y the j tile. W^T and A tiles are staged in shared memory as [16 (k)][64]; A through
-// in_map, R stored through out_map (dropped where its offset is -1).
+// j_tile0 + blockIdx.y the j tile. W^T and A tiles are staged in shared memory as [16 (k)][64]; A
+// through in_map, R stored through out_map (dropped where its offset is -1).
 template <typename T>
-__global__ void __launch_bounds__(kGemmThreads) linear_kernel(LinearParams p) {
+__global__ void __launch_bounds__(kGemmThreads) linear_kernel(LinearParams p, int64_t j_tile0) {
   using A = typename AccOf<T>::type;
   __shared__ A ws[kStep][kTile + kPad];
   __shared__ A as[kStep][kTile + kPad];
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kGemmThreads) linear_kernel(LinearParams p) {
   const int tx = tid % kSide, ty = tid / kSide;
   const int64_t N = p.B * p.GH * p.GW;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t j0 = (j_tile0 + blockIdx.y) * kTile;
 
   // Operand loads: this thread's pixel column is fixed for the whole reduction (its coordinates
   // are split once), its rows are lk, lk + 4, ..., lk + 12 of each step.
@@ -162,11 +163,13 @@ __global__ void __launch_bounds__(kGemmThreads) linear_kernel(LinearParams p) {
 // ---- weight_grad ------------------------------------------------------------------------------
 
 // One 64 (j) x 64 (k) tile of one chunk's sum_n G[j, n] A[k, n] per block: blockIdx.x the k tile,
-// blockIdx.y the j tile, blockIdx.z the chunk (pixels [z N / chunks, (z + 1) N / chunks)). G and
-// A are staged as [16 (pixels)][64]. The blocks of the first k tile also sum G's rows: the bias
-// partial. Sums run over the chunk's pixels in order: no atomics, the same bits on every run.
+// j_tile0 + blockIdx.y the j tile, blockIdx.z the chunk (pixels [z N / chunks, (z + 1) N /
+// chunks)). G and A are staged as [16 (pixels)][64]. The blocks of the first k tile also sum G's
+// rows: the bias partial. Sums run over the chunk's pixels in order: no atomics, the same bits on
+// every run.
 template <typename T>
-__global__ void __launch_bounds__(kGemmThreads) weight_grad_kernel(WeightGradParams p) {
+__global__ void __launch_bounds__(kGemmThreads) weight_grad_kernel(WeightGradParams p,
+                                                                   int64_t j_tile0) {
   using A = typename AccOf<T>::type;
   __shared__ A gs[kStep][kTile + kPad];
   __shared__ A as[kStep][kTile + kPad];
@@ -178,7 +181,7 @@ __global__ void __launch_bounds__(kGemmThreads) weight_grad_kernel(WeightGradPar
   const int tx = tid % kSide, ty = tid / kSide;
   const int64_t N = p.B * p.GH * p.GW;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t j0 = (j_tile0 + blockIdx.y) * kTile;
   const int64_t chunk = blockIdx.z;
   const int64_t n_begin = chunk * N / p.chunks, n_end = (chunk + 1) * N / p.chunks;
   const bool bias_block = blockIdx.x == 0;
@@ -275,11 +278,15 @@ cudaError_t shift_linear_cuda(const LinearParams& p, cudaStream_t stream) {
   const int64_t N = p.B * p.GH * p.GW;
   if (N == 0 || p.J == 0) return cudaSuccess;
   const int64_t tiles_x = ceil_div(N, kTile), tiles_y = ceil_div(p.J, kTile);
-  if (tiles_x > kMaxTilesX || tiles_y > kMaxTilesY) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(tiles_x), static_cast<unsigned>(tiles_y));
+  if (tiles_x > kMaxTilesX) return cudaErrorInvalidConfiguration;
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    linear_kernel<T><<<grid, kGemmThreads, 0, stream>>>(p);
+    // gridDim.y is at most kMaxTilesY: more j tiles than that take several launches.
+    for (int64_t jt = 0; jt < tiles_y; jt += kMaxTilesY) {
+      const dim3 grid(static_cast<unsigned>(tiles_x),
+                      static_cast<unsigned>(std::min(kMaxTilesY, tiles_y - jt)));
+      linear_kernel<T><<<grid, kGemmThreads, 0, stream>>>(p, jt);
+    }
   });
 }
 
@@ -287,16 +294,20 @@ cudaError_t shift_weight_grad_cuda(const WeightGradParams& p, cudaStream_t strea
   const int64_t N = p.B * p.GH * p.GW;
   if (N == 0 || p.J == 0) return cudaSuccess;
   const int64_t tiles_y = ceil_div(p.J, kTile);
-  if (tiles_y > kMaxTilesY || p.chunks < 1 || p.chunks > kMaxChunks) {
+  if (p.chunks < 1 || p.chunks > kMaxChunks) {
     return cudaErrorInvalidConfiguration;
   }
-  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(p.K, kTile))),
-                  static_cast<unsigned>(tiles_y), static_cast<unsigned>(p.chunks));
   const int64_t row = p.J * p.K + p.J;
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename AccOf<T>::type;
-    weight_grad_kernel<T><<<grid, kGemmThreads, 0, stream>>>(p);
+    // gridDim.y is at most kMaxTilesY: more j tiles than that take several launches.
+    for (int64_t jt = 0; jt < tiles_y; jt += kMaxTilesY) {
+      const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(p.K, kTile))),
+                      static_cast<unsigned>(std::min(kMaxTilesY, tiles_y - jt)),
+                      static_cast<unsigned>(p.chunks));
+      weight_grad_kernel<T><<<grid, kGemmThreads, 0, stream>>>(p, jt);
+    }
     weight_grad_reduce_kernel<A><<<blocks_for(row, kThreads), kThreads, 0, stream>>>(p);
   });
 }

@@ -30,9 +30,10 @@ struct Strides4 {
 struct TokenMap {
   MapKind kind;
   int64_t C, H, W;  // the source map
-  // Shift: per-channel (dy, dx), int32 [C, 2], normalised by normalise_shift (device memory on
-  // CUDA). circular: wrap around instead of reading zeros.
-  const int32_t* dyx;
+  // Shift: per-channel (dy, dx), int64 [C, 2], normalised by normalise_shift (device memory on
+  // CUDA): a normalised shift can be as large as its axis, which may exceed 2^31 - 1.
+  // circular: wrap around instead of reading zeros.
+  const int64_t* dyx;
   bool circular;
   // Fold: axis 2 or 3; region p; shift s in [0, L); L the axis length; Lp = ceil(L / p) * p.
   // wrap: padded positions read their circular source (region_fold) or zero (the adjoint of the

@@ -3,9 +3,9 @@
 // points through which the launchers of window_attention_cuda.cu reach them. Torch-free; included
 // only from .cu files.
 //
-// Every attention kernel runs one block of kWarps warps per (image, window, head), blockIdx.x =
-// (b * windows + win) * heads + h, and reads window tokens from their original map positions
-// (window_attention_math.h: shift, partial border windows).
+// Every attention kernel runs one block of kWarps warps per (image, window, head), task =
+// p.task0 + blockIdx.x = (b * windows + win) * heads + h, and reads window tokens from their
+// original map positions (window_attention_math.h: shift, partial border windows).
 #pragma once
 
 #include <cstdint>
@@ -42,30 +42,39 @@ __device__ __forceinline__ int64_t strided(const Strides4& s, int64_t b, int64_t
   return b * s.b + y * s.y + x * s.x + h * s.h;
 }
 
-// Token t of window `win`: its original row and column, Swin region (-1 outside the map) and
-// relative position, into the shared arrays; returns whether it lies inside the map.
-__device__ __forceinline__ bool place_token(const Geometry& g, int64_t win, int t, int* ty, int* tx,
-                                            int* treg, int* tpos) {
+// Token t of window `win`: its original row and column (64-bit: a map side may pass 2^31 - 1),
+// Swin region (-1 outside the map) and relative position, into the shared arrays; returns whether
+// it lies inside the map.
+__device__ __forceinline__ bool place_token(const Geometry& g, int64_t win, int t, int64_t* ty,
+                                            int64_t* tx, int* treg, int* tpos) {
   int64_t sy = 0, sx = 0;
   const bool exists = shifted_coords(g, win, t, &sy, &sx);
-  ty[t] = exists ? static_cast<int>(original_row(g, sy)) : 0;
-  tx[t] = exists ? static_cast<int>(original_col(g, sx)) : 0;
+  ty[t] = exists ? original_row(g, sy) : 0;
+  tx[t] = exists ? original_col(g, sx) : 0;
   treg[t] = exists ? region(g, sy, sx) : -1;
   tpos[t] = relative_pos(g, t);
   return exists;
 }
 
 // Sets the kernel's dynamic shared memory limit to smem, then launches it with one block per
-// (image, window, head).
+// (image, window, head). gridDim.x is at most 2^31 - 1: more tasks than that take several
+// launches, each told its first task in p.task0.
 template <typename Kernel>
 cudaError_t launch_per_window(Kernel kernel, const WindowParams& p, int64_t smem,
                               cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
+  constexpr int64_t kMaxBlocksX = 2147483647;
   const int64_t blocks = p.B * p.geo.windows() * p.heads;
-  kernel<<<static_cast<unsigned>(blocks), kBlock, smem, stream>>>(p);
-  return cudaGetLastError();
+  WindowParams q = p;
+  for (q.task0 = 0; q.task0 < blocks; q.task0 += kMaxBlocksX) {
+    const int64_t n = blocks - q.task0 < kMaxBlocksX ? blocks - q.task0 : kMaxBlocksX;
+    kernel<<<static_cast<unsigned>(n), kBlock, smem, stream>>>(q);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 // The forward or backward attention kernel of a family: SIMT, for every supported dtype and shape

@@ -31,6 +31,7 @@ struct WindowParams {
   bool global_q;
   DType dtype;
   bool tensor_cores;  // the tensor-core kernels where they apply (fp16/bf16, d 32, <= 64 tokens)
+  int64_t task0;      // the first (image, window, head) task of a launch (launch_per_window)
 
   void* out;  // forward: [B, H, W, heads, d] contiguous
   void* lse;  // [B, windows, tokens, heads], float (double for Float64); forward: may be null

@@ -35,18 +35,22 @@ int64_t acc_bytes(DType t) {
   return t == DType::Float64 ? 8 : 4;
 }
 
-// Shared-memory layout of one block (accumulation-type arrays first, then int arrays).
+// Shared-memory layout of one block (int64 arrays first, then accumulation-type arrays, then int
+// arrays).
 template <typename A>
 struct Smem {
+  int64_t *ty, *tx;       // original row/col
   A *Qs, *Ks, *Vs, *dOs;  // [T, d + 1]
   A *D, *lse;             // [T] (backward)
   A *rowP, *rowS;         // [kWarps, T]
   A* tables;              // [kWarps, table] (backward)
-  int *ty, *tx, *treg;    // original row/col, Swin region (-1: outside the map)
+  int* treg;              // Swin region (-1: outside the map)
   int* tpos;              // relative_pos of each token (window_attention_math.h)
 
   __device__ Smem(unsigned char* raw, int T, int ld, int table, bool backward) {
-    A* a = reinterpret_cast<A*>(raw);
+    ty = reinterpret_cast<int64_t*>(raw);
+    tx = ty + T;
+    A* a = reinterpret_cast<A*>(tx + T);
     Qs = a;
     Ks = Qs + T * ld;
     Vs = Ks + T * ld;
@@ -62,9 +66,7 @@ struct Smem {
     } else {
       dOs = D = lse = tables = nullptr;
     }
-    ty = reinterpret_cast<int*>(a);
-    tx = ty + T;
-    treg = tx + T;
+    treg = reinterpret_cast<int*>(a);
     tpos = treg + T;
   }
 };
@@ -157,7 +159,7 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
   const int Tn = l.T;
   const int64_t nW = p.geo.windows();
   Smem<A> s(smem_raw, Tn, l.ld, l.table, false);
-  const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
+  const int64_t task = p.task0 + blockIdx.x;  // (b * nW + win) * heads + h
   const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
   load_window<T, A>(p, l, b, win, h, s);
   __syncthreads();
@@ -211,7 +213,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   const int Tn = l.T, ld = l.ld, table = l.table;
   const int64_t nW = p.geo.windows();
   Smem<A> s(smem_raw, Tn, ld, table, true);
-  const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
+  const int64_t task = p.task0 + blockIdx.x;  // (b * nW + win) * heads + h
   const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
   const A* lse = static_cast<const A*>(p.lse);
   for (int e = threadIdx.x; e < kWarps * table; e += blockDim.x) s.tables[e] = 0;
@@ -353,7 +355,8 @@ int64_t window_attention_smem_bytes(const WindowParams& p, bool backward) {
   const int64_t T = p.geo.tokens(), ld = p.d + 1;
   int64_t acc_elems = 3 * T * ld + 2 * kWarps * T;
   if (backward) acc_elems += T * ld + 2 * T + kWarps * p.geo.table_size();
-  return acc_elems * acc_bytes(p.dtype) + 4 * T * static_cast<int64_t>(sizeof(int));
+  return 2 * T * static_cast<int64_t>(sizeof(int64_t)) + acc_elems * acc_bytes(p.dtype) +
+         2 * T * static_cast<int64_t>(sizeof(int));
 }
 
 cudaError_t simt_attention_cuda(const WindowParams& p, bool backward, cudaStream_t stream) {

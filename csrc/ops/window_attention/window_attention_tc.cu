@@ -35,7 +35,8 @@ template <typename T>
 struct Window {
   T *Qs, *Ks, *Vs, *dOs;
   float* lse;
-  int *ty, *tx, *treg, *tpos;
+  int64_t *ty, *tx;
+  int *treg, *tpos;
 };
 
 // Fills w for window `win` of image b, head h: coordinates, region (-1 outside the map,
@@ -70,7 +71,7 @@ __device__ void load_window(const WindowParams& p, const Local& l, int64_t b, in
     T qv = zero, kv = zero, vv = zero, gv = zero;
     if (p.global_q && t < l.T) qv = q[strided(p.q_strides, b, t / g.ww, t % g.ww, h) + c];
     if (exists) {
-      const int y = w.ty[t], x = w.tx[t];
+      const int64_t y = w.ty[t], x = w.tx[t];
       if (!p.global_q) qv = q[strided(p.q_strides, b, y, x, h) + c];
       kv = k[strided(p.k_strides, b, y, x, h) + c];
       vv = v[strided(p.v_strides, b, y, x, h) + c];
@@ -136,13 +137,14 @@ __global__ void __launch_bounds__(kBlock) forward_tc_kernel(WindowParams p) {
   __shared__ __align__(128) T Vs[kT * kLdQ];
   __shared__ __align__(128) float S[kT * kLdS];
   __shared__ __align__(128) T Ps[kT * kLdP];
-  __shared__ int ty[kT], tx[kT], treg[kT], tpos[kT];
+  __shared__ int64_t ty[kT], tx[kT];
+  __shared__ int treg[kT], tpos[kT];
 
   const Geometry& g = p.geo;
   const Local l(p);
   const int Tn = l.T;
   const int64_t nW = g.windows();
-  const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
+  const int64_t task = p.task0 + blockIdx.x;  // (b * nW + win) * heads + h
   const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
   load_window<T>(p, l, b, win, h, Window<T>{Qs, Ks, Vs, nullptr, nullptr, ty, tx, treg, tpos});
 
@@ -211,7 +213,8 @@ struct BwdSmem {
   template <typename T>
   static int64_t bytes(int table) {
     return 4 * round(kQKV * sizeof(T)) + round(kT * kLdS * 4) + 2 * round(kT * kLdP * sizeof(T)) +
-           round(kT * 4) + round(int64_t{kWarps} * table * 4) + 4 * round(kT * sizeof(int));
+           round(kT * 4) + round(int64_t{kWarps} * table * 4) + 2 * round(kT * sizeof(int64_t)) +
+           2 * round(kT * sizeof(int));
   }
 };
 }  // namespace tc
@@ -242,13 +245,13 @@ __global__ void __launch_bounds__(kBlock) backward_tc_kernel(WindowParams p) {
   T* dSm = reinterpret_cast<T*>(take(kT * kLdP * sizeof(T)));
   float* lse_s = reinterpret_cast<float*>(take(kT * 4));
   float* tables = reinterpret_cast<float*>(take(kWarps * table * 4));
-  int* ty = reinterpret_cast<int*>(take(kT * sizeof(int)));
-  int* tx = reinterpret_cast<int*>(take(kT * sizeof(int)));
+  int64_t* ty = reinterpret_cast<int64_t*>(take(kT * sizeof(int64_t)));
+  int64_t* tx = reinterpret_cast<int64_t*>(take(kT * sizeof(int64_t)));
   int* treg = reinterpret_cast<int*>(take(kT * sizeof(int)));
   int* tpos = reinterpret_cast<int*>(take(kT * sizeof(int)));
 
   const int64_t nW = g.windows();
-  const int64_t task = blockIdx.x;  // (b * nW + win) * heads + h
+  const int64_t task = p.task0 + blockIdx.x;  // (b * nW + win) * heads + h
   const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
   for (int e = threadIdx.x; e < kWarps * table; e += blockDim.x) tables[e] = 0;
   load_window<T>(p, l, b, win, h, Window<T>{Qs, Ks, Vs, dOs, lse_s, ty, tx, treg, tpos});
@@ -387,13 +390,9 @@ cudaError_t tc_attention_cuda(const WindowParams& p, bool backward, cudaStream_t
                 : launch_per_window(backward_tc_kernel<__nv_bfloat16>, p,
                                     tc::BwdSmem::bytes<__nv_bfloat16>(table), stream);
   }
-  const auto blocks = static_cast<unsigned>(p.B * p.geo.windows() * p.heads);
-  if (half) {
-    forward_tc_kernel<__half><<<blocks, kBlock, 0, stream>>>(p);
-  } else {
-    forward_tc_kernel<__nv_bfloat16><<<blocks, kBlock, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  // Static shared memory only: no dynamic allowance.
+  return half ? launch_per_window(forward_tc_kernel<__half>, p, 0, stream)
+              : launch_per_window(forward_tc_kernel<__nv_bfloat16>, p, 0, stream);
 }
 
 }  // namespace window_attention
