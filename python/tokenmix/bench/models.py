@@ -8,9 +8,8 @@ interleaved round by round (:func:`tokenmix.bench.harness.time_interleaved`).
   training step runs (DynamicViT runs its Gumbel decisions and policy attention here).
 
 Beside the times: images per second of each variant, and the share of the fused model's time
-spent inside tokenmix ops (``torch.profiler``, self time of the ``tokenmix::`` ops over all
-self time, one profiled call per pass): where the share is small, no kernel can make the model
-much faster.
+spent inside tokenmix ops (``torch.profiler``, one profiled call per pass; see
+:func:`_tokenmix_share`): where the share is small, no kernel can make the model much faster.
 """
 from __future__ import annotations
 
@@ -37,27 +36,34 @@ def _models(name: str, device: torch.device, dtype: torch.dtype) -> Dict[str, nn
 
 
 def _tokenmix_share(fn: Callable[[], None], device: torch.device) -> float:
-    """Fraction of ``fn``'s self time (CPU time, or CUDA kernel time on a GPU) spent in
-    ``tokenmix::`` ops, from one profiled call after the timed ones."""
+    """Fraction of ``fn``'s time spent in ``tokenmix::`` ops, from one profiled call after the
+    timed ones: the inclusive time of each outermost tokenmix op (the ATen calls a kernel makes
+    inside it count as its own; an op nested in another tokenmix op counts once) over the sum of
+    every op's self time. On CPU the time is CPU time; on CUDA, kernel time."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
         fn()
         _sync(device)
+    events = prof.events()
+
+    def outermost(ev) -> bool:
+        if not ev.name.startswith("tokenmix::"):
+            return False
+        parent = ev.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("tokenmix::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
     if device.type == "cuda":
-        # Kernel time, attributed to the op that launched it through the profiler's event tree.
-        total = mixer = 0.0
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                total += ev.self_device_time_total
-        for ev in prof.key_averages():
-            if ev.key.startswith("tokenmix::"):
-                mixer += ev.device_time_total
-        return mixer / total if total else 0.0
-    averages = prof.key_averages()
-    total = sum(ev.self_cpu_time_total for ev in averages)
-    mixer = sum(ev.self_cpu_time_total for ev in averages if ev.key.startswith("tokenmix::"))
+        total = sum(ev.self_device_time_total for ev in events)
+        mixer = sum(ev.device_time_total for ev in events if outermost(ev))
+    else:
+        total = sum(ev.self_cpu_time_total for ev in events)
+        mixer = sum(ev.cpu_time_total for ev in events if outermost(ev))
     return mixer / total if total else 0.0
 
 
