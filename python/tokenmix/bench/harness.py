@@ -312,6 +312,13 @@ def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: i
     for case in cases:
         rows.extend(run_case(case, device, dtype, reps, compile_ref, amp))
         bar.step(f"{case.op} {case.name}")
+    return dict(metadata(device, dtype, amp, reps, heap), rows=[asdict(r) for r in rows])
+
+
+def metadata(device: torch.device, dtype: torch.dtype, amp: torch.dtype | None, reps: int,
+             heap: bool | None) -> dict:
+    """What a result file records besides its rows: the machine, the software, the commit, the
+    date and how it was timed."""
     return {
         "device": device_name(device),
         "device_type": device.type,
@@ -325,7 +332,6 @@ def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: i
         "date": _dt.date.today().isoformat(),
         "reps": reps,
         "steady_heap": heap,
-        "rows": [asdict(r) for r in rows],
     }
 
 

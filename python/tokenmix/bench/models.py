@@ -13,15 +13,13 @@ spent inside tokenmix ops (``torch.profiler``, one profiled call per pass; see
 """
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import asdict
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-import tokenmix
-from tokenmix.bench.harness import Progress, Row, _sync, device_name, git_commit, steady_heap, time_interleaved
+from tokenmix.bench.harness import Progress, Row, _sync, metadata, steady_heap, time_interleaved
 
 __all__ = ["run_models", "format_models_table"]
 
@@ -125,24 +123,8 @@ def run_models(names: Sequence[str], device: torch.device, dtype: torch.dtype, b
     for name in names:
         rows.extend(_model_rows(name, device, dtype, batch, size, reps, compile_ref, amp))
         bar.step(name)
-    return {
-        "kind": "models",
-        "device": device_name(device),
-        "device_type": device.type,
-        "dtype": str(dtype).replace("torch.", ""),
-        "autocast": str(amp).replace("torch.", "") if amp is not None else None,
-        "batch": batch,
-        "image_size": size,
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "torch": torch.__version__,
-        "tokenmix": tokenmix.__version__,
-        "cpu_capability": tokenmix.info()["cpu_capability"],
-        "commit": git_commit(),
-        "date": _dt.date.today().isoformat(),
-        "reps": reps,
-        "steady_heap": heap,
-        "rows": [asdict(r) for r in rows],
-    }
+    return {"kind": "models", "batch": batch, "image_size": size, **metadata(device, dtype, amp, reps, heap),
+            "rows": [asdict(r) for r in rows]}
 
 
 def format_models_table(result: dict) -> str:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["create", "list_models", "register", "build", "load_checkpoint", "checkpoint_file", "Backbone"]
+__all__ = ["create", "list_models", "register", "build", "load_checkpoint", "checkpoint_file", "default_cfg",
+           "Backbone", "Mlp"]
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -55,6 +56,35 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def default_cfg(file: str, first_conv: str, **kwargs: Any) -> dict:
+    """timm's pretrained cfg of a model: ImageNet-1k at 224 x 224, bicubic, ImageNet mean and std,
+    classifier ``head``, overridden by ``kwargs``. Nothing downloads (``url`` empty); ``file`` is
+    the official checkpoint's file name, which ``pretrained=True`` reads locally (:func:`build`).
+    A model module's ``default_cfgs`` dict of these is what timm's ``register_model`` reads."""
+    return {"url": "", "file": file, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+            "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+            "first_conv": first_conv, "classifier": "head", **kwargs}
+
+
+class Mlp(nn.Module):
+    """The transformers' token MLP: ``drop(fc2(drop(gelu(fc1(x)))))``, back to ``in_features``
+    (keys ``fc1``, ``fc2``)."""
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None, drop: float = 0.):
+        super().__init__()
+        hidden = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -58,26 +58,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenmix.models import Backbone, build, register
+from tokenmix.models import Backbone, Mlp, build, default_cfg, register
 from tokenmix.nn.shift import DropPath
 from tokenmix.ops.gather import policy_softmax, topk_tokens
 
 __all__ = ["Mlp", "Attention", "Block", "PatchEmbed", "PredictorLG", "DynamicViT", "dynamicvit_deit_small",
            "softmax_with_policy", "batch_index_select"]
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _cfg(**kwargs: Any) -> dict:
-    """The official default cfg. Nothing downloads (``url`` empty); ``file`` is the official
-    checkpoint's file name, which ``pretrained=True`` reads locally."""
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-            "interpolation": "bicubic", "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD,
-            "first_conv": "patch_embed.proj", "classifier": "head", **kwargs}
-
-
-# Read by timm's register_model: the pretrained cfg of each entry point.
-default_cfgs = {"dynamicvit_deit_small": _cfg(file="dynamic-vit_384_r0.7.pth")}
+# Read by timm's register_model.
+default_cfgs = {"dynamicvit_deit_small": default_cfg("dynamic-vit_384_r0.7.pth", "patch_embed.proj", crop_pct=0.9)}
 
 
 def softmax_with_policy(attn: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
@@ -102,21 +91,6 @@ def batch_index_select(x: Tensor, idx: Tensor) -> Tensor:
     offset = torch.arange(B, dtype=torch.long, device=x.device).view(B, 1) * N
     flat = (idx + offset).reshape(-1)
     return x.reshape(B * N, *x.shape[2:])[flat].reshape(B, idx.shape[1], *x.shape[2:])
-
-
-class Mlp(nn.Module):
-    """DeiT's MLP: ``drop(fc2(drop(gelu(fc1(x)))))`` (keys ``fc1``, ``fc2``)."""
-
-    def __init__(self, in_features: int, hidden_features: Optional[int] = None, drop: float = 0.):
-        super().__init__()
-        hidden = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Attention(nn.Module):

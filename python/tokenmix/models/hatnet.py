@@ -38,26 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenmix.models import Backbone, build, register
+from tokenmix.models import Backbone, build, default_cfg, register
 from tokenmix.nn.shift import DropPath
 from tokenmix.ops.window_attention import window_attention
 
 __all__ = ["InvertedResidual", "HierarchicalAttention", "HATBlock", "Downsample", "HATNet", "hatnet_tiny"]
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _cfg(**kwargs: Any) -> dict:
-    """The official default cfg (timm's ViT cfg; the input size is fixed by the window grids)
-    with this network's first conv and classifier (no weights: ``url`` empty)."""
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-            "interpolation": "bicubic", "fixed_input_size": True, "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD,
-            "first_conv": "patch_embed.0", "classifier": "classifier.1", **kwargs}
-
-
-# Read by timm's register_model: the pretrained cfg of each entry point, with the file name of the
-# official release's checkpoint (its state_dict under "model").
-default_cfgs = {"hatnet_tiny": _cfg(file="HAT-Net_Tiny.pth")}
+# Read by timm's register_model: timm's ViT cfg; the input size is fixed by the window grids.
+default_cfgs = {"hatnet_tiny": default_cfg("HAT-Net_Tiny.pth", "patch_embed.0", crop_pct=0.9, fixed_input_size=True,
+                                          classifier="classifier.1")}
 
 
 class InvertedResidual(nn.Module):

@@ -19,24 +19,13 @@ from typing import Any, Sequence
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from tokenmix.models import Backbone, build, register
+from tokenmix.models import Backbone, build, default_cfg, register
 from tokenmix.nn.shift import ConvMlp, DropPath, HireMLP
 
 __all__ = ["HireBlock", "PatchEmbedOverlapping", "Downsample", "HireMLPNet", "hire_mlp_tiny"]
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _cfg(**kwargs: Any) -> dict:
-    """The official default cfg. Nothing downloads (``url`` empty); ``file`` is the official
-    checkpoint's file name, which ``pretrained=True`` reads locally."""
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-            "interpolation": "bicubic", "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD,
-            "first_conv": "patch_embed.proj", "classifier": "head", **kwargs}
-
-
-# Read by timm's register_model: the pretrained cfg of each entry point.
-default_cfgs = {"hire_mlp_tiny": _cfg(file="hire_mlp_tiny.pth")}
+# Read by timm's register_model.
+default_cfgs = {"hire_mlp_tiny": default_cfg("hire_mlp_tiny.pth", "patch_embed.proj", crop_pct=0.9)}
 
 
 class HireBlock(nn.Module):

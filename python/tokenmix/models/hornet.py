@@ -22,25 +22,15 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from tokenmix.models import Backbone, build, register
+from tokenmix.models import Backbone, build, default_cfg, register
 from tokenmix.nn.gnconv import GlobalLocalFilter, GnConv, LayerNorm2d
 from tokenmix.nn.shift import DropPath
 
 __all__ = ["HorBlock", "HorNet", "hornet_tiny_7x7", "hornet_tiny_gf"]
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _cfg(**kwargs: Any) -> dict:
-    """A ConvNeXt-style default cfg, as HorNet is trained. Nothing downloads (``url`` empty);
-    ``file`` is the official checkpoint's file name, which ``pretrained=True`` reads locally."""
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-            "interpolation": "bicubic", "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD,
-            "first_conv": "downsample_layers.0.0", "classifier": "head", **kwargs}
-
-
-# Read by timm's register_model: the pretrained cfg of each entry point.
-default_cfgs = {"hornet_tiny_7x7": _cfg(file="hornet_tiny_7x7.pth"), "hornet_tiny_gf": _cfg(file="hornet_tiny_gf.pth")}
+# Read by timm's register_model; ConvNeXt-style, as HorNet is trained.
+default_cfgs = {name: default_cfg(f"{name}.pth", "downsample_layers.0.0", pool_size=(7, 7))
+                for name in ("hornet_tiny_7x7", "hornet_tiny_gf")}
 
 
 class HorBlock(nn.Module):

@@ -38,27 +38,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from tokenmix.models import Backbone, build, register
+from tokenmix.models import Backbone, Mlp, build, default_cfg, register
 from tokenmix.nn.deform_conv2d import DeformablePatchMerging
 from tokenmix.nn.shift import DropPath
 
 __all__ = ["deform_merge_eager", "DeformableTokenMerging", "Mlp", "MLPBlock", "Attention", "ViTBlock", "PatchEmbed",
            "LIT", "lit_ti"]
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def _cfg(**kwargs: Any) -> dict:
-    """The preprocessing LIT-Ti was trained and evaluated with (DeiT's: resize to 256/224 of the
-    crop, bicubic, centre crop, ImageNet mean and std); no weights: ``url`` empty."""
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-            "interpolation": "bicubic", "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD,
-            "first_conv": "patch_embed1.proj", "classifier": "head", **kwargs}
-
-
-# Read by timm's register_model: the pretrained cfg of each entry point; ``file`` names the
-# official release's checkpoint (its state_dict under the "model" key).
-default_cfgs = {"lit_ti": _cfg(file="lit_ti.pth")}
+# Read by timm's register_model: the preprocessing LIT-Ti was trained and evaluated with (DeiT's).
+default_cfgs = {"lit_ti": default_cfg("lit_ti.pth", "patch_embed1.proj")}
 
 
 def deform_merge_eager(x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:
@@ -125,20 +113,6 @@ class DeformableTokenMerging(DeformablePatchMerging):
         d = self.dconv
         y = deform_merge_eager(x, d.conv_offset(x), d.weight, d.bias, self.kernel_size)
         return self.act_layer(self.norm_layer(y)).flatten(2).transpose(1, 2)
-
-
-class Mlp(nn.Module):
-    """``drop(fc2(drop(gelu(fc1(x)))))`` on tokens (keys ``fc1``, ``fc2``)."""
-
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class MLPBlock(nn.Module):

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmix.nn.shift import DropPath as _DropPath  # stochastic depth: the same as timm's
+
 __all__ = ["batch_index_select", "Mlp", "Attention", "Block", "PatchEmbed", "PredictorLG",
            "VisionTransformerDiffPruning", "dynamicvit_deit_small"]
 
@@ -42,20 +44,6 @@ def batch_index_select(x, idx):
     offset = torch.arange(B, dtype=torch.long, device=x.device).view(B, 1) * N
     flat = (idx + offset).reshape(-1)
     return x.reshape(B * N, *x.shape[2:])[flat].reshape(B, idx.shape[1], *x.shape[2:])
-
-
-class _DropPath(nn.Module):
-    """Stochastic depth (timm's DropPath)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0. or not self.training:
-            return x
-        keep = 1 - self.p
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
 
 
 class Mlp(nn.Module):

@@ -17,21 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmix.nn.shift import DropPath as _DropPath  # stochastic depth: the same as timm's
+
 __all__ = ["InvertedResidual", "Attention", "Block", "Downsample", "HAT_Net", "HAT_Net_tiny", "hatnet_tiny"]
-
-
-class _DropPath(nn.Module):
-    """Stochastic depth (timm's DropPath)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0. or not self.training:
-            return x
-        keep = 1 - self.p
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
 
 
 class InvertedResidual(nn.Module):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmix.nn.shift import DropPath as _DropPath  # stochastic depth: the same as timm's
+
 __all__ = ["LayerNorm", "GlobalLocalFilter", "gnconv", "Block", "HorNet", "hornet_tiny_7x7", "hornet_tiny_gf"]
 
 
@@ -40,20 +42,6 @@ class LayerNorm(nn.Module):
         var = (x - mu).pow(2).mean(1, keepdim=True)
         x = (x - mu) / torch.sqrt(var + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
-class _DropPath(nn.Module):
-    """Stochastic depth (timm's DropPath)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0. or not self.training:
-            return x
-        keep = 1 - self.p
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
 
 
 class GlobalLocalFilter(nn.Module):

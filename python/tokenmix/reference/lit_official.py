@@ -22,24 +22,11 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from tokenmix.nn.shift import DropPath as _DropPath  # stochastic depth: the same as timm's
 from tokenmix.reference.deform_conv2d import deform_conv2d
 
 __all__ = ["Mlp", "ViTAttention", "ViTBlock", "MLPBlock", "PatchEmbed", "DeformConv2dPack",
            "DeformablePatchEmbed_GELU", "LIT", "lit_ti"]
-
-
-class _DropPath(nn.Module):
-    """Stochastic depth (timm's DropPath)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.drop_prob = p
-
-    def forward(self, x):
-        if self.drop_prob == 0. or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
 
 
 class Mlp(nn.Module):

@@ -27,6 +27,8 @@ from torch.func import functional_call
 from torch.nn import init
 from torch.nn.modules.utils import _pair
 
+from tokenmix.nn.shift import DropPath as _DropPath  # stochastic depth: the same as timm's
+
 __all__ = ["Mlp", "HireMLP", "HireBlock", "PatchEmbedOverlapping", "Downsample", "HireMLPNet", "hire_mlp_tiny",
            "CycleFC", "AxialShift", "torch_shift", "PermutedBlock", "Rearrange", "raft_serial_token_mixer",
            "map_to_tokens", "raft_output_to_map", "hire_mlp", "cycle_fc", "axial_shift", "raft_token_mixer"]
@@ -103,20 +105,6 @@ class HireMLP(nn.Module):
         a = (h + w + c).flatten(2).mean(2).unsqueeze(2).unsqueeze(2)
         a = self.reweight(a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0).unsqueeze(3).unsqueeze(3)
         return self.proj_drop(self.proj(h * a[0] + w * a[1] + c * a[2]))
-
-
-class _DropPath(nn.Module):
-    """Stochastic depth (timm's DropPath): whole samples dropped, the rest scaled by 1/keep."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0. or not self.training:
-            return x
-        keep = 1 - self.p
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
 
 
 class HireBlock(nn.Module):
