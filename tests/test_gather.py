@@ -154,8 +154,54 @@ def test_results_do_not_depend_on_thread_count(device):
 # ---- bad input: one test per check --------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_index_values(device):
+def test_bad_index_values():
+    _bad_index_values("cpu")
+
+
+_BAD_INDEX_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import test_gather
+{body}
+"""
+
+
+def _run_cuda(body: str, **env: str):
+    """``body`` in a fresh process (a device-side assertion leaves the CUDA context unusable)."""
+    import os
+    import subprocess
+    import sys
+    script = _BAD_INDEX_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), body=body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, **env))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_bad_index_values_cuda():
+    """CUDA checks index values on the device (no host sync): a bad one stops the kernel with a
+    device-side assertion, reported at the next synchronisation; TOKENMIX_CUDA_CHECK_INDICES=1
+    gives the CPU path's exact exceptions."""
+    proc = _run_cuda("test_gather._bad_index_values('cuda')", TOKENMIX_CUDA_CHECK_INDICES="1")
+    assert proc.returncode == 0, proc.stderr
+    calls = {
+        "gather": "tm.gather_tokens(x, torch.tensor([[0, 5], [1, 2]], device='cuda'))",
+        "scatter": "tm.scatter_tokens(x, torch.tensor([[1, 1], [0, 2]], device='cuda'), torch.randn(2, 2, 3, device='cuda'))",
+    }
+    for name, call in calls.items():
+        body = ("import tokenmix.ops as tm\n"
+                "x = torch.randn(2, 5, 3, device='cuda')\n"
+                f"{call}\n"
+                "try:\n"
+                "    torch.cuda.synchronize()\n"
+                "except RuntimeError as e:\n"
+                "    print('RAISED', e)\n")
+        proc = _run_cuda(body)
+        assert "RAISED" in proc.stdout and "assert" in proc.stdout.lower(), (name, proc.stdout, proc.stderr)
+        assert "index entries must" in proc.stderr, (name, proc.stderr)
+
+
+def _bad_index_values(device):
     x = randn(2, 5, 3).to(device)
     check_raises(IndexError, r"index entries must lie in \[0, 5\), got values in \[0, 5\]",
                  tm.gather_tokens, x, torch.tensor([[0, 5], [1, 2]], device=device))

@@ -1,6 +1,6 @@
 // Device helpers shared by the CUDA kernels of every op family: launch sizing, grid-stride
-// indices, element-type conversion to the accumulation type, warp reductions and the dtype switch.
-// Torch-free; included only from .cu files.
+// indices, device-side checks, element-type conversion to the accumulation type, warp reductions
+// and the dtype switch. Torch-free; included only from .cu files.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,6 +11,20 @@
 #include <cstdint>
 
 #include "tokenmix/dtype.h"
+
+// CUDA's device-side assertion handler (what assert() calls in device code), declared here because
+// release builds define NDEBUG, which hides glibc's declaration.
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
+                                                  const char* function) noexcept __attribute__((__noreturn__));
+
+// A check on data only the device sees (index values), kept in release builds: on failure the
+// kernel stops with CUDA's device-side assertion, `msg` and the source position go to stderr, and
+// the CUDA context reports cudaErrorAssert from the next synchronising call on, as torch's own
+// kernels do for out-of-range indices. Checking on the host instead would wait for the device.
+#define TM_DEVICE_CHECK(cond, msg)                                                   \
+  do {                                                                               \
+    if (!(cond)) __assert_fail(msg, __FILE__, static_cast<unsigned>(__LINE__), __func__); \
+  } while (0)
 
 namespace tokenmix {
 namespace cu {

@@ -12,4 +12,11 @@ inline bool env_enabled(const char* name) {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+// True only when the variable is set to something other than "" or "0": switches that turn an
+// extra check on.
+inline bool env_set(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
 }  // namespace tokenmix

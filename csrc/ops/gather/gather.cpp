@@ -9,6 +9,7 @@
 
 #include "gather_problem.h"
 #include "tokenmix/checks.h"
+#include "tokenmix/env.h"
 #include "tokenmix/registration.h"
 
 namespace tokenmix {
@@ -50,8 +51,25 @@ at::Tensor index_int64(const at::Tensor& index) {
   return index.scalar_type() == at::kLong ? index.contiguous() : index.to(at::kLong);
 }
 
+// Whether index values are checked on the host: always on CPU; on CUDA only with
+// TOKENMIX_CUDA_CHECK_INDICES=1, because reading them there waits for the device (the kernels check
+// them on the device instead, gather_cuda.cu).
+template <c10::DeviceType D>
+bool host_index_checks() {
+  static const bool cuda = env_set("TOKENMIX_CUDA_CHECK_INDICES");
+  return D == c10::kCPU || cuda;
+}
+
+template <c10::DeviceType D>
+void check_range(const char* op, const at::Tensor& index, int64_t upper) {
+  if (host_index_checks<D>()) {
+    check_index_range(op, "index", index, upper);
+  }
+}
+
+template <c10::DeviceType D>
 void check_unique(const char* op, const at::Tensor& count) {
-  if (count.numel() == 0) {
+  if (!host_index_checks<D>() || count.numel() == 0) {
     return;
   }
   const int64_t most = count.max().item<int64_t>();
@@ -68,7 +86,7 @@ at::Tensor gather_tokens_impl(const at::Tensor& x_in, const at::Tensor& index_in
   const char* op = "gather_tokens";
   check_token_values(op, "x", x_in);
   check_index(op, index_in, x_in);
-  check_index_range(op, "index", index_in, x_in.size(1));
+  check_range<D>(op, index_in, x_in.size(1));
   const at::Tensor x = with_unit_channel_stride(as_tokens(x_in));
   const at::Tensor index = index_int64(index_in);
   at::Tensor out = x_in.dim() == 2 ? at::empty({x.size(0), index.size(1)}, x.options())
@@ -88,7 +106,7 @@ at::Tensor gather_tokens_backward_impl(const at::Tensor& grad_in, const at::Tens
   check_token_values(op, "grad", grad_in);
   check_index(op, index_in, grad_in);
   check_size(op, "grad", grad_in, 1, index_in.size(1), "index.size(1)");
-  check_index_range(op, "index", index_in, num_tokens);
+  check_range<D>(op, index_in, num_tokens);
   const at::Tensor grad = as_tokens(grad_in).contiguous();
   const at::Tensor index = index_int64(index_in);
   at::Tensor out = grad_in.dim() == 2
@@ -115,13 +133,13 @@ at::Tensor scatter_tokens_impl(const at::Tensor& x_in, const at::Tensor& index_i
   check_size(op, "src", src_in, 0, x_in.size(0), "x.size(0)");
   check_size(op, "src", src_in, 1, index_in.size(1), "index.size(1)");
   check_size(op, "src", src_in, 2, x_in.size(2), "x.size(2)");
-  check_index_range(op, "index", index_in, x_in.size(1));
+  check_range<D>(op, index_in, x_in.size(1));
   const at::Tensor x = with_unit_channel_stride(x_in);
   const at::Tensor index = index_int64(index_in);
   at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
   if (out.numel() > 0) {
     const Inverse inv = kernels<D>().inverse(index, x.size(1));
-    check_unique(op, inv.count);
+    check_unique<D>(op, inv.count);
     kernels<D>().compose(RowMode::Scatter, src_in.contiguous(), x, index, inv, out);
   }
   return out;
@@ -134,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_tokens_backward_impl(const at::Tensor
   const char* op = "scatter_tokens_backward";
   check_tokens(op, "grad", grad_in);
   check_index(op, index_in, grad_in);
-  check_index_range(op, "index", index_in, grad_in.size(1));
+  check_range<D>(op, index_in, grad_in.size(1));
   const at::Tensor grad = with_unit_channel_stride(grad_in);
   const at::Tensor index = index_int64(index_in);
   at::Tensor grad_x = at::empty(grad.sizes(), grad.options());

@@ -11,8 +11,11 @@
 //   thousand at most.
 // policy_softmax: one warp per attention row (forward); backward, one warp per chunk of 32 rows
 //   whose per-row statistics live in the lanes, then a fixed-order sum of the policy partials.
-// Out-of-range indices never reach memory: rows they name read as zeros (the launcher has
-// already raised an IndexError for them).
+// Index values are checked here, on the device, so that no call waits for the device: an entry
+// outside [0, N) (gather_rows, build_inverse) or a position listed twice in a scatter
+// (compose_rows) stops the kernel with a device-side assertion (TM_DEVICE_CHECK) before any
+// out-of-range address is formed. With TOKENMIX_CUDA_CHECK_INDICES=1 the launchers check on the
+// host first and raise the CPU path's exact IndexError / ValueError (one synchronisation a call).
 
 #include <climits>
 #include <cstdint>
@@ -66,11 +69,8 @@ __global__ void gather_rows_kernel(const char* __restrict__ x, int64_t sb, int64
     const int64_t r = t / words;
     const int64_t w = t - r * words;
     const int64_t n = index[r];
-    Word v{};
-    if (n >= 0 && n < N) {
-      v = reinterpret_cast<const Word*>(x + (r / K) * sb + n * sn)[w];
-    }
-    out[t] = v;
+    TM_DEVICE_CHECK(n >= 0 && n < N, "tokenmix: index entries must lie in [0, N)");
+    out[t] = reinterpret_cast<const Word*>(x + (r / K) * sb + n * sn)[w];
   }
 }
 
@@ -88,6 +88,8 @@ __global__ void compose_rows_kernel(ComposeParams p, int64_t words, int64_t tota
     const int64_t b = r / p.N;
     const int64_t n = r - b * p.N;
     const int32_t first = p.first[r];
+    TM_DEVICE_CHECK(p.mode != RowMode::Scatter || p.count[r] <= 1,
+                    "tokenmix.scatter_tokens: index entries must be unique within each row");
     Word v{};
     switch (row_source(p.mode, p.count[r])) {
       case RowSource::Zero:
@@ -121,7 +123,7 @@ __global__ void build_inverse_kernel(InverseParams p) {
   for (int64_t t = global_thread(); t < total; t += thread_count()) {
     const int64_t b = t / p.K;
     const int64_t n = p.index[t];
-    if (n < 0 || n >= p.N) continue;
+    TM_DEVICE_CHECK(n >= 0 && n < p.N, "tokenmix: index entries must lie in [0, N)");
     atomicAdd(p.count + b * p.N + n, 1);
     atomicMin(p.first + b * p.N + n, static_cast<int32_t>(t - b * p.K));
   }
