@@ -217,10 +217,12 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
   const A* lse = static_cast<const A*>(p.lse);
   for (int e = threadIdx.x; e < kWarps * table; e += blockDim.x) s.tables[e] = 0;
-  for (int t = threadIdx.x; t < Tn; t += blockDim.x) {
-    s.lse[t] = lse[((b * nW + win) * Tn + t) * p.heads + h];
-  }
   load_window<T, A>(p, l, b, win, h, s);
+  __syncthreads();
+  // The forward saves no log-sum-exp for tokens outside the map (treg < 0): never read those.
+  for (int t = threadIdx.x; t < Tn; t += blockDim.x) {
+    s.lse[t] = s.treg[t] >= 0 ? lse[((b * nW + win) * Tn + t) * p.heads + h] : A(0);
+  }
   __syncthreads();
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;

@@ -299,8 +299,10 @@ __global__ void __launch_bounds__(kBlock) backward_tc_kernel(WindowParams p) {
       // Distinct keys of one row have distinct relative positions: no two lanes collide.
       if (treg[i] >= 0 && treg[j] == treg[i]) tab[tpos[i] - tpos[j] + l.rel0] += ds;
     }
+    // Other rows do reach the same entries from other lanes: order each row's updates before
+    // the next row's.
+    __syncwarp();
   }
-  __syncwarp();
   rows_by_tokens(dSm, Ks, S, r0);  // dQ / scale, staged in the warp's rows of S
   __syncwarp();
   T* dqo = static_cast<T*>(p.dq);
