@@ -131,3 +131,20 @@ def check_autocast(fused: Callable, oracle: Callable, inputs: Sequence, device: 
         assert f is not None, f"grad {i}: missing"
         assert f.dtype == leaf.dtype, f"grad {i}: dtype {f.dtype} != its input's {leaf.dtype}"
         assert_close_to_exact(f, e, x, amp_dtype, f"autocast grad of input {i}")
+
+
+# ---- seeded data and state_dict shapes for the backbone tests ----------------------------------
+
+def seeded(seed: int = 0) -> torch.Generator:
+    """A CPU generator at ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def seeded_randn(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``torch.randn(*shape)`` from :func:`seeded` ``(seed)``, in ``dtype`` (fp64 by default)."""
+    return torch.randn(*shape, generator=seeded(seed), dtype=dtype)
+
+
+def state_shapes(mod: torch.nn.Module) -> dict:
+    """``{key: shape}`` of a module's state_dict."""
+    return {k: tuple(v.shape) for k, v in mod.state_dict().items()}

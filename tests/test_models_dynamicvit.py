@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import seeded as _gen, seeded_randn as _x, state_shapes as _shapes
 import tokenmix.models as models
-import tokenmix.models.dynamicvit as dynamicvit  # registers dynamicvit_deit_small
+import tokenmix.models.dynamicvit as dynamicvit
 import tokenmix.reference.dynamicvit_official as official
 from tokenmix.bench.shift_modules import randomise
 
@@ -31,16 +32,7 @@ PARAMS = 22_774_414
 SMALL = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, pruning_loc=(1, 2, 3))
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
-
-def _x(*shape: int, seed: int = 1, dtype: torch.dtype = F64) -> torch.Tensor:
-    return torch.randn(*shape, generator=_gen(seed), dtype=dtype)
-
-
-def _shapes(mod: nn.Module) -> dict:
-    return {k: tuple(v.shape) for k, v in mod.state_dict().items()}
 
 
 def _small_oracle(**kwargs) -> nn.Module:
@@ -365,9 +357,6 @@ def test_channels_last_autocast_compile():
 
 def test_timm():
     timm = pytest.importorskip("timm")
-    # tokenmix.models registers its models with timm on import; this module is imported after it
-    # (until tokenmix.models imports it), so register again: names timm has are left alone.
-    models._register_with_timm()
     assert NAME in timm.list_models("dynamicvit*")
     model = timm.create_model(NAME, num_classes=10, **SMALL)
     assert isinstance(model, dynamicvit.DynamicViT) and model.num_classes == 10

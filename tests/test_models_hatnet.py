@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import tokenmix.models as models
-import tokenmix.models.hatnet as hatnet  # registers hatnet_tiny
+import tokenmix.models.hatnet as hatnet
 import tokenmix.reference.hatnet_official as official
-from conftest import check_against_oracle
+from conftest import check_against_oracle, seeded as _gen, seeded_randn as _x, state_shapes as _shapes
 from tokenmix.bench.shift_modules import randomise
 
 F64 = torch.float64
@@ -32,16 +32,7 @@ SMALL = dict(dims=[16, 32, 48, 64], head_dim=8, expansions=[2, 2, 2, 2], grid_si
              ds_ratios=[8, 4, 2, 1], depths=[1, 2, 1, 1], kernel_sizes=[3, 5, 3, 3])
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
-
-def _x(*shape: int, seed: int = 1, dtype: torch.dtype = F64) -> torch.Tensor:
-    return torch.randn(*shape, generator=_gen(seed), dtype=dtype)
-
-
-def _shapes(mod: nn.Module) -> dict:
-    return {k: tuple(v.shape) for k, v in mod.state_dict().items()}
 
 
 def _n_params(mod: nn.Module) -> int:
@@ -266,9 +257,6 @@ def test_hatnet_options():
 
 def test_hatnet_timm_channels_last_autocast():
     timm = pytest.importorskip("timm")
-    # tokenmix.models registers its entry points with timm once, on import; this module was
-    # imported after it here (a no-op once tokenmix.models imports it).
-    models._register_with_timm()
     assert NAME in timm.list_models("hatnet*")
     model = timm.create_model(NAME, num_classes=10, drop_path_rate=0.1, **SMALL).eval()
     assert isinstance(model, hatnet.HATNet) and model.num_classes == 10

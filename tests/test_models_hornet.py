@@ -20,7 +20,7 @@ from torch import nn
 
 import tokenmix.models as models
 import tokenmix.reference.hornet_official as official
-from conftest import check_against_oracle
+from conftest import check_against_oracle, seeded as _gen, seeded_randn as _x, state_shapes as _shapes
 from tokenmix.bench.shift_modules import randomise
 from tokenmix.nn import GlobalLocalFilter, GnConv
 from tokenmix.reference.gnconv import GnConv as EagerGnConv
@@ -31,16 +31,7 @@ NAMES = ["hornet_tiny_7x7", "hornet_tiny_gf"]
 PARAMS = {"hornet_tiny_7x7": 22_409_512, "hornet_tiny_gf": 22_991_848}
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
-
-def _x(*shape: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=_gen(seed), dtype=F64)
-
-
-def _shapes(mod: nn.Module) -> dict:
-    return {k: tuple(v.shape) for k, v in mod.state_dict().items()}
 
 
 @pytest.fixture(scope="module")

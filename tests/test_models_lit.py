@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 import tokenmix.models as models
-import tokenmix.models.lit as lit  # registers lit_ti (until tokenmix.models imports it itself)
+import tokenmix.models.lit as lit
 import tokenmix.ops as tm
 import tokenmix.reference.lit_official as official
-from conftest import check_against_oracle
+from conftest import check_against_oracle, seeded as _gen, seeded_randn as _x, state_shapes as _shapes
 from tokenmix.bench.shift_modules import randomise
 from tokenmix.reference.deform_conv2d import deform_conv2d as deform_oracle
 
@@ -35,16 +35,7 @@ SMALL = dict(img_size=64, embed_dims=[8, 16, 24, 32], num_heads=[1, 2, 3, 4], ml
              depths=[1, 2, 2, 1], qkv_bias=True)
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
-
-def _x(*shape: int, seed: int = 1, dtype: torch.dtype = F64) -> torch.Tensor:
-    return torch.randn(*shape, generator=_gen(seed), dtype=dtype)
-
-
-def _shapes(mod: nn.Module) -> dict:
-    return {k: tuple(v.shape) for k, v in mod.state_dict().items()}
 
 
 def _small_official(**kwargs) -> nn.Module:
@@ -276,7 +267,6 @@ def test_lit_small_variant_size():
 
 def test_lit_timm_and_channels_last():
     timm = pytest.importorskip("timm")
-    models._register_with_timm()  # idempotent: a no-op once tokenmix.models imports this module
     assert "lit_ti" in timm.list_models("lit_*")
     model = timm.create_model("lit_ti", num_classes=10, drop_path_rate=0.1, **SMALL).eval()
     assert isinstance(model, lit.LIT) and model.num_classes == 10

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["create", "list_models", "register", "build", "load_checkpoint", "checkpoint_file", "default_cfg",
-           "Backbone", "Mlp"]
+           "init_transformer_weights", "Backbone", "Mlp"]
 
 _MODELS: Dict[str, Callable[..., nn.Module]] = {}
 
@@ -85,6 +85,19 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def init_transformer_weights(m: nn.Module) -> None:
+    """The transformers' official ``_init_weights`` (DeiT's, LIT's), for ``model.apply``: Linear
+    weights truncated normal (std 0.02) and biases zero, LayerNorms at identity; other modules keep
+    PyTorch's initialisation."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenmix.models import Backbone, Mlp, build, default_cfg, register
+from tokenmix.models import Backbone, Mlp, build, default_cfg, init_transformer_weights, register
 from tokenmix.nn.shift import DropPath
 from tokenmix.ops.gather import policy_softmax, topk_tokens
 
@@ -272,20 +272,8 @@ class DynamicViT(Backbone):
         self._fused = fused
         nn.init.trunc_normal_(self.pos_embed, std=.02)
         nn.init.trunc_normal_(self.cls_token, std=.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        """The official ``_init_weights``: Linear weights truncated normal (std 0.02), biases
-        zero; LayerNorms at identity. (The patch embedding keeps PyTorch's conv initialisation;
-        ``pos_embed`` and ``cls_token`` are truncated normal, std 0.02.)"""
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        # The official initialisation; the patch embedding keeps PyTorch's conv initialisation.
+        self.apply(init_transformer_weights)
 
     @property
     def fused(self) -> bool:

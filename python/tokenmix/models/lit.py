@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from tokenmix.models import Backbone, Mlp, build, default_cfg, register
+from tokenmix.models import Backbone, Mlp, build, default_cfg, init_transformer_weights, register
 from tokenmix.nn.deform_conv2d import DeformablePatchMerging
 from tokenmix.nn.shift import DropPath
 
@@ -263,21 +263,9 @@ class LIT(Backbone):
 
         for p in (self.pos_embed1, self.pos_embed2, self.pos_embed3, self.pos_embed4, self.cls_token):
             nn.init.trunc_normal_(p, std=.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        """The official ``_init_weights``: Linear weights truncated normal (std 0.02), biases zero;
-        LayerNorms at identity. (The convolutions keep PyTorch's default initialisation, the
-        offset convolutions zero, the BatchNorms identity; positional embeddings and class token
-        are truncated normal, std 0.02.)"""
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        # The official initialisation; the convolutions keep PyTorch's, the offset convolutions
+        # start at zero and the BatchNorms at identity.
+        self.apply(init_transformer_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
