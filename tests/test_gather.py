@@ -275,6 +275,20 @@ def test_bad_device_cpu_vs_cuda():
                  tm.policy_softmax, randn(2, 1, 5, 5).cuda(), randn(2, 5))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_transposed_index(device, index_dtype):
+    """A dense but non-contiguous index (a transposed one) is read by its strides: widening int32
+    to int64 keeps the layout, which the kernels must not take for [B, K] rows."""
+    x = randn(2, 5, 3).to(device)
+    idx = torch.tensor([[0, 4], [1, 3], [2, 2]], dtype=index_dtype, device=device).t()
+    assert not idx.is_contiguous()
+    check_against_oracle(tm.gather_tokens, ref.batch_index_select, [x, idx], torch.float32)
+    src = randn(2, 2, 3).to(device)
+    unique = torch.tensor([[0, 1], [4, 2]], dtype=index_dtype, device=device).t()
+    check_against_oracle(tm.scatter_tokens, ref.scatter_tokens, [x, unique, src], torch.float32)
+
+
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("rank", [2, 3])

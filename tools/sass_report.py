@@ -25,7 +25,7 @@ import sys
 from collections import defaultdict
 from typing import Dict, List, Optional
 
-# Global-load width in bytes from an LDG modifier; plain LDG.E is 4 bytes.
+# Global-load width in bytes from an LDG/LDGSTS modifier; plain LDG.E is 4 bytes.
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 _WIDTHS = (16, 8, 4, 2, 1)
 
@@ -110,7 +110,8 @@ def instructions(cuobjdump: str, lib: str, arch: str) -> Dict[str, dict]:
             continue
         if name is None:
             continue
-        m = re.search(r"\b(LDG(?:\.[A-Z0-9]+)*)\b", line)
+        # LDGSTS is cp.async: a global load straight into shared memory.
+        m = re.search(r"\b(LDG(?:STS)?(?:\.[A-Z0-9]+)*)\b", line)
         if m:
             width = 4
             for mod in m.group(1).split(".")[1:]:
@@ -154,8 +155,8 @@ def format_rows(rows: List[dict], arch: str, lib: str) -> str:
         lines.append(f"{r['source']:<{ws}}{r['kernel']:<{wk}}" + "".join(f"{r[c]:>8}" for c in cols))
     total = {c: sum(r[c] for r in rows) for c in cols[4:]}
     lines.append(f"{'total':<{ws + wk}}" + " " * 32 + "".join(f"{total[c]:>8}" for c in cols[4:]))
-    lines.append("ldN: global loads of N bytes (LDG by width); calls: CALL.REL subroutine calls "
-                 "(64-bit division and the like); local > 0: register spills; mma: tensor-core instructions.")
+    lines.append("ldN: global loads of N bytes (LDG and cp.async's LDGSTS, by width); calls: CALL.REL "
+                 "subroutine calls (64-bit division and the like); local > 0: register spills; mma: tensor-core instructions.")
     return "\n".join(lines)
 
 

@@ -189,5 +189,143 @@ TM_HOST_DEVICE A grad_x(const A v[4], A ly) {
   return (A(1) - ly) * (v[1] - v[0]) + ly * (v[3] - v[2]);
 }
 
+
+// ---- Index decomposition of the CUDA kernels --------------------------------------------------
+// The kernels split their flat indices with I = uint32_t where the launcher has checked that the
+// split range fits in 31 bits (a 32-bit division is a few inline instructions; a 64-bit one is a
+// subroutine call), and with I = int64_t otherwise. Each function below gives the same result as
+// the int64 form above; deform_items_emulation.cpp and deform_fused_emulation.cpp check that for
+// every work item.
+
+// sample_item(), computed in I.
+template <typename I>
+TM_HOST_DEVICE SampleItem sample_item_as(I G, I Cg, I chans, I kk, I P, I item) {
+  SampleItem s;
+  const I pix = item % P;
+  item /= P;
+  const I tap = item % kk;
+  item /= kk;
+  const I runs = (Cg + chans - 1) / chans;
+  const I run = item % runs;
+  item /= runs;
+  const I go = item % G;
+  s.pix = static_cast<int64_t>(pix);
+  s.tap = static_cast<int64_t>(tap);
+  s.go = static_cast<int64_t>(go);
+  s.b = static_cast<int64_t>(item / G);
+  s.c_lo = s.go * static_cast<int64_t>(Cg) + static_cast<int64_t>(run) * static_cast<int64_t>(chans);
+  const int64_t end = (s.go + 1) * static_cast<int64_t>(Cg);
+  s.c_hi = s.c_lo + static_cast<int64_t>(chans) < end ? s.c_lo + static_cast<int64_t>(chans) : end;
+  return s;
+}
+
+// Work item of the offset-gradient kernel: thread t over [nb, G, kk, P], pixel fastest; b is
+// relative to the chunk's first image.
+struct CoordItem {
+  int64_t b, go, tap, pix;
+};
+
+template <typename I>
+TM_HOST_DEVICE CoordItem coord_item(I G, I kk, I P, I t) {
+  CoordItem c;
+  c.pix = static_cast<int64_t>(t % P);
+  t /= P;
+  c.tap = static_cast<int64_t>(t % kk);
+  t /= kk;
+  c.go = static_cast<int64_t>(t % G);
+  c.b = static_cast<int64_t>(t / G);
+  return c;
+}
+
+// Geometry::base_y / base_x with the output pixel split into (oy, ox) and the tap into (ky, kx)
+// once by the caller, so no division is left per sample.
+TM_HOST_DEVICE int64_t origin_y(const Geometry& g, int64_t oy, int64_t ky) { return oy * g.sh - g.ph + ky * g.dh; }
+TM_HOST_DEVICE int64_t origin_x(const Geometry& g, int64_t ox, int64_t kx) { return ox * g.sw - g.pw + kx * g.dw; }
+
+// q = v / d and r = v % d, computed in I.
+template <typename I>
+struct DivMod {
+  I q, r;
+};
+template <typename I>
+TM_HOST_DEVICE DivMod<I> divmod(I v, I d) {
+  const I q = v / d;
+  return DivMod<I>{q, v - q * d};
+}
+
+// Tiles of the fused forward, N tile chosen from Cout at launch (a 64-wide tile when Cout <= 64,
+// so no tensor-core work is spent on zero columns). The M, K tiles, thread count and A-slot layout
+// (a_row, a_col) are ImplicitGemm's.
+template <int BN_>
+struct FusedTile {
+  static constexpr int BM = ImplicitGemm::BM, BN = BN_, BK = ImplicitGemm::BK, kThreads = ImplicitGemm::kThreads;
+  static constexpr int kRun = ImplicitGemm::kRun;
+  // Epilogue: thread t writes row t % BM (its A row) and columns t / BM + s * kColStep.
+  static constexpr int kColStep = kThreads / BM, kColSteps = BN / kColStep;
+  // Wt chunk staged as 16-byte segments of 8 columns: kSegs per row, kSegsPerThread per thread.
+  static constexpr int kSegs = BK / 8, kSegsPerThread = BN * kSegs / kThreads;
+  TM_HOST_DEVICE static int64_t col_blocks(int64_t N) { return (N + BN - 1) / BN; }
+  TM_HOST_DEVICE static int seg_row(int seg) { return seg / kSegs; }
+  TM_HOST_DEVICE static int seg_col(int seg) { return (seg % kSegs) * 8; }
+};
+
+// The run of kRun columns [k, k + kRun) of one A row when one sample position serves all of it:
+// the offset-group size Cg is a multiple of kRun and k % kRun == 0, so no tap or group boundary
+// falls inside the run. 32-bit: K = kk * Cin < 2^31 is checked by the launcher.
+struct RunColumns {
+  uint32_t tap, c, go;
+  uint32_t key;  // go * kk + tap: the offset/mask channel within the image; equal keys, equal positions
+};
+TM_HOST_DEVICE RunColumns run_columns(uint32_t k, uint32_t Cin, uint32_t Cg, uint32_t kk) {
+  RunColumns r;
+  r.tap = k / Cin;
+  r.c = k - r.tap * Cin;
+  r.go = r.c / Cg;
+  r.key = r.go * kk + r.tap;
+  return r;
+}
+
+// ColumnWalk in 32-bit (K < 2^31), for runs that cross a tap or offset-group boundary.
+struct ColumnWalk32 {
+  uint32_t k, tap, c, go, group_end, Cin, Cg;
+  bool fresh;
+
+  TM_HOST_DEVICE ColumnWalk32(uint32_t k0, uint32_t Cin_, uint32_t Cg_)
+      : k(k0), tap(k0 / Cin_), c(k0 - (k0 / Cin_) * Cin_), go(0), group_end(0), Cin(Cin_), Cg(Cg_),
+        fresh(true) {
+    go = c / Cg;
+    group_end = (go + 1) * Cg;
+  }
+  TM_HOST_DEVICE void next() {
+    ++k;
+    ++c;
+    fresh = false;
+    if (c == Cin) {
+      c = 0;
+      ++tap;
+      go = 0;
+      group_end = Cg;
+      fresh = true;
+    } else if (c == group_end) {
+      ++go;
+      group_end += Cg;
+      fresh = true;
+    }
+  }
+};
+
+// The flat index of corner (y0, x0) from a corners() result, so that every valid corner k sits at
+// corner_base + (k / 2) * W + k % 2: a kernel then addresses a plane's four corners from one base
+// (two 64-bit addresses, one of them with a +1 immediate) instead of four. Meaningless, and unused,
+// when no corner is valid. The range is [-W - 1, H * W): int32 when H * W < 2^31 (host-checked).
+template <typename A>
+TM_HOST_DEVICE int64_t corner_base(const Corners<A>& c, int64_t W) {
+  return c.valid[0] ? c.idx[0] : c.valid[1] ? c.idx[1] - 1 : c.valid[2] ? c.idx[2] - W : c.idx[3] - W - 1;
+}
+
+// Where the fused kernel's output row m (image b = m / P, pixel pix = m % P, both split once per
+// thread) starts in [B, Cout, Ho, Wo]: column n is at out_row_base + n * P (ImplicitGemm::out_index).
+TM_HOST_DEVICE int64_t out_row_base(int64_t b, int64_t N, int64_t P, int64_t pix) { return b * N * P + pix; }
+
 }  // namespace deform_conv2d
 }  // namespace tokenmix

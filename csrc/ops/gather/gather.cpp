@@ -48,7 +48,8 @@ void check_index(const char* op, const at::Tensor& index, const at::Tensor& x) {
 
 // The kernels read int64 indices; int32 ones are widened (K entries, a negligible copy).
 at::Tensor index_int64(const at::Tensor& index) {
-  return index.scalar_type() == at::kLong ? index.contiguous() : index.to(at::kLong);
+  // .to() keeps a dense non-contiguous layout (a transposed index); the kernels read [B, K] rows.
+  return index.scalar_type() == at::kLong ? index.contiguous() : index.to(at::kLong).contiguous();
 }
 
 // Whether index values are checked on the host: always on CPU; on CUDA only with

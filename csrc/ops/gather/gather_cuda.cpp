@@ -22,10 +22,10 @@ void gather_rows(const at::Tensor& x, const at::Tensor& index, at::Tensor& out) 
   check_launch(gather_rows_cuda(p, current_stream()), "gather_rows");
 }
 
-// count starts at 0 and first at kNoEntry: the kernel only adds and takes minima.
+// One allocation, no fills: the kernel initialises every entry (in shared memory) and writes it.
 Inverse inverse(const at::Tensor& index, int64_t N) {
-  const auto opts = index.options().dtype(at::kInt);
-  Inverse inv{at::zeros({index.size(0), N}, opts), at::full({index.size(0), N}, kNoEntry, opts)};
+  const at::Tensor both = at::empty({2, index.size(0), N}, index.options().dtype(at::kInt));
+  Inverse inv{both[0], both[1]};
   const InverseParams p{index.const_data_ptr<int64_t>(), inv.count.mutable_data_ptr<int32_t>(),
                         inv.first.mutable_data_ptr<int32_t>(), index.size(0), N, index.size(1)};
   check_launch(build_inverse_cuda(p, current_stream()), "build_inverse");

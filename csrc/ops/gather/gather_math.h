@@ -104,5 +104,78 @@ TM_HOST_DEVICE A policy_max_grad(A sum_g_a, A r, A sum_a, A denom) {
 // count), so the partial policy gradients, and their fixed-order sum, are the same on any machine.
 constexpr int64_t kPolicyRowsPerChunk = 32;
 
+// ---- CUDA launch geometry (index math of gather_cuda.cu; the CPU path does not use it) -------
+
+// Widest word (16, 8, 4, 2 or 1 bytes) dividing every value: the base addresses, byte strides
+// and the row size of a row copy, so that every word of every row is an aligned access.
+TM_HOST_DEVICE int row_word_bytes(const uint64_t* values, int n) {
+  int w = 16;
+  for (int i = 0; i < n; ++i) {
+    while (w > 1 && values[i] % static_cast<uint64_t>(w) != 0) w /= 2;
+  }
+  return w;
+}
+
+// Rows each thread of a row-copy kernel moves; all their loads are issued before the first store.
+constexpr int kRowsPerThread = 4;
+
+// Thread layout of the row-copy kernels over the `rows` rows of `words` words of one batch row
+// (grid: x = row tiles, y = batch rows, z = word chunks). A block has tx * ty threads; thread t
+// owns word slot.word of its chunk (of tx words) and, in tile i, the rows
+// i * ty * kRowsPerThread + slot.row + u * ty for u < kRowsPerThread, so every (row, word) pair
+// has exactly one owner and the loop index needs no division.
+struct RowTiling {
+  int tx, ty;
+  int64_t tiles, chunks;
+};
+
+TM_HOST_DEVICE RowTiling row_tiling(int64_t rows, int64_t words, int max_threads) {
+  RowTiling g{};
+  g.tx = words < max_threads ? static_cast<int>(words < 1 ? 1 : words) : max_threads;
+  g.ty = max_threads / g.tx;
+  const int64_t per_tile = static_cast<int64_t>(g.ty) * kRowsPerThread;
+  g.tiles = (rows + per_tile - 1) / per_tile;
+  g.chunks = (words + g.tx - 1) / g.tx;
+  return g;
+}
+
+// Thread t's row in a pass and word in a chunk: the one division of a row-copy thread (32-bit:
+// t < 1024).
+struct RowSlot {
+  int row, word;
+};
+
+TM_HOST_DEVICE RowSlot row_slot(int t, int tx) {
+  const int row = t / tx;
+  return RowSlot{row, t - row * tx};
+}
+
+// Whether an index entry names one of N positions (N >= 0): one unsigned compare, negative
+// entries wrapping to values above any N.
+TM_HOST_DEVICE bool index_in_range(int64_t n, int64_t N) {
+  return static_cast<uint64_t>(n) < static_cast<uint64_t>(N);
+}
+
+// The inverse-map kernel builds count/first of the positions [n0, n0 + len) of one batch row per
+// block pass in shared memory; an index entry n lands at offset n - n0 of that tile, or nowhere.
+TM_HOST_DEVICE int64_t tile_offset(int64_t n, int64_t n0, int64_t len) {
+  return n >= n0 && n < n0 + len ? n - n0 : -1;
+}
+
+// topk on CUDA stages the keys of one score row in shared memory, `len` at a time (positions
+// q0 .. q0 + len), and adds up, per candidate (key, pos), the staged candidates ordered before it
+// by ranks_before: those before pos with key_q <= key, those after pos with key_q < key. The
+// positional compare is folded into the loop bounds.
+TM_HOST_DEVICE int count_before(const uint64_t* keys, int64_t q0, int len, uint64_t key,
+                                int64_t pos) {
+  const int64_t rel = pos - q0;
+  const int lo = rel < 0 ? 0 : (rel > len ? len : static_cast<int>(rel));
+  const int hi = rel + 1 < 0 ? 0 : (rel + 1 > len ? len : static_cast<int>(rel + 1));
+  int rank = 0;
+  for (int q = 0; q < lo; ++q) rank += keys[q] <= key ? 1 : 0;
+  for (int q = hi; q < len; ++q) rank += keys[q] < key ? 1 : 0;
+  return rank;
+}
+
 }  // namespace gather
 }  // namespace tokenmix

@@ -26,8 +26,8 @@ struct GatherParams {
 // count/first of the inverse map (gather_math.h) of index [B, K] over N positions.
 struct InverseParams {
   const int64_t* index;  // [B, K], contiguous
-  int32_t* count;        // [B, N], zeroed by the caller
-  int32_t* first;        // [B, N], filled with kNoEntry by the caller
+  int32_t* count;        // [B, N], written entirely by the kernel
+  int32_t* first;        // [B, N], written entirely by the kernel (kNoEntry where count is 0)
   int64_t B, N, K;
 };
 

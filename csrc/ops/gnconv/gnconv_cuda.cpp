@@ -118,15 +118,37 @@ Chain chain(const Problem& p, bool keep_z) {
   return c;
 }
 
+// The gradients whose column sums are bias gradients, side by side in one [N, width] buffer so
+// that one reduction gives them all: dF (proj_in's output, 2 dim: b_in), dD (the depthwise
+// output, S: b_dw) and dz_j = dL/dz_j of the pws steps j = 1 .. order - 1 (dims[j]: b_pw[j - 1]),
+// dz_j from column 2 dim + S + offs[j] - dims[0]. Every column is written once by the backward
+// pass before the sum. The dz_j stay alive until the end (N * (S - dims[0]) elements more at the
+// peak than freeing each after its step).
+struct BackwardBuffer {
+  at::Tensor all, dF, dD;
+  int64_t dz_base;
+  const Layout* lay;
+
+  BackwardBuffer(const Layout& L, int64_t N, const at::TensorOptions& opt) : lay(&L) {
+    const int64_t wF = L.proj_width();
+    dz_base = wF + L.S - L.dims[0];
+    all = at::empty({N, dz_base + L.S}, opt);
+    dF = all.narrow(1, 0, wF);
+    dD = all.narrow(1, wF, L.S);
+  }
+  at::Tensor dz(int64_t j) const { return all.narrow(1, dz_base + lay->offs[j], lay->dims[j]); }
+};
+
 // Step j of the chain, backwards: dy_j = a W is dL/dy_j. Writes scale * dy_j * pre_j, the
 // gradient of dwconv block j, into dD (pre_j is z_j, or proj_in's first split for j = 0), and
-// returns dy_j * g_j: dL/dz_j for j >= 1; for j = 0 the first split's gradient, written into dF.
+// returns dy_j * g_j: dL/dz_j for j >= 1, written into its columns of the backward buffer; for
+// j = 0 the first split's gradient, written into dF.
 at::Tensor gate_backward(const Problem& p, const Chain& c, int64_t j, const at::Tensor& a,
-                         const at::Tensor& w, at::Tensor& dD, at::Tensor& dF) {
+                         const at::Tensor& w, const BackwardBuffer& buf) {
   const Layout& L = p.lay;
-  const at::Tensor gate = gate_of(p, c, j), dDj = dD.narrow(1, L.offs[j], L.dims[j]);
+  const at::Tensor gate = gate_of(p, c, j), dDj = buf.dD.narrow(1, L.offs[j], L.dims[j]);
   const at::Tensor pre = j == 0 ? c.F.narrow(1, 0, L.dims[0]) : c.z[j];
-  at::Tensor dz = j == 0 ? dF.narrow(1, 0, L.dims[0]) : at::empty({a.size(0), L.dims[j]}, a.options());
+  at::Tensor dz = j == 0 ? buf.dF.narrow(1, 0, L.dims[0]) : buf.dz(j);
   GatedGemmParams g{};
   g.mode = GateMode::kBackward;
   g.pre = pre.const_data_ptr();
@@ -140,6 +162,13 @@ at::Tensor gate_backward(const Problem& p, const Chain& c, int64_t j, const at::
   return dz;
 }
 
+// dst [B, dim, H, W] as [N, dim] rows when it is dense channels_last (a view: a GEMM writes it
+// directly); undefined for NCHW, which takes a GEMM into rows and a permuting copy.
+at::Tensor rows_view(const Problem& p, at::Tensor& dst) {
+  if (!dst.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::Tensor();
+  return dst.permute({0, 2, 3, 1}).view({dst.size(0) * p.geo.H * p.geo.W, p.lay.dim});
+}
+
 // [N, dim] rows -> dst [B, dim, H, W] in its own memory format.
 void store_rows(const Problem& p, const at::Tensor& rows, at::Tensor& dst) {
   dst.copy_(rows.view({p.x.size(0), p.geo.H, p.geo.W, p.lay.dim}).permute({0, 3, 1, 2}));
@@ -147,7 +176,12 @@ void store_rows(const Problem& p, const at::Tensor& rows, at::Tensor& dst) {
 
 void forward(const Problem& p, at::Tensor& out) {
   const Chain c = chain(p, false);
-  store_rows(p, at::addmm(p.b_out, c.y.back(), mat(p.w_out).t()), out);
+  at::Tensor rows = rows_view(p, out);
+  if (rows.defined()) {
+    at::addmm_out(rows, p.b_out, c.y.back(), mat(p.w_out).t());
+  } else {
+    store_rows(p, at::addmm(p.b_out, c.y.back(), mat(p.w_out).t()), out);
+  }
 }
 
 void backward(const Problem& p, const at::Tensor& grad, Grads& g) {
@@ -157,23 +191,23 @@ void backward(const Problem& p, const at::Tensor& grad, Grads& g) {
   const at::Tensor dO = grad.permute({0, 2, 3, 1}).reshape({N, L.dim});
   g.w_out.copy_(at::mm(dO.t(), c.y.back()).view(g.w_out.sizes()));
   g.b_out.copy_(dO.sum(0));
-  at::Tensor dD = at::empty({N, L.S}, c.F.options());
-  at::Tensor dF = at::empty_like(c.F);
-  at::Tensor dz = gate_backward(p, c, n - 1, dO, mat(p.w_out), dD, dF);
+  const BackwardBuffer buf(L, N, c.F.options());
+  const at::Tensor& dD = buf.dD;
+  const at::Tensor& dF = buf.dF;
+  at::Tensor dz = gate_backward(p, c, n - 1, dO, mat(p.w_out), buf);
   for (int64_t i = n - 1; i >= 1; --i) {
     g.w_pw[i - 1].copy_(at::mm(dz.t(), c.y[i - 1]).view(g.w_pw[i - 1].sizes()));
-    g.b_pw[i - 1].copy_(dz.sum(0));
-    dz = gate_backward(p, c, i - 1, dz, mat(p.w_pw[i - 1]), dD, dF);
+    dz = gate_backward(p, c, i - 1, dz, mat(p.w_pw[i - 1]), buf);
   }
 
   DepthwiseParams d{};
   d.src = dD.const_data_ptr();
-  d.ld_src = L.S;
+  d.ld_src = dD.stride(0);
   d.weight = c.w_taps.const_data_ptr();
   d.scale = 1.0f;
   d.flip = true;
   d.dst = static_cast<char*>(dF.mutable_data_ptr()) + d0 * dF.element_size();
-  d.ld_dst = L.proj_width();
+  d.ld_dst = dF.stride(0);
   d.geo = p.geo;
   d.B = B;
   d.S = L.S;
@@ -188,7 +222,7 @@ void backward(const Problem& p, const at::Tensor& grad, Grads& g) {
   w.src = static_cast<const char*>(c.F.const_data_ptr()) + d0 * c.F.element_size();
   w.ld_src = L.proj_width();
   w.dy = dD.const_data_ptr();
-  w.ld_dy = L.S;
+  w.ld_dy = dD.stride(0);
   w.partial = part.mutable_data_ptr();
   w.chunks = chunks;
   w.geo = p.geo;
@@ -197,11 +231,19 @@ void backward(const Problem& p, const at::Tensor& grad, Grads& g) {
   w.dtype = d.dtype;
   check_launch(gnconv_depthwise_weight_grad_cuda(w, current_stream()), "gnconv_depthwise_weight_grad");
   g.w_dw.copy_(part.sum(0).view(g.w_dw.sizes()));
-  g.b_dw.copy_(dD.sum(0));
+
+  const at::Tensor sums = buf.all.sum(0);
+  g.b_in.copy_(sums.narrow(0, 0, L.proj_width()));
+  g.b_dw.copy_(sums.narrow(0, L.proj_width(), L.S));
+  for (int64_t i = 1; i < n; ++i) g.b_pw[i - 1].copy_(sums.narrow(0, buf.dz_base + L.offs[i], L.dims[i]));
 
   g.w_in.copy_(at::mm(dF.t(), c.x_rows).view(g.w_in.sizes()));
-  g.b_in.copy_(dF.sum(0));
-  store_rows(p, at::mm(dF, mat(p.w_in)), g.x);
+  at::Tensor x_rows = rows_view(p, g.x);
+  if (x_rows.defined()) {
+    at::mm_out(x_rows, dF, mat(p.w_in));
+  } else {
+    store_rows(p, at::mm(dF, mat(p.w_in)), g.x);
+  }
 }
 
 }  // namespace

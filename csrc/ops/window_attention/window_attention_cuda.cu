@@ -12,7 +12,28 @@ namespace window_attention {
 
 namespace {
 
-cudaError_t attention_cuda(const WindowParams& p, bool backward, cudaStream_t stream) {
+bool aligned16(const void* ptr, const WindowParams& p, const Strides4& s) {
+  return rows_aligned16(reinterpret_cast<uintptr_t>(ptr), dtype_size(p.dtype), p.d, s.b, s.y, s.x,
+                        s.h);
+}
+
+// Whether every row the kernels load (q, k, v; grad in backward, contiguous) can be read in
+// 16-byte pieces; views (a packed qkv, a channel slice) may not be.
+bool rows_vectorizable(const WindowParams& p, bool backward) {
+  bool ok = aligned16(p.q, p, p.q_strides) && aligned16(p.k, p, p.k_strides) &&
+            aligned16(p.v, p, p.v_strides);
+  if (backward) {
+    Strides4 contiguous{};
+    contiguous_strides(p.geo, p.heads, p.d, &contiguous.b, &contiguous.y, &contiguous.x,
+                       &contiguous.h);
+    ok = ok && aligned16(p.grad, p, contiguous);
+  }
+  return ok;
+}
+
+cudaError_t attention_cuda(const WindowParams& params, bool backward, cudaStream_t stream) {
+  WindowParams p = params;
+  p.vec_rows = rows_vectorizable(p, backward);
   if (p.tensor_cores && tensor_cores_cover(p)) return tc_attention_cuda(p, backward, stream);
   return simt_attention_cuda(p, backward, stream);
 }

@@ -24,36 +24,80 @@ constexpr int kChansPerLane = kMaxHeadDim / cu::kWarp;
 // Window-local sizes fit in int (tokens <= 256, head_dim <= 128): 32-bit index math in the inner
 // loops, 64-bit only where global offsets are formed.
 struct Local {
-  int T, d, ld, table, rel0;
+  int T, d, ld, table, rel0, ww;
   __device__ explicit Local(const WindowParams& p)
       : T(static_cast<int>(p.geo.tokens())), d(static_cast<int>(p.d)), ld(static_cast<int>(p.d) + 1),
-        table(static_cast<int>(p.geo.table_size())), rel0(relative_offset(p.geo)) {}
+        table(static_cast<int>(p.geo.table_size())), rel0(relative_offset(p.geo)),
+        ww(static_cast<int>(p.geo.ww)) {}
 };
 
-// Flat offset of (b, y, x, h) in a contiguous [B, H, W, heads, d] tensor.
-__device__ __forceinline__ int64_t map_offset(const WindowParams& p, int64_t b, int64_t y,
-                                              int64_t x, int64_t h) {
-  return (((b * p.geo.H + y) * p.geo.W + x) * p.heads + h) * p.d;
-}
+// A block's (image, window, head) from its task (b * windows + win) * heads + h: two 64-bit
+// divisions, once per block (window_origin's is the only other).
+struct Task {
+  int64_t task, b, win, h;
+  __device__ explicit Task(const WindowParams& p) : task(p.task0 + blockIdx.x) {
+    split_task(task, p.heads, p.geo.windows(), &b, &win, &h);
+  }
+};
 
-// Offset of (b, y, x, h) in a tensor with strides s (its channel stride is 1).
-__device__ __forceinline__ int64_t strided(const Strides4& s, int64_t b, int64_t y, int64_t x,
-                                           int64_t h) {
-  return b * s.b + y * s.y + x * s.x + h * s.h;
-}
+// The per-block parts of the row offsets of q, k, v and of the contiguous [B, H, W, heads, d]
+// tensors (grad, out, dq, dk, dv): b * stride_b + h * stride_h, to which row_offset
+// (window_attention_math.h) adds a token's y * stride_y + x * stride_x.
+struct RowBase {
+  int64_t q, k, v, map, map_sy, map_sx;
+  __device__ RowBase(const WindowParams& p, int64_t b, int64_t h)
+      : q(b * p.q_strides.b + h * p.q_strides.h),
+        k(b * p.k_strides.b + h * p.k_strides.h),
+        v(b * p.v_strides.b + h * p.v_strides.h) {
+    int64_t sb = 0, sh = 0;
+    contiguous_strides(p.geo, p.heads, p.d, &sb, &map_sy, &map_sx, &sh);
+    map = b * sb + h * sh;
+  }
+};
 
-// Token t of window `win`: its original row and column (64-bit: a map side may pass 2^31 - 1),
-// Swin region (-1 outside the map) and relative position, into the shared arrays; returns whether
-// it lies inside the map.
-__device__ __forceinline__ bool place_token(const Geometry& g, int64_t win, int t, int64_t* ty,
-                                            int64_t* tx, int* treg, int* tpos) {
+// Token t of the window whose first token sits at (oy, ox) of the shifted map (window_origin):
+// its original row and column (64-bit: a map side may pass 2^31 - 1), Swin region (-1 outside the
+// map) and relative position, into the shared arrays; returns whether it lies inside the map.
+__device__ __forceinline__ bool place_token(const Geometry& g, int64_t oy, int64_t ox, int t,
+                                            int64_t* ty, int64_t* tx, int* treg, int* tpos) {
   int64_t sy = 0, sx = 0;
-  const bool exists = shifted_coords(g, win, t, &sy, &sx);
+  const bool exists = shifted_coords_from(g, oy, ox, t, &sy, &sx);
   ty[t] = exists ? original_row(g, sy) : 0;
   tx[t] = exists ? original_col(g, sx) : 0;
   treg[t] = exists ? region(g, sy, sx) : -1;
   tpos[t] = relative_pos(g, t);
   return exists;
+}
+
+// place_token's row and column of token t, recomputed (kernels that keep no coordinates in
+// shared memory); (0, 0) outside the map.
+__device__ __forceinline__ void token_coords(const Geometry& g, int64_t oy, int64_t ox, int t,
+                                             int64_t* y, int64_t* x) {
+  int64_t sy = 0, sx = 0;
+  const bool exists = shifted_coords_from(g, oy, ox, t, &sy, &sx);
+  *y = exists ? original_row(g, sy) : 0;
+  *x = exists ? original_col(g, sx) : 0;
+}
+
+// Row offsets of token t, at original row y and column x (place_token, token_coords), in q, k, v
+// and the contiguous grad; q of a global query sits at the token's position in the window. The
+// scalar and the 16-byte loads of both kernel families address rows through it.
+struct TokenRows {
+  int64_t q, k, v, g;
+};
+__device__ __forceinline__ TokenRows token_rows(const WindowParams& p, const Local& l,
+                                                const RowBase& rb, int t, int64_t y, int64_t x) {
+  TokenRows r;
+  if (p.global_q) {
+    const int qy = t / l.ww;
+    r.q = row_offset(rb.q, p.q_strides.y, p.q_strides.x, qy, t - qy * l.ww);
+  } else {
+    r.q = row_offset(rb.q, p.q_strides.y, p.q_strides.x, y, x);
+  }
+  r.k = row_offset(rb.k, p.k_strides.y, p.k_strides.x, y, x);
+  r.v = row_offset(rb.v, p.v_strides.y, p.v_strides.x, y, x);
+  r.g = row_offset(rb.map, rb.map_sy, rb.map_sx, y, x);
+  return r;
 }
 
 // Sets the kernel's dynamic shared memory limit to smem, then launches it with one block per

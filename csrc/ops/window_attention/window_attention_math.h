@@ -80,5 +80,74 @@ TM_HOST_DEVICE int relative_offset(const Geometry& g) {
   return static_cast<int>((g.wh - 1) * (2 * g.ww - 1) + (g.ww - 1));
 }
 
+// shifted_coords in two steps, for kernels: the shifted-map row and column of window win's first
+// token (64-bit, once per block), to which token t adds (t / ww, t % ww) in 32-bit (window-local).
+// shifted_coords(g, win, t) == (oy + t / ww, ox + t % ww).
+TM_HOST_DEVICE void window_origin(const Geometry& g, int64_t win, int64_t* oy, int64_t* ox) {
+  const int64_t wr = win / g.nww;
+  *oy = wr * g.wh;
+  *ox = (win - wr * g.nww) * g.ww;
+}
+TM_HOST_DEVICE bool shifted_coords_from(const Geometry& g, int64_t oy, int64_t ox, int t,
+                                        int64_t* sy, int64_t* sx) {
+  const int ww = static_cast<int>(g.ww);
+  const int r = t / ww;
+  *sy = oy + r;
+  *sx = ox + (t - r * ww);
+  return *sy < g.H && *sx < g.W;
+}
+
+// Element offset of the row (y, x) of a tensor with channel stride 1, given base = b * stride_b +
+// h * stride_h (once per block) and the row strides. Both the scalar and the 16-byte load paths
+// of the kernels address rows with it: channel c of the row is at row_offset(...) + c.
+TM_HOST_DEVICE int64_t row_offset(int64_t base, int64_t sy, int64_t sx, int64_t y, int64_t x) {
+  return base + y * sy + x * sx;
+}
+
+// Whether every row of a tensor (channel stride 1, head_dim d) starts on a 16-byte boundary, so
+// that its channels can be read 16 bytes at a time: the base address and every stride of dims
+// 0-3 (elements) are multiples of 16 bytes, and so is d.
+TM_HOST_DEVICE bool rows_aligned16(uint64_t address, int64_t elem_bytes, int64_t d, int64_t sb,
+                                   int64_t sy, int64_t sx, int64_t sh) {
+  if (16 % elem_bytes != 0) return false;
+  const int64_t vec = 16 / elem_bytes;
+  return address % 16 == 0 && d % vec == 0 && sb % vec == 0 && sy % vec == 0 && sx % vec == 0 &&
+         sh % vec == 0;
+}
+
+// The n-th 16-byte piece (vec elements) of a window's [tokens, d] rows, pieces numbered row-major:
+// its token and first channel. d is a multiple of vec (rows_aligned16).
+TM_HOST_DEVICE void vector_piece(int n, int d, int vec, int* t, int* c0) {
+  const int per_row = d / vec;
+  *t = n / per_row;
+  *c0 = (n - *t * per_row) * vec;
+}
+
+// A kernel task (b * windows + win) * heads + h split into its image, window and head with two
+// 64-bit divisions (once per block).
+TM_HOST_DEVICE void split_task(int64_t task, int64_t heads, int64_t windows, int64_t* b,
+                               int64_t* win, int64_t* h) {
+  const int64_t bw = task / heads;
+  *h = task - bw * heads;
+  *b = bw / windows;
+  *win = bw - *b * windows;
+}
+
+// Strides (elements) of dims 0-3 of a contiguous [B, H, W, heads, d] tensor.
+TM_HOST_DEVICE void contiguous_strides(const Geometry& g, int64_t heads, int64_t d, int64_t* sb,
+                                       int64_t* sy, int64_t* sx, int64_t* sh) {
+  *sh = d;
+  *sx = heads * d;
+  *sy = g.W * *sx;
+  *sb = g.H * *sy;
+}
+
+// Entry r of head h's slice of a [table, heads] bias table (what the kernels stage in shared
+// memory once per block; a pair's entry is then relative_pos(q) - relative_pos(k) +
+// relative_offset).
+TM_HOST_DEVICE int64_t bias_table_offset(int64_t r, int64_t heads, int64_t h) {
+  return r * heads + h;
+}
+
 }  // namespace window_attention
 }  // namespace tokenmix

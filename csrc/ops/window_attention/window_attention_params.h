@@ -32,6 +32,9 @@ struct WindowParams {
   DType dtype;
   bool tensor_cores;  // the tensor-core kernels where they apply (fp16/bf16, d 32, <= 64 tokens)
   int64_t task0;      // the first (image, window, head) task of a launch (launch_per_window)
+  // The rows of q, k, v (and grad in backward) start on 16-byte boundaries (rows_aligned16):
+  // the kernels then read them 16 bytes at a time. Set by window_attention_{forward,backward}_cuda.
+  bool vec_rows;
 
   void* out;  // forward: [B, H, W, heads, d] contiguous
   void* lse;  // [B, windows, tokens, heads], float (double for Float64); forward: may be null

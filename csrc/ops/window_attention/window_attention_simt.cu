@@ -18,6 +18,20 @@
 // four per score, cost more than the score's 32-term dot product. head_dim 32 (every Swin and
 // GC ViT variant) is a compile-time constant, so the dot products and channel loops unroll, and
 // windows of up to 64 tokens keep 2 scores per lane instead of 8.
+// Loads: where q, k, v (and dO) rows start on 16-byte boundaries (WindowParams::vec_rows) a thread
+// issues the 16-byte loads of two pieces of every matrix (6 or 8 loads) before storing any; else
+// an element per thread and iteration. The head's slice of the bias table is staged in shared
+// memory once per block, so score() reads no global memory. Token coordinates are not kept (their
+// 64-bit rows and columns cost a block of occupancy): only the output row of each token.
+// Occupancy on sm_90, 128 threads, Swin's 7 x 7 windows with head_dim 32 and a bias table, fp32
+// accumulation (fp16/bf16/fp32), shared memory 8 T + 4 (3 T (d + 1) + 4 T + table) + 8 T bytes:
+//   forward  <T, 32, 2>: 21648 B + 1 KB reserved = 22672 B -> 10 blocks (233472 / 22672); 48
+//     registers (the launch bounds ask for 10 blocks) -> 6 KB per block, 10 blocks: 40 warps/SM.
+//   backward <T, 32, 2>: adds dO, D, lse, rowS and 4 warp tables: 31996 B + 1 KB = 33020 B -> 7
+//     blocks; ~64 registers (8 KB per block) allow 8: 28 warps/SM, bound by shared memory.
+// fp64 doubles the accumulation-type arrays (5 and 3 blocks). The kernels are latency bound (a
+// block moves ~13 KB forward, ~22 KB backward, for 0.3-0.8 MFLOP of FMA on CUDA cores): what
+// counts is the loads in flight per SM and how many blocks hide each other's barriers.
 // Limits: tokens per window <= 256, head_dim <= 128, shared memory within the device's opt-in
 // limit (checked by the launcher with window_attention_smem_bytes).
 
@@ -36,49 +50,114 @@ int64_t acc_bytes(DType t) {
 }
 
 // Shared-memory layout of one block (int64 arrays first, then accumulation-type arrays, then int
-// arrays).
+// arrays). Token coordinates are recomputed where rows are loaded, not kept: a block's only
+// 64-bit array is the tokens' output rows.
 template <typename A>
 struct Smem {
-  int64_t *ty, *tx;       // original row/col
+  int64_t* mo;            // row offset in the contiguous [B, H, W, heads, d] tensors (out, grad)
   A *Qs, *Ks, *Vs, *dOs;  // [T, d + 1]
   A *D, *lse;             // [T] (backward)
-  A *rowP, *rowS;         // [kWarps, T]
+  A *rowP, *rowS;         // [kWarps, T] (rowS: backward)
   A* tables;              // [kWarps, table] (backward)
+  A* bias;                // [table]: the head's slice of the bias table (when there is one)
   int* treg;              // Swin region (-1: outside the map)
   int* tpos;              // relative_pos of each token (window_attention_math.h)
 
-  __device__ Smem(unsigned char* raw, int T, int ld, int table, bool backward) {
-    ty = reinterpret_cast<int64_t*>(raw);
-    tx = ty + T;
-    A* a = reinterpret_cast<A*>(tx + T);
+  __device__ Smem(unsigned char* raw, int T, int ld, int table, bool backward, bool has_bias) {
+    mo = reinterpret_cast<int64_t*>(raw);
+    A* a = reinterpret_cast<A*>(mo + T);
     Qs = a;
     Ks = Qs + T * ld;
     Vs = Ks + T * ld;
     rowP = Vs + T * ld;
-    rowS = rowP + kWarps * T;
-    a = rowS + kWarps * T;
+    a = rowP + kWarps * T;
     if (backward) {
-      dOs = a;
+      rowS = a;
+      dOs = rowS + kWarps * T;
       D = dOs + T * ld;
       lse = D + T;
       tables = lse + T;
       a = tables + kWarps * table;
     } else {
-      dOs = D = lse = tables = nullptr;
+      rowS = dOs = D = lse = tables = nullptr;
     }
+    bias = has_bias ? a : nullptr;
+    a += has_bias ? table : 0;
     treg = reinterpret_cast<int*>(a);
     tpos = treg + T;
   }
 };
 
-// Window tokens' coordinates, then Q (scaled), K, V and optionally dO, into shared memory.
+// Pieces a thread loads per round of load_rows_vec: with q, k, v (and dO) 6 (8) independent
+// 16-byte loads in flight before the first store.
+constexpr int kRoundPieces = 2;
+
+// The element i of a 16-byte piece.
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type piece_elem(const uint4& u, int i) {
+  return to_acc(reinterpret_cast<const T*>(&u)[i]);
+}
+
+// Q (scaled), K, V (, dO) rows 16 bytes (kVec elements) at a time (p.vec_rows), converted to the
+// accumulation type in shared memory. Same addresses as load_rows_scalar: piece n covers channels
+// [c0, c0 + kVec) of token t (vector_piece).
+template <typename T, typename A, int D>
+__device__ void load_rows_vec(const WindowParams& p, const Local& l, const RowBase& rb,
+                              int64_t oy, int64_t ox, Smem<A>& s) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int d = D > 0 ? D : l.d;
+  const int pieces = l.T * d / kVec;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* grad = static_cast<const T*>(p.grad);
+  const bool backward = s.dOs != nullptr;
+  const A scale = static_cast<A>(p.scale);
+  for (int n0 = threadIdx.x; n0 < pieces; n0 += kRoundPieces * kBlock) {
+    uint4 qv[kRoundPieces], kv[kRoundPieces], vv[kRoundPieces], gv[kRoundPieces];
+#pragma unroll
+    for (int u = 0; u < kRoundPieces; ++u) {
+      const int n = n0 + kBlock * u;
+      qv[u] = kv[u] = vv[u] = gv[u] = make_uint4(0, 0, 0, 0);
+      if (n >= pieces) continue;
+      int t = 0, c0 = 0;
+      vector_piece(n, d, kVec, &t, &c0);
+      const bool exists = s.treg[t] >= 0;
+      int64_t y = 0, x = 0;
+      token_coords(p.geo, oy, ox, t, &y, &x);
+      const TokenRows r = token_rows(p, l, rb, t, y, x);
+      if (p.global_q || exists) qv[u] = *reinterpret_cast<const uint4*>(q + r.q + c0);
+      if (exists) {
+        kv[u] = *reinterpret_cast<const uint4*>(k + r.k + c0);
+        vv[u] = *reinterpret_cast<const uint4*>(v + r.v + c0);
+        if (backward) gv[u] = *reinterpret_cast<const uint4*>(grad + r.g + c0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kRoundPieces; ++u) {
+      const int n = n0 + kBlock * u;
+      if (n >= pieces) continue;
+      int t = 0, c0 = 0;
+      vector_piece(n, d, kVec, &t, &c0);
+      const int at = t * l.ld + c0;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        // Zero bits are a zero of every dtype (q's times the scale still one): the scalar
+        // path's zeros.
+        s.Qs[at + i] = piece_elem<T>(qv[u], i) * scale;
+        s.Ks[at + i] = piece_elem<T>(kv[u], i);
+        s.Vs[at + i] = piece_elem<T>(vv[u], i);
+        if (backward) s.dOs[at + i] = piece_elem<T>(gv[u], i);
+      }
+    }
+  }
+}
+
+// The fallback for rows that are not 16-byte aligned: an element per thread and iteration.
 template <typename T, typename A>
-__device__ void load_window(const WindowParams& p, const Local& l, int64_t b, int64_t win, int64_t h,
-                            Smem<A>& s) {
-  const Geometry& g = p.geo;
+__device__ void load_rows_scalar(const WindowParams& p, const Local& l, const RowBase& rb,
+                                 int64_t oy, int64_t ox, Smem<A>& s) {
   const int Tn = l.T, d = l.d, ld = l.ld;
-  for (int t = threadIdx.x; t < Tn; t += blockDim.x) place_token(g, win, t, s.ty, s.tx, s.treg, s.tpos);
-  __syncthreads();
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -87,21 +166,64 @@ __device__ void load_window(const WindowParams& p, const Local& l, int64_t b, in
   for (int e = threadIdx.x; e < Tn * d; e += blockDim.x) {
     const int t = e / d, c = e - t * d;
     const bool exists = s.treg[t] >= 0;
-    const int64_t y = s.ty[t], x = s.tx[t];
+    int64_t y = 0, x = 0;
+    token_coords(p.geo, oy, ox, t, &y, &x);
+    const TokenRows r = token_rows(p, l, rb, t, y, x);
     A qv = 0, kv = 0, vv = 0, gv = 0;
-    if (p.global_q) {
-      qv = to_acc(q[strided(p.q_strides, b, t / g.ww, t % g.ww, h) + c]) * scale;
-    }
+    if (p.global_q || exists) qv = to_acc(q[r.q + c]) * scale;
     if (exists) {
-      if (!p.global_q) qv = to_acc(q[strided(p.q_strides, b, y, x, h) + c]) * scale;
-      kv = to_acc(k[strided(p.k_strides, b, y, x, h) + c]);
-      vv = to_acc(v[strided(p.v_strides, b, y, x, h) + c]);
-      if (s.dOs != nullptr) gv = to_acc(grad[map_offset(p, b, y, x, h) + c]);
+      kv = to_acc(k[r.k + c]);
+      vv = to_acc(v[r.v + c]);
+      if (s.dOs != nullptr) gv = to_acc(grad[r.g + c]);
     }
     s.Qs[t * ld + c] = qv;
     s.Ks[t * ld + c] = kv;
     s.Vs[t * ld + c] = vv;
     if (s.dOs != nullptr) s.dOs[t * ld + c] = gv;
+  }
+}
+
+// Window tokens' regions, relative positions and output rows, then Q (scaled), K, V and optionally
+// dO, and the head's slice of the bias table (its first 2 kBlock entries loaded with the rows,
+// stored after them), into shared memory.
+template <typename T, typename A, int D>
+__device__ void load_window(const WindowParams& p, const Local& l, const Task& task, Smem<A>& s) {
+  const Geometry& g = p.geo;
+  int64_t oy = 0, ox = 0;
+  window_origin(g, task.win, &oy, &ox);
+  const RowBase rb(p, task.b, task.h);
+  for (int t = threadIdx.x; t < l.T; t += blockDim.x) {
+    int64_t sy = 0, sx = 0;
+    const bool exists = shifted_coords_from(g, oy, ox, t, &sy, &sx);
+    s.treg[t] = exists ? region(g, sy, sx) : -1;
+    s.tpos[t] = relative_pos(g, t);
+    s.mo[t] = exists ? row_offset(rb.map, rb.map_sy, rb.map_sx, original_row(g, sy),
+                                  original_col(g, sx))
+                     : 0;
+  }
+  __syncthreads();
+  const T* table = static_cast<const T*>(p.bias_table);
+  A bias[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int r = threadIdx.x + kBlock * u;
+    bias[u] = table != nullptr && r < l.table ? to_acc(table[bias_table_offset(r, p.heads, task.h)])
+                                              : A(0);
+  }
+  if (p.vec_rows) {
+    load_rows_vec<T, A, D>(p, l, rb, oy, ox, s);
+  } else {
+    load_rows_scalar<T, A>(p, l, rb, oy, ox, s);
+  }
+  if (table != nullptr) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int r = threadIdx.x + kBlock * u;
+      if (r < l.table) s.bias[r] = bias[u];
+    }
+    for (int r = threadIdx.x + 2 * kBlock; r < l.table; r += kBlock) {
+      s.bias[r] = to_acc(table[bias_table_offset(r, p.heads, task.h)]);
+    }
   }
 }
 
@@ -124,10 +246,7 @@ __device__ __forceinline__ A score(const WindowParams& p, const Local& l, const 
                                    int i, int j) {
   if (s.treg[j] != s.treg[i]) return neg_inf<A>();
   A acc = dot_rows<A, D>(s.Qs + i * l.ld, s.Ks + j * l.ld, l.d);
-  if (p.bias_table != nullptr) {
-    const int rel = s.tpos[i] - s.tpos[j] + l.rel0;
-    acc += to_acc(static_cast<const T*>(p.bias_table)[rel * p.heads + h]);
-  }
+  if (s.bias != nullptr) acc += s.bias[s.tpos[i] - s.tpos[j] + l.rel0];
   return acc;
 }
 
@@ -151,17 +270,19 @@ __device__ __forceinline__ void weighted_rows(const A* w, const A* M, const Loca
   }
 }
 
+// KEYS == 2 (Swin's windows): at most 48 registers, so that the 10 blocks shared memory allows
+// fit (banner); the other instantiations ask for no minimum (0) and keep the compiler's choice.
 template <typename T, int D, int KEYS>
-__global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
+__global__ void __launch_bounds__(kBlock, KEYS == 2 ? 10 : 0) forward_kernel(WindowParams p) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Local l(p);
   const int Tn = l.T;
   const int64_t nW = p.geo.windows();
-  Smem<A> s(smem_raw, Tn, l.ld, l.table, false);
-  const int64_t task = p.task0 + blockIdx.x;  // (b * nW + win) * heads + h
-  const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
-  load_window<T, A>(p, l, b, win, h, s);
+  Smem<A> s(smem_raw, Tn, l.ld, l.table, false, p.bias_table != nullptr);
+  const Task task(p);
+  const int64_t h = task.h, win = task.win, b = task.b;
+  load_window<T, A, D>(p, l, task, s);
   __syncthreads();
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -194,7 +315,7 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(WindowParams p) {
     __syncwarp();
     A o[kChansPerLane];
     weighted_rows<A, D>(row, s.Vs, l, lane, o);
-    const int64_t base = map_offset(p, b, s.ty[i], s.tx[i], h);
+    const int64_t base = s.mo[i];
 #pragma unroll
     for (int u = 0; u < kLaneChans<D>; ++u) {
       const int c = lane + kWarp * u;
@@ -212,12 +333,12 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
   const Local l(p);
   const int Tn = l.T, ld = l.ld, table = l.table;
   const int64_t nW = p.geo.windows();
-  Smem<A> s(smem_raw, Tn, ld, table, true);
-  const int64_t task = p.task0 + blockIdx.x;  // (b * nW + win) * heads + h
-  const int64_t h = task % p.heads, win = (task / p.heads) % nW, b = task / (p.heads * nW);
+  Smem<A> s(smem_raw, Tn, ld, table, true, p.bias_table != nullptr);
+  const Task task(p);
+  const int64_t h = task.h, win = task.win, b = task.b;
   const A* lse = static_cast<const A*>(p.lse);
   for (int e = threadIdx.x; e < kWarps * table; e += blockDim.x) s.tables[e] = 0;
-  load_window<T, A>(p, l, b, win, h, s);
+  load_window<T, A, D>(p, l, task, s);
   __syncthreads();
   // The forward saves no log-sum-exp for tokens outside the map (treg < 0): never read those.
   for (int t = threadIdx.x; t < Tn; t += blockDim.x) {
@@ -273,7 +394,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
       if (p.global_q) {
         dq_partial[(((b * nW + win) * Tn + i) * p.heads + h) * p.d + c] = o[u] * scale;
       } else {
-        dq[map_offset(p, b, s.ty[i], s.tx[i], h) + c] = from_acc<T>(o[u] * scale);
+        dq[s.mo[i] + c] = from_acc<T>(o[u] * scale);
       }
     }
     __syncwarp();
@@ -299,7 +420,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
     A gv[kChansPerLane], gk[kChansPerLane];
     weighted_rows<A, D>(rowP, s.dOs, l, lane, gv);
     weighted_rows<A, D>(rowS, s.Qs, l, lane, gk);
-    const int64_t base = map_offset(p, b, s.ty[j], s.tx[j], h);
+    const int64_t base = s.mo[j];
 #pragma unroll
     for (int u = 0; u < kLaneChans<D>; ++u) {
       const int c = lane + kWarp * u;
@@ -313,7 +434,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(WindowParams p) {
 
   if (p.dbias_partial != nullptr) {
     __syncthreads();
-    A* part = static_cast<A*>(p.dbias_partial) + task * table;
+    A* part = static_cast<A*>(p.dbias_partial) + task.task * table;
     for (int r = threadIdx.x; r < table; r += blockDim.x) {
       A sum = 0;
       for (int w = 0; w < kWarps; ++w) sum += s.tables[w * table + r];
@@ -355,9 +476,10 @@ cudaError_t launch_simt(const WindowParams& p, cudaStream_t stream) {
 
 int64_t window_attention_smem_bytes(const WindowParams& p, bool backward) {
   const int64_t T = p.geo.tokens(), ld = p.d + 1;
-  int64_t acc_elems = 3 * T * ld + 2 * kWarps * T;
-  if (backward) acc_elems += T * ld + 2 * T + kWarps * p.geo.table_size();
-  return 2 * T * static_cast<int64_t>(sizeof(int64_t)) + acc_elems * acc_bytes(p.dtype) +
+  int64_t acc_elems = 3 * T * ld + kWarps * T;
+  if (backward) acc_elems += kWarps * T + T * ld + 2 * T + kWarps * p.geo.table_size();
+  if (p.bias_table != nullptr) acc_elems += p.geo.table_size();
+  return T * static_cast<int64_t>(sizeof(int64_t)) + acc_elems * acc_bytes(p.dtype) +
          2 * T * static_cast<int64_t>(sizeof(int));
 }
 
