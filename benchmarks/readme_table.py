@@ -60,6 +60,34 @@ def saved(row: dict) -> str:
     return f"{extra['saved_mb_fused']:.1f} / {extra['saved_mb_eager']:.1f}"
 
 
+def roof(row: dict | None) -> str:
+    """A pass's distance from its roof: % of the same-run GEMM rate for compute-bound cases, % of
+    a same-size copy's bandwidth for memory-bound ones."""
+    if row is None:
+        return "–"
+    if row.get("pct_of_gemm"):
+        return f"{row['pct_of_gemm']:.0f}% GEMM"
+    if row.get("pct_of_copy"):
+        return f"{row['pct_of_copy']:.0f}% copy"
+    return "–"
+
+
+def per_threads(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
+    """rows grouped as {(op, case): {mode: [row at each thread count, in run order]}}."""
+    out: dict[tuple, dict[str, list[dict]]] = {}
+    for row in rows:
+        out.setdefault((row["op"], row["case"]), {}).setdefault(row["mode"], []).append(row)
+    return out
+
+
+def joined(rows: list[dict] | None, key: str, spec: str = ".2f") -> str:
+    """One cell for every thread count a pass ran at ("all / 1" on a CPU)."""
+    if not rows:
+        return "–"
+    get = (lambda r: r.get("extra", {}).get(key[6:])) if key.startswith("extra.") else (lambda r: r.get(key))
+    return " / ".join(fmt(get(r), spec) for r in rows)
+
+
 def where(r: dict) -> str:
     amp = f", autocast {r['autocast']}" if r.get("autocast") else ""
     return f"{r['device']} ({r['dtype']}{amp}, {r['date']})"
@@ -71,21 +99,25 @@ def sources(results: list[dict]) -> str:
 
 def full_table() -> str:
     """Every pass of every case, for docs/performance.md."""
-    lines = ["| op | case | pass | device (dtype, date) | fused ms | × eager | × torch.compile | % of copy BW "
-             "| × floor | saved for backward, fused / eager (MB) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| op | case | pass | device (dtype, date) | threads | fused ms | × eager | × torch.compile "
+             "| % of copy BW | GFLOP/s | % of GEMM | × floor | saved for backward, fused / eager (MB) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     results = latest_results()
     for r in results:
         for row in r["rows"]:
             lines.append(f"| `{row['op']}` | {row['case']} | {row['mode']} | {where(r)} | "
+                         f"{fmt(row.get('threads'), 'd')} | "
                          f"{row['fused_ms']:.3f} | {row['speedup_vs_eager']:.2f} | "
                          f"{fmt(row['speedup_vs_compiled'], '.2f')} | "
-                         f"{fmt(row['pct_of_copy'], '.0f', '%')} | "
+                         f"{fmt(row['pct_of_copy'], '.0f', '%')} | {fmt(row.get('gflops'), '.1f')} | "
+                         f"{fmt(row.get('pct_of_gemm'), '.0f', '%')} | "
                          f"{fmt(row.get('extra', {}).get('fused_over_floor'), '.2f')} | {saved(row)} |")
     lines.append("")
     lines.append(f"Source: {sources(results)}. Ratios are medians measured in one run "
                  "(fused, eager and compiled interleaved); `% of copy BW` compares the op's "
-                 "minimum memory traffic with a tensor copy of the same size timed in the same run; `× floor` "
+                 "minimum memory traffic with a tensor copy of the same size timed in the same run; "
+                 "`% of GEMM` compares the op's arithmetic rate with a square matrix product of the same "
+                 "dtype timed in the same run at the same thread count; `× floor` "
                  "is fused time over the time of the case's compute floor (lower is better); the last column "
                  "is what autograd keeps alive between forward and backward (inputs included).")
     return "\n".join(lines)
@@ -101,23 +133,28 @@ def summary_table() -> str:
         first = "float32" if r["device_type"] == "cpu" else "float16"
         if r["dtype"] == first:
             chosen[key] = r
-    lines = ["| op | case | device (dtype, date) | fwd ms | fwd × eager | fwd × compile | fwd+bwd × eager "
-             "| fwd+bwd × compile | % of copy BW (fwd) | × floor (fwd) |",
+    lines = ["| op | case | device (dtype, threads, date) | fwd ms | fwd × eager | fwd × compile | fwd+bwd × eager "
+             "| fwd+bwd × compile | roofline (fwd; fwd+bwd) | × floor (fwd) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in chosen.values():
-        passes: dict[tuple, dict] = {}
-        for row in r["rows"]:
-            passes.setdefault((row["op"], row["case"]), {})[row["mode"]] = row
-        for (op, case), p in passes.items():
+        counts = r.get("threads")
+        counts = " / ".join(map(str, counts)) if isinstance(counts, list) else counts
+        dev = f"{r['device']} ({r['dtype']}" + (f", {counts} thr" if counts else "") + f", {r['date']})"
+        for (op, case), p in per_threads(r["rows"]).items():
             f, fb = p.get("fwd"), p.get("fwd+bwd")
-            lines.append(f"| `{op}` | {case} | {where(r)} | {fmt(f and f['fused_ms'], '.3f')} | "
-                         f"{fmt(f and f['speedup_vs_eager'], '.2f')} | {fmt(f and f['speedup_vs_compiled'], '.2f')} | "
-                         f"{fmt(fb and fb['speedup_vs_eager'], '.2f')} | {fmt(fb and fb['speedup_vs_compiled'], '.2f')} | "
-                         f"{fmt(f and f['pct_of_copy'], '.0f', '%')} | "
-                         f"{fmt(f and f.get('extra', {}).get('fused_over_floor'), '.2f')} |")
+            lines.append(f"| `{op}` | {case} | {dev} | {joined(f, 'fused_ms', '.3f')} | "
+                         f"{joined(f, 'speedup_vs_eager')} | {joined(f, 'speedup_vs_compiled')} | "
+                         f"{joined(fb, 'speedup_vs_eager')} | {joined(fb, 'speedup_vs_compiled')} | "
+                         f"{' / '.join(roof(x) for x in f) if f else '–'}"
+                         f"{'; ' + ' / '.join(roof(x) for x in fb) if fb else ''} | "
+                         f"{joined(f, 'extra.fused_over_floor')} |")
     lines.append("")
     lines.append(f"Source: {sources(list(chosen.values()))}; every pass, dtype and column in "
-                 "[docs/performance.md](docs/performance.md).")
+                 "[docs/performance.md](docs/performance.md). Where a CPU result ran at several thread "
+                 "counts, each cell lists them in the order the device column names (all cores first, "
+                 "then one thread). Roofline: a compute-bound op's arithmetic rate as a share of a square "
+                 "matrix product of the same dtype timed in the same run (% GEMM), a memory-bound op's "
+                 "bandwidth as a share of a same-size tensor copy (% copy).")
     return "\n".join(lines)
 
 

@@ -24,11 +24,16 @@ def test_info_dict():
 
 def test_bench_writes_table_json_and_chart(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert main(["bench", "gather_tokens", "--reps", "2", "--no-compile", "--quiet", "--out", str(out)]) == 0
+    assert main(["bench", "gather_tokens", "--reps", "2", "--no-compile", "--quiet", "--threads", "2,1",
+                 "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "gather_tokens" in text and "x eager" in text
     result = json.loads(out.read_text())
     assert result["device_type"] == "cpu" and result["torch"] and result["date"]
+    assert result["threads"] == [2, 1] and result["failed"] == []
+    assert set(result["gemm_gflops"]) == {"2", "1"} and all(v > 0 for v in result["gemm_gflops"].values())
+    assert {(r["mode"], r["threads"]) for r in result["rows"]} == {(m, n) for m in ("fwd", "fwd+bwd") for n in (2, 1)}
+    assert all(r["pct_of_copy"] and r["pct_of_gemm"] is None for r in result["rows"])
     modes = {r["mode"] for r in result["rows"]}
     assert modes == {"fwd", "fwd+bwd"}
     assert all(r["max_abs_err"] == 0.0 and r["speedup_vs_eager"] > 0 for r in result["rows"])
@@ -37,6 +42,33 @@ def test_bench_writes_table_json_and_chart(tmp_path, capsys):
         assert (tmp_path / "r.png").stat().st_size > 0
     except ImportError:
         pass
+
+
+def test_bench_compute_bound_case_reports_its_share_of_gemm():
+    """A case that declares its FLOPs gets GFLOP/s and a share of the same-run GEMM rate; a case
+    that raises is listed under ``failed`` and the others still run."""
+    import torch
+
+    from tokenmix.bench import harness
+
+    n = 64
+
+    def make(device, dtype):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        return [a, b], [a, b]
+
+    def broken(a, b):
+        raise RuntimeError("no kernel for this case")
+
+    cases = [harness.Case("mm", "64^3", make, torch.mm, torch.mm, flops_fwd=2 * n ** 3, flops_bwd=4 * n ** 3),
+             harness.Case("mm", "broken", make, broken, torch.mm)]
+    result = harness.run(cases, torch.device("cpu"), torch.float32, reps=2, compile_ref=False,
+                         progress=False, threads=[1])
+    assert [f["case"] for f in result["failed"]] == ["broken"]
+    assert [(r["mode"], r["threads"]) for r in result["rows"]] == [("fwd", 1), ("fwd+bwd", 1)]
+    for r in result["rows"]:
+        assert r["gflops"] > 0 and r["pct_of_gemm"] > 0
+        assert abs(r["gflops"] * r["fused_ms"] * 1e6 - (2 if r["mode"] == "fwd" else 6) * n ** 3) < 1e-3 * n ** 3
 
 
 def test_bench_rejects_unknown_op():

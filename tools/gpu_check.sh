@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # Prove the CUDA path on a GPU machine with no network: build tokenmix for the GPU that is there
-# (all cores), run every kernel once, the CUDA tests and the GPU benchmark, and leave logs and JSON
-# in OUTDIR: summary.txt (machine, step results), build.log, tests.log, memcheck.log, bench.log and
-# the bench JSON files, at most 8 files, flat, so the device tool brings all of them back.
+# (all cores), run every kernel once, the CUDA tests and the GPU benchmark, look for the next
+# bottleneck, and leave logs and JSON in OUTDIR: summary.txt (machine, step results), build.log,
+# tests.log, sanitize.log, bench.log, profile.log and the bench JSON files, flat, so the device tool
+# brings all of them back.
 #
 #   tools/gpu_check.sh OUTDIR [SECONDS]
 #
-# A lease is short, so the steps run in order of what they prove and each one is cut off at the
-# deadline (SECONDS after the start, default 520): build, `python -m tokenmix check` (every op vs its oracle), CUDA tests, fp16 bench,
-# the check under compute-sanitizer, the fp16 bench of gnconv, deform_conv2d and window_attention
-# again with their new fused paths off (A/B), per-kernel times of every op and of swin_tiny
-# (tools/cuda_profile.py; these three into bench.log), fp32 bench, bf16 deform bench, then the CPU
-# tests on this machine's torch.
+# A lease is short, so the steps run in order of what they prove and each one is cut off at its own
+# cap and at the deadline (SECONDS after the start, default 540):
+#   1. build; `python -m tokenmix check` (every op vs its oracle); the CUDA tests;
+#   2. the fp16 benchmark, whose anchors are eager PyTorch, timm's SDPA path, FlexAttention
+#      (compiled, window block mask, bias as score_mod) and torchvision's deform_conv2d;
+#   3. compute-sanitizer racecheck, initcheck and memcheck on the op samples in fp16 (small shapes,
+#      every kernel, forward and backward);
+#   4. a torch.profiler table of a swin_tiny training step, accelerated and timm's (profile.log);
+#   5. Nsight Compute, where `ncu` exists: speed of light (DRAM and SM throughput), occupancy,
+#      tensor-pipe use and warp stall reasons, once per launch configuration of the window
+#      attention, deform_conv2d, gnconv and gather kernels at the benchmark's shapes (profile.log);
+#   6. the fused paths switched off (A/B) and per-kernel times of every case (bench.log);
+#   7. the fp32 benchmark, the bf16 deform benchmark, the CPU tests.
 #
 # Expects: python3 with torch (CUDA build) and pytest, nvcc, cmake, ninja, scikit-build-core.
 # Extra build dependencies come as wheels in .whl/ (installed with --no-index); CUTLASS's headers
@@ -20,7 +28,7 @@
 # Exit status: 0 when every step that ran succeeded and none was skipped for lack of time.
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUTDIR [SECONDS]}
-BUDGET=${2:-520}
+BUDGET=${2:-540}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -79,12 +87,34 @@ bench() {
     --quiet --reps 20 --out "$OUT/bench-cuda-$1.json"
   stamp "bench $1: rc $?"
 }
-bench float16 120
+bench float16 180
 
+# Sanitizers on the op samples (small shapes: every kernel, forward and backward) in fp16, where
+# the tensor-core kernels run. racecheck: shared-memory hazards; initcheck: reads of global memory
+# nothing wrote; memcheck: out-of-bounds and misaligned accesses.
 if command -v compute-sanitizer > /dev/null; then
-  step memcheck 90 "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
-    "$PY" -m tokenmix check --device cuda --no-modules
-  stamp "memcheck: $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log" || echo 'no summary'), $(grep -c '^ok' "$OUT/memcheck.log") ok"
+  for tool in racecheck initcheck memcheck; do
+    step "$tool" 80 "$OUT/sanitize.log" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      "$PY" -m tokenmix check --device cuda --no-modules --dtype float16
+    stamp "$tool: rc $?, $(tail -n 4 "$OUT/sanitize.log" | grep -m1 'SUMMARY' || echo 'no summary')"
+  done
+else
+  stamp "compute-sanitizer not found: racecheck, initcheck and memcheck not run"
+fi
+
+step "swin_tiny training profile" 75 "$OUT/profile.log" "$PY" tools/cuda_profile.py --swin-train \
+  --batch 64 --rows 25
+stamp "swin_tiny training profile: rc $?"
+grep -h 'ms of kernels per step' "$OUT/profile.log" >> "$OUT/summary.txt"
+
+if command -v ncu > /dev/null; then
+  step "ncu" 100 "$OUT/profile.log" ncu --filter-mode per-launch-config --launch-count 1 \
+    --kernel-name-base demangled -k 'regex:tokenmix::' \
+    --section SpeedOfLight --section Occupancy --section ComputeWorkloadAnalysis --section WarpStateStats \
+    "$PY" tools/cuda_profile.py window_attention deform_conv2d gnconv gather --iters 1 --rows 3
+  stamp "ncu: rc $?, $(grep -c ', Context [0-9]*, Stream' "$OUT/profile.log") kernel reports"
+else
+  stamp "ncu not found: no Nsight Compute metrics"
 fi
 
 # A/B: the same fp16 cases with the new fused paths switched off (the table lands in bench.log).
@@ -94,9 +124,6 @@ TOKENMIX_GNCONV_CUTLASS=0 TOKENMIX_DEFORM_FUSED=0 TOKENMIX_WINDOW_TENSOR_CORES=0
 stamp "bench with fused paths off: rc $?"
 step "kernel profile float16" 60 "$OUT/bench.log" "$PY" tools/cuda_profile.py --rows 12
 stamp "kernel profile: rc $?"
-step "model profile float16" 45 "$OUT/bench.log" "$PY" tools/cuda_profile.py "swin_tiny (model)" \
-  --models --eager --rows 15
-stamp "model profile: rc $?"
 
 bench float32 90
 step "bench deform bfloat16" 60 "$OUT/bench.log" "$PY" -m tokenmix bench deform_conv2d --device cuda \

@@ -106,14 +106,29 @@ def cmd_bench(args) -> int:
         return _bench_models(args, device, dtype, amp)
     cases = bench.select_cases(args.ops, device.type, quick=getattr(args, "quick", False))
     result = bench.run(cases, device, dtype, reps=args.reps, compile_ref=not args.no_compile,
-                       progress=not args.quiet, amp=amp)
+                       progress=not args.quiet, amp=amp, threads=_thread_counts(args.threads))
     print(bench.format_table(result))
     if args.out:
         bench.write_json(result, args.out)
         png = os.path.splitext(args.out)[0] + ".png"
         wrote = bench.write_chart(result, png)
         print(f"\nwrote {args.out}" + (f" and {png}" if wrote else " (no chart: matplotlib missing)"))
+    if result["failed"]:
+        print(f"\n{len(result['failed'])} case(s) failed: " + "; ".join(f"{f['op']} / {f['case']}" for f in result["failed"]))
+        return 1
     return 0
+
+
+def _thread_counts(spec: str) -> list[int]:
+    """``--threads``: comma-separated counts, ``all`` being torch's default intra-op count."""
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        n = torch.get_num_threads() if part == "all" else int(part)
+        if n < 1:
+            raise SystemExit(f"--threads: counts must be >= 1, got {part!r}")
+        out.append(n)
+    return out
 
 
 def _bench_models(args, device: torch.device, dtype: torch.dtype, amp) -> int:
@@ -177,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--reps", type=int, default=40, help="timed rounds per variant (--models: 10 is plenty)")
     b.add_argument("--out", help="write JSON here (and a PNG chart beside it)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    b.add_argument("--threads", default="all,1",
+                   help="CPU: comma-separated intra-op thread counts to run every case at ('all' = torch's "
+                        "default; default 'all,1')")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     d = sub.add_parser("demo", help="info, then a quick bench of every op (what `make demo` runs)")
     d.add_argument("--reps", type=int, default=15)

@@ -68,7 +68,7 @@ class Family:
 
     def bench_cases(self, device_type: str) -> list:
         """``bench.harness.Case`` list at this device's batch (imports the benchmark module)."""
-        return _load(self.bench).cases(self.bench_batch[device_type])
+        return _load(self.bench).cases(self.bench_batch[device_type], device_type)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from tokenmix.reference.deform_conv2d import deform_conv2d as oracle
 from tokenmix.samples import Draw, ModuleSample, Sample, seeded
 
 
-def cases(batch: int) -> list[Case]:
+def cases(batch: int, device_type: str = "cpu") -> list[Case]:
     try:
         from torchvision.ops import deform_conv2d as tv
     except Exception:  # not installed, or built for another torch
@@ -38,12 +38,16 @@ def cases(batch: int) -> list[Case]:
 
         kw = dict(stride=s, padding=p)
         label = f"{name} B={batch} {cin}->{cout} {hw}x{hw} k{k} s{s}" + (" mask" if use_mask else "")
+        # The GEMM over the sampled columns (2 FLOPs a multiply-add); backward: the columns'
+        # gradient and the weight gradient, each as large again.
+        ho = (hw + 2 * p - k) // s + 1
+        fwd = 2 * batch * ho * ho * cout * cin * k * k
         out.append(Case(
             "deform_conv2d", label, make,
             lambda x, off, w, b, m, kw=kw: tm.deform_conv2d(x, off, w, b, mask=m, **kw),
             lambda x, off, w, b, m, kw=kw: tv(x, off, w, b, mask=m, **kw),
             compile_target=lambda x, off, w, b, m, kw=kw: oracle(x, off, w, b, mask=m, **kw),
-            floor=lambda x, off, w, b, m, kw=kw: F.conv2d(x, w, b, **kw)))
+            floor=lambda x, off, w, b, m, kw=kw: F.conv2d(x, w, b, **kw), flops_fwd=fwd, flops_bwd=2 * fwd))
     return out
 
 

@@ -21,7 +21,7 @@ def _eager_topk(x, score, k):
     return ref.batch_index_select(x, torch.cat([cls, idx], dim=1))
 
 
-def cases(batch: int) -> list[Case]:
+def cases(batch: int, device_type: str = "cpu") -> list[Case]:
     B = batch
     k = int((N - 1) * KEEP)  # scored patch tokens kept
     K = k + 1  # plus the class token

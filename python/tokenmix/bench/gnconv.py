@@ -19,7 +19,7 @@ from tokenmix.samples import Draw, ModuleSample, Sample, seeded
 SCALE = 1.0 / 3
 
 
-def cases(batch: int) -> list[Case]:
+def cases(batch: int, device_type: str = "cpu") -> list[Case]:
     out = []
     for name, (dim, order, hw) in {"HorNet-T stage 1": (64, 2, 56),
                                    "HorNet-T stage 3": (256, 4, 14)}.items():
@@ -60,7 +60,12 @@ def cases(batch: int) -> list[Case]:
             return [t @ w.flatten(1).t() for t, w in zip(tokens, weights)]
 
         label = f"{name} B={batch} {dim}ch order{order} {hw}x{hw}"
-        out.append(Case("gnconv", label, make, fused, eager, floor=floor, floor_backward=False))
+        # Per pixel: proj_in (dim -> 2 dim), the 7x7 depthwise over sum(dims) channels, the gate
+        # projections and proj_out, 2 FLOPs a multiply-add; backward: data and weight gradients.
+        macs = 2 * dim * dim + 49 * sum(dims) + sum(a * b for a, b in zip(dims, dims[1:])) + dim * dim
+        fwd = 2 * macs * batch * hw * hw
+        out.append(Case("gnconv", label, make, fused, eager, floor=floor, floor_backward=False,
+                        flops_fwd=fwd, flops_bwd=2 * fwd))
     return out
 
 

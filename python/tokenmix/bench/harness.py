@@ -57,6 +57,10 @@ class Case:
     floor: Callable | None = None
     # Whether the floor also has a backward worth timing (False: forward only).
     floor_backward: bool = True
+    # The arithmetic each pass must do (multiply and add counted apart), for compute-bound ops:
+    # the achieved rate is reported against a GEMM of the same dtype timed in the same run.
+    flops_fwd: int = 0
+    flops_bwd: int = 0
 
 
 @dataclass
@@ -73,6 +77,11 @@ class Row:
     gbps: float | None = None
     copy_gbps: float | None = None
     pct_of_copy: float | None = None
+    # CPU: the intra-op thread count the row ran at.
+    threads: int | None = None
+    # Compute-bound cases: the fused op's GFLOP/s, and that as a share of the same-run GEMM rate.
+    gflops: float | None = None
+    pct_of_gemm: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -119,6 +128,17 @@ def time_interleaved(fns: dict[str, Callable], device: torch.device, reps: int,
         for k, f in loops.items():
             samples[k].append(_timer(f, device) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype, reps: int = 10) -> float:
+    """GFLOP/s of a square matrix product in `dtype` (fp64 stays fp64), the compute yardstick of
+    the compute-bound cases: 1024^3 on a CPU, 4096^3 on a GPU, median of `reps` calls."""
+    n = 4096 if device.type == "cuda" else 1024
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    t = time_interleaved({"mm": lambda: torch.mm(a, b, out=c)}, device, reps)["mm"]
+    return 2 * n ** 3 / t / 1e9
 
 
 def copy_of(nbytes: int, device: torch.device) -> Callable:
@@ -180,7 +200,9 @@ def under_autocast(fn: Callable, device: torch.device, amp: torch.dtype) -> Call
 
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
-             compile_ref: bool, amp: torch.dtype | None = None) -> list[Row]:
+             compile_ref: bool, amp: torch.dtype | None = None, gemm: float | None = None) -> list[Row]:
+    """Rows of one case (fwd, and fwd+bwd where it has a backward); `gemm`: the same-run GEMM
+    rate in GFLOP/s for the compute-bound share."""
     inputs, needs_grad = case.make(device, dtype)
     variants = {"fused": case.fused, "eager": case.eager}
     if compile_ref:
@@ -218,7 +240,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
             fns["copy"] = copy_of(nbytes, device)
         return time_interleaved(fns, device, reps, inner=inner)
 
-    rows.append(_row(case, "fwd", timed(fwd, case.bytes_fwd(dtype)), err, case.bytes_fwd(dtype)))
+    rows.append(_row(case, "fwd", timed(fwd, case.bytes_fwd(dtype)), err, case.bytes_fwd(dtype),
+                     case.flops_fwd, gemm))
     if case.backward:
         grad_inputs = [t.detach().requires_grad_() if any(t is n for n in needs_grad) else t
                        for t in inputs]
@@ -234,7 +257,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
 
         nbytes = case.bytes_fwd(dtype) + case.bytes_bwd(dtype)
         skip = () if case.floor_backward else ("floor",)
-        row = _row(case, "fwd+bwd", timed(fwd_bwd, nbytes, skip), err, nbytes)
+        row = _row(case, "fwd+bwd", timed(fwd_bwd, nbytes, skip), err, nbytes,
+                   case.flops_fwd + case.flops_bwd if case.flops_fwd else 0, gemm)
         # What each variant keeps alive for backward (inputs that are leaves included).
         for k in ("fused", "eager"):
             fn = variants[k]
@@ -243,7 +267,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
     return rows
 
 
-def _row(case: Case, mode: str, t: dict[str, float], err: float, nbytes: int) -> Row:
+def _row(case: Case, mode: str, t: dict[str, float], err: float, nbytes: int, flops: int = 0,
+         gemm: float | None = None) -> Row:
     compiled = t.get("compiled")
     row = Row(op=case.op, case=case.name, mode=mode, fused_ms=t["fused"] * 1e3,
               eager_ms=t["eager"] * 1e3, compiled_ms=compiled * 1e3 if compiled else None,
@@ -256,6 +281,10 @@ def _row(case: Case, mode: str, t: dict[str, float], err: float, nbytes: int) ->
         row.gbps = nbytes / t["fused"] / 1e9
         row.copy_gbps = nbytes / t["copy"] / 1e9
         row.pct_of_copy = 100.0 * t["copy"] / t["fused"]
+    if flops:
+        row.gflops = flops / t["fused"] / 1e9
+        if gemm:
+            row.pct_of_gemm = 100.0 * row.gflops / gemm
     return row
 
 
@@ -302,17 +331,45 @@ def steady_heap() -> bool:
 
 
 def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: int = 30,
-        compile_ref: bool = True, progress: bool = True, amp: torch.dtype | None = None) -> dict:
+        compile_ref: bool = True, progress: bool = True, amp: torch.dtype | None = None,
+        threads: Sequence[int] | None = None) -> dict:
     """Run every case; return the JSON-ready result (metadata + rows). With `amp`, every variant
     (fused, eager, compiled, floor) runs its forward under ``torch.autocast`` in that dtype, the
-    inputs staying in `dtype`."""
+    inputs staying in `dtype`. On a CPU every case runs at each intra-op thread count of `threads`
+    (default: the current one), each row tagged with it, the GEMM yardstick timed at each. A case
+    that raises is reported on stderr and listed under ``failed`` instead of ending the run: a
+    short GPU lease keeps every other case's figures."""
     heap = steady_heap() if device.type == "cpu" else None
+    counts = list(dict.fromkeys(threads or [torch.get_num_threads()])) if device.type == "cpu" else [None]
     rows: list[Row] = []
-    bar = Progress(len(cases), progress)
-    for case in cases:
-        rows.extend(run_case(case, device, dtype, reps, compile_ref, amp))
-        bar.step(f"{case.op} {case.name}")
-    return dict(metadata(device, dtype, amp, reps, heap), rows=[asdict(r) for r in rows])
+    failed: list[dict] = []
+    gemm: dict[str, float] = {}
+    bar = Progress(len(cases) * len(counts), progress)
+    restore = torch.get_num_threads()
+    try:
+        for n in counts:
+            if n is not None:
+                torch.set_num_threads(n)
+            rate = gemm_gflops(device, amp or dtype)
+            gemm[str(n or "gpu")] = rate
+            for case in cases:
+                try:
+                    got = run_case(case, device, dtype, reps, compile_ref, amp, rate)
+                except Exception as exc:
+                    failed.append({"op": case.op, "case": case.name, "threads": n,
+                                   "error": f"{type(exc).__name__}: {exc}"[:500]})
+                    print(f"bench: {case.op} / {case.name} failed: {failed[-1]['error']}", file=sys.stderr)
+                    got = []
+                for r in got:
+                    r.threads = n
+                rows.extend(got)
+                bar.step(f"{case.op} {case.name}" + (f" ({n} thr)" if n else ""))
+    finally:
+        torch.set_num_threads(restore)
+    meta = metadata(device, dtype, amp, reps, heap)
+    if device.type == "cpu":
+        meta["threads"] = counts
+    return dict(meta, gemm_gflops=gemm, rows=[asdict(r) for r in rows], failed=failed)
 
 
 def metadata(device: torch.device, dtype: torch.dtype, amp: torch.dtype | None, reps: int,
@@ -338,8 +395,8 @@ def metadata(device: torch.device, dtype: torch.dtype, amp: torch.dtype | None, 
 def format_table(result: dict) -> str:
     wo = max([len(r["op"]) for r in result["rows"]] + [16]) + 2
     wc = max([len(r["case"]) for r in result["rows"]] + [42]) + 2
-    head = (f"{'op':<{wo}}{'case':<{wc}}{'pass':<9}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}"
-            f"{'x eager':>9}{'x compile':>10}{'GB/s':>8}{'% copy':>8}{'max err':>10}")
+    head = (f"{'op':<{wo}}{'case':<{wc}}{'pass':<9}{'thr':>4}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}"
+            f"{'x eager':>9}{'x compile':>10}{'GB/s':>8}{'% copy':>8}{'GFLOP/s':>9}{'% GEMM':>8}{'max err':>10}")
     amp = f", autocast {result['autocast']}" if result.get("autocast") else ""
     lines = [f"device: {result['device']} ({result['device_type']}, {result['dtype']}{amp}, "
              f"torch {result['torch']}, tokenmix {result['tokenmix']}, commit {result['commit']})",
@@ -349,15 +406,22 @@ def format_table(result: dict) -> str:
         xcomp = f"{r['speedup_vs_compiled']:.2f}" if r["speedup_vs_compiled"] else "-"
         gbps = f"{r['gbps']:.1f}" if r["gbps"] else "-"
         pct = f"{r['pct_of_copy']:.0f}%" if r["pct_of_copy"] else "-"
-        lines.append(f"{r['op']:<{wo}}{r['case']:<{wc}}{r['mode']:<9}{r['fused_ms']:>10.3f}"
+        gflops = f"{r['gflops']:.1f}" if r.get("gflops") else "-"
+        pgemm = f"{r['pct_of_gemm']:.0f}%" if r.get("pct_of_gemm") else "-"
+        thr = str(r.get("threads") or "-")
+        lines.append(f"{r['op']:<{wo}}{r['case']:<{wc}}{r['mode']:<9}{thr:>4}{r['fused_ms']:>10.3f}"
                      f"{r['eager_ms']:>10.3f}{comp:>11}{r['speedup_vs_eager']:>9.2f}{xcomp:>10}"
-                     f"{gbps:>8}{pct:>8}{r['max_abs_err']:>10.1e}"
+                     f"{gbps:>8}{pct:>8}{gflops:>9}{pgemm:>8}{r['max_abs_err']:>10.1e}"
                      + (f"   fused/floor {r['extra']['fused_over_floor']:.2f}"
                         if r.get("extra", {}).get("fused_over_floor") else "")
                      + (f"   saved for backward {r['extra']['saved_mb_fused']:.1f} MB vs eager "
                         f"{r['extra']['saved_mb_eager']:.1f} MB" if "saved_mb_fused" in r.get("extra", {}) else ""))
     lines.append("GB/s: the op's minimum memory traffic over its time; % copy: that against a tensor "
-                 "copy of the same bytes timed in the same rounds.")
+                 "copy of the same bytes timed in the same rounds. GFLOP/s: the op's arithmetic over its "
+                 "time; % GEMM: that against a square matrix product of the same dtype timed in the same "
+                 "run at the same thread count (" + ", ".join(
+                     f"{k} thr: {v:.0f}" if k != "gpu" else f"{v:.0f}"
+                     for k, v in result.get("gemm_gflops", {}).items()) + " GFLOP/s). thr: CPU threads.")
     return "\n".join(lines)
 
 
@@ -377,7 +441,7 @@ def write_chart(result: dict, path: str) -> bool:
     except ImportError:
         return False
     rows = result["rows"]
-    labels = [f"{r['op']}\n{r['mode']}" for r in rows]
+    labels = [f"{r['op']}\n{r['mode']}" + (f" {r['threads']}t" if r.get("threads") else "") for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
     w = 0.4

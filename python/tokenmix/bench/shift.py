@@ -63,7 +63,7 @@ def _maker(shapes: List[tuple], batch: int, grads: List[int]) -> Callable:
     return make
 
 
-def cases(batch: int) -> list[Case]:
+def cases(batch: int, device_type: str = "cpu") -> list[Case]:
     size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
     out = []
 
@@ -75,7 +75,7 @@ def cases(batch: int) -> list[Case]:
         "shift_linear", f"AS-MLP stage 1 shift+1x1 B={batch} {C}ch {hw}x{hw} shift{ss}", make,
         lambda x, w, b: tm.shift_linear(x, shifts, w, b, groups=sizes),
         lambda x, w, b: F.conv2d(_asmlp_shift(x, ss, 3), w, b),
-        floor=lambda x, w, b: F.conv2d(x, w, b)))
+        floor=lambda x, w, b: F.conv2d(x, w, b), flops_fwd=2 * n * C, flops_bwd=4 * n * C))
     make_x = _maker([((None, C, hw, hw), 1.0)], batch, [0])
     out.append(Case(
         "shift_tokens", f"AS-MLP stage 1 shift B={batch} {C}ch {hw}x{hw} shift{ss}", make_x,
@@ -105,7 +105,9 @@ def cases(batch: int) -> list[Case]:
 
         out.append(Case(
             "region_fold_linear", f"Hire-MLP {name} H branch B={batch} {C}ch {hw}x{hw} pixel{p} step{step}",
-            make, fused, eager, floor=floor, floor_backward=False))
+            make, fused, eager, floor=floor, floor_backward=False,
+            flops_fwd=2 * 2 * batch * G * hw * C * p * (C // 2),
+            flops_bwd=4 * 2 * batch * G * hw * C * p * (C // 2)))
 
         nx = batch * C * hw * hw
         make_x = _maker([((None, C, hw, hw), 1.0)], batch, [0])

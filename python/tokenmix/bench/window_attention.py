@@ -1,6 +1,7 @@
 """Benchmark cases of windowed attention at Swin-T shapes, against timm's eager path (roll,
 partition, attention with relative position bias and shift mask, reverse, roll) in its two
-flavours: explicit softmax and torch's scaled_dot_product_attention."""
+flavours: explicit softmax and torch's scaled_dot_product_attention; on CUDA also against
+FlexAttention (compiled) with a window block mask and the bias as a score_mod."""
 from __future__ import annotations
 
 from typing import List
@@ -54,6 +55,47 @@ def timm_window_attention(qkv, table, idx, mask, heads, window, shift, sdpa=Fals
     return o
 
 
+_FLEX = {}
+
+
+def flex_window_attention(qkv, table, idx, mask, heads, window, shift):
+    """The same attention through FlexAttention, as a user of it would write it: after the roll,
+    tokens in window-major order (each window's T tokens contiguous, so the block mask is nearly
+    block-diagonal), a mask_mod keeping pairs in the same window and shift region, and the relative
+    position bias as a score_mod. flex_attention is compiled once and the block mask built once per
+    shape, outside the timed call (as timm builds its mask at construction)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    d, T, L = C // heads, window * window, H * W
+    key = (H, W, window, shift, qkv.device)
+    if key not in _FLEX:
+        lab = region_labels(H, W, (window, window), (shift, shift), qkv.device)
+        lab = lab.view(H // window, window, W // window, window).transpose(1, 2).reshape(L)
+
+        def same_window_region(b, h, qi, ki):
+            return (qi // T == ki // T) & (lab[qi] == lab[ki])
+
+        _FLEX.setdefault("attend", torch.compile(flex_attention))
+        _FLEX[key] = create_block_mask(same_window_region, None, None, L, L, device=qkv.device)
+    rel = idx.view(T, T)
+
+    def bias(score, b, h, qi, ki):
+        return score + table[rel[qi % T, ki % T], h]
+
+    if shift:
+        qkv = torch.roll(qkv, (-shift, -shift), (1, 2))
+    x = qkv.view(B, H // window, window, W // window, window, 3, heads, d).permute(5, 0, 6, 1, 3, 2, 4, 7)
+    q, k, v = x.reshape(3, B, heads, L, d).unbind(0)
+    o = _FLEX["attend"](q, k, v, score_mod=bias, block_mask=_FLEX[key])
+    o = o.view(B, heads, H // window, W // window, window, window, d).permute(0, 2, 4, 3, 5, 1, 6)
+    o = o.reshape(B, H, W, C)
+    if shift:
+        o = torch.roll(o, (shift, shift), (1, 2))
+    return o
+
+
 def fused_window_attention(qkv, table, idx, mask, heads, window, shift):
     B, H, W, C3 = qkv.shape
     q, k, v = qkv.view(B, H, W, 3, heads, C3 // (3 * heads)).unbind(3)
@@ -85,7 +127,7 @@ def swin_model_case(batch: int) -> Case | None:
                 exact=lambda x: models["base"](x), heavy=True)
 
 
-def cases(batch: int) -> list[Case]:
+def cases(batch: int, device_type: str = "cpu") -> list[Case]:
     model = swin_model_case(batch)
     out = [model] if model is not None else []
     for stage, (H, heads, shift) in {"Swin-T stage 1": (56, 3, 3), "Swin-T stage 3": (14, 12, 3)}.items():
@@ -101,12 +143,24 @@ def cases(batch: int) -> list[Case]:
 
         name = f"{stage} B={batch} {H}x{H} {heads}x{d} w7 s{shift}"
         kw = dict(heads=heads, window=window, shift=shift)
+        # Q K^T and P V forward; backward recomputes S and computes dV, dP, dQ and dK: five
+        # products of 2 T^2 d FLOPs per window and head, B H W / T windows x heads of them.
+        product = 2 * batch * H * H * window * window * d * heads
+        flops = dict(flops_fwd=2 * product, flops_bwd=5 * product)
         out.append(Case("window_attention", name, make,
                         lambda *a, kw=kw: fused_window_attention(*a, **kw),
-                        lambda *a, kw=kw: timm_window_attention(*a, **kw)))
+                        lambda *a, kw=kw: timm_window_attention(*a, **kw), **flops))
         out.append(Case("window_attention", name + " vs SDPA", make,
                         lambda *a, kw=kw: fused_window_attention(*a, **kw),
-                        lambda *a, kw=kw: timm_window_attention(*a, sdpa=True, **kw)))
+                        lambda *a, kw=kw: timm_window_attention(*a, sdpa=True, **kw), **flops))
+        if device_type == "cuda":
+            out.append(Case("window_attention", name + " vs FlexAttention", make,
+                            lambda *a, kw=kw: fused_window_attention(*a, **kw),
+                            lambda *a, kw=kw: flex_window_attention(*a, **kw),
+                            exact=lambda *a, kw=kw: timm_window_attention(
+                                *[t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                  for t in a], **kw),
+                            compile_target=lambda *a, kw=kw: timm_window_attention(*a, **kw), **flops))
     return out
 
 
