@@ -10,7 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ["gnconv_strip_emulation.cpp", "deform_items_emulation.cpp", "deform_fused_emulation.cpp",
-            "window_index_emulation.cpp", "gather_emulation.cpp"]
+            "window_index_emulation.cpp", "gather_emulation.cpp",
+            "shift_emulation.cpp"]
 
 
 def _compiler() -> str | None:
