@@ -117,7 +117,7 @@ def full_table() -> str:
                  "(fused, eager and compiled interleaved); `% of copy BW` compares the op's "
                  "minimum memory traffic with a tensor copy of the same size timed in the same run; "
                  "`% of GEMM` compares the op's arithmetic rate with a square matrix product of the same "
-                 "dtype timed in the same run at the same thread count; `× floor` "
+                 "dtype timed in the same rounds; `× floor` "
                  "is fused time over the time of the case's compute floor (lower is better); the last column "
                  "is what autograd keeps alive between forward and backward (inputs included).")
     return "\n".join(lines)

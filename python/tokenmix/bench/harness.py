@@ -130,15 +130,14 @@ def time_interleaved(fns: dict[str, Callable], device: torch.device, reps: int,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def gemm_gflops(device: torch.device, dtype: torch.dtype, reps: int = 10) -> float:
-    """GFLOP/s of a square matrix product in `dtype` (fp64 stays fp64), the compute yardstick of
-    the compute-bound cases: 1024^3 on a CPU, 4096^3 on a GPU, median of `reps` calls."""
+def gemm_of(device: torch.device, dtype: torch.dtype) -> tuple[Callable, int]:
+    """A square matrix product in `dtype` and its FLOPs: the compute yardstick of a compute-bound
+    case, timed in the same rounds as the case (1024^3 on a CPU, 4096^3 on a GPU)."""
     n = 4096 if device.type == "cuda" else 1024
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
     c = torch.empty(n, n, device=device, dtype=dtype)
-    t = time_interleaved({"mm": lambda: torch.mm(a, b, out=c)}, device, reps)["mm"]
-    return 2 * n ** 3 / t / 1e9
+    return (lambda: torch.mm(a, b, out=c)), 2 * n ** 3
 
 
 def copy_of(nbytes: int, device: torch.device) -> Callable:
@@ -200,9 +199,10 @@ def under_autocast(fn: Callable, device: torch.device, amp: torch.dtype) -> Call
 
 
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
-             compile_ref: bool, amp: torch.dtype | None = None, gemm: float | None = None) -> list[Row]:
-    """Rows of one case (fwd, and fwd+bwd where it has a backward); `gemm`: the same-run GEMM
-    rate in GFLOP/s for the compute-bound share."""
+             compile_ref: bool, amp: torch.dtype | None = None) -> list[Row]:
+    """Rows of one case (fwd, and fwd+bwd where it has a backward). A memory-bound case times a
+    copy of its bytes in the same rounds, a compute-bound one a GEMM of its dtype."""
+    gemm = gemm_of(device, amp or dtype) if case.flops_fwd else None
     inputs, needs_grad = case.make(device, dtype)
     variants = {"fused": case.fused, "eager": case.eager}
     if compile_ref:
@@ -238,10 +238,12 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
         fns = {k: make_run(f) for k, f in variants.items() if k not in skip}
         if nbytes:
             fns["copy"] = copy_of(nbytes, device)
+        if gemm is not None:
+            fns["gemm"] = gemm[0]
         return time_interleaved(fns, device, reps, inner=inner)
 
     rows.append(_row(case, "fwd", timed(fwd, case.bytes_fwd(dtype)), err, case.bytes_fwd(dtype),
-                     case.flops_fwd, gemm))
+                     case.flops_fwd, gemm and gemm[1]))
     if case.backward:
         grad_inputs = [t.detach().requires_grad_() if any(t is n for n in needs_grad) else t
                        for t in inputs]
@@ -258,7 +260,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
         nbytes = case.bytes_fwd(dtype) + case.bytes_bwd(dtype)
         skip = () if case.floor_backward else ("floor",)
         row = _row(case, "fwd+bwd", timed(fwd_bwd, nbytes, skip), err, nbytes,
-                   case.flops_fwd + case.flops_bwd if case.flops_fwd else 0, gemm)
+                   case.flops_fwd + case.flops_bwd if case.flops_fwd else 0, gemm and gemm[1])
         # What each variant keeps alive for backward (inputs that are leaves included).
         for k in ("fused", "eager"):
             fn = variants[k]
@@ -268,7 +270,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, reps: int,
 
 
 def _row(case: Case, mode: str, t: dict[str, float], err: float, nbytes: int, flops: int = 0,
-         gemm: float | None = None) -> Row:
+         gemm_flops: int | None = None) -> Row:
     compiled = t.get("compiled")
     row = Row(op=case.op, case=case.name, mode=mode, fused_ms=t["fused"] * 1e3,
               eager_ms=t["eager"] * 1e3, compiled_ms=compiled * 1e3 if compiled else None,
@@ -283,8 +285,9 @@ def _row(case: Case, mode: str, t: dict[str, float], err: float, nbytes: int, fl
         row.pct_of_copy = 100.0 * t["copy"] / t["fused"]
     if flops:
         row.gflops = flops / t["fused"] / 1e9
-        if gemm:
-            row.pct_of_gemm = 100.0 * row.gflops / gemm
+        if gemm_flops:
+            row.extra["gemm_gflops"] = gemm_flops / t["gemm"] / 1e9
+            row.pct_of_gemm = 100.0 * row.gflops / row.extra["gemm_gflops"]
     return row
 
 
@@ -343,18 +346,15 @@ def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: i
     counts = list(dict.fromkeys(threads or [torch.get_num_threads()])) if device.type == "cpu" else [None]
     rows: list[Row] = []
     failed: list[dict] = []
-    gemm: dict[str, float] = {}
     bar = Progress(len(cases) * len(counts), progress)
     restore = torch.get_num_threads()
     try:
         for n in counts:
             if n is not None:
                 torch.set_num_threads(n)
-            rate = gemm_gflops(device, amp or dtype)
-            gemm[str(n or "gpu")] = rate
             for case in cases:
                 try:
-                    got = run_case(case, device, dtype, reps, compile_ref, amp, rate)
+                    got = run_case(case, device, dtype, reps, compile_ref, amp)
                 except Exception as exc:
                     failed.append({"op": case.op, "case": case.name, "threads": n,
                                    "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -369,7 +369,7 @@ def run(cases: Sequence[Case], device: torch.device, dtype: torch.dtype, reps: i
     meta = metadata(device, dtype, amp, reps, heap)
     if device.type == "cpu":
         meta["threads"] = counts
-    return dict(meta, gemm_gflops=gemm, rows=[asdict(r) for r in rows], failed=failed)
+    return dict(meta, rows=[asdict(r) for r in rows], failed=failed)
 
 
 def metadata(device: torch.device, dtype: torch.dtype, amp: torch.dtype | None, reps: int,
@@ -419,9 +419,7 @@ def format_table(result: dict) -> str:
     lines.append("GB/s: the op's minimum memory traffic over its time; % copy: that against a tensor "
                  "copy of the same bytes timed in the same rounds. GFLOP/s: the op's arithmetic over its "
                  "time; % GEMM: that against a square matrix product of the same dtype timed in the same "
-                 "run at the same thread count (" + ", ".join(
-                     f"{k} thr: {v:.0f}" if k != "gpu" else f"{v:.0f}"
-                     for k, v in result.get("gemm_gflops", {}).items()) + " GFLOP/s). thr: CPU threads.")
+                 "rounds. thr: CPU threads.")
     return "\n".join(lines)
 
 
