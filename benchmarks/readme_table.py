@@ -72,6 +72,17 @@ def roof(row: dict | None) -> str:
     return "–"
 
 
+def roofs(rows: list[dict] | None) -> str:
+    """roof() of a pass at each thread count, the unit written once: "48 / 60% copy"."""
+    cells = [roof(r) for r in rows or []]
+    if not cells or all(c == "–" for c in cells):
+        return "–"
+    units = {c.split("% ", 1)[1] for c in cells if "% " in c}
+    if len(units) == 1 and all("% " in c for c in cells):
+        return " / ".join(c.split("%", 1)[0] for c in cells) + "% " + units.pop()
+    return " / ".join(cells)
+
+
 def per_threads(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
     """rows grouped as {(op, case): {mode: [row at each thread count, in run order]}}."""
     out: dict[tuple, dict[str, list[dict]]] = {}
@@ -145,9 +156,8 @@ def summary_table() -> str:
             lines.append(f"| `{op}` | {case} | {dev} | {joined(f, 'fused_ms', '.3f')} | "
                          f"{joined(f, 'speedup_vs_eager')} | {joined(f, 'speedup_vs_compiled')} | "
                          f"{joined(fb, 'speedup_vs_eager')} | {joined(fb, 'speedup_vs_compiled')} | "
-                         f"{' / '.join(roof(x) for x in f) if f else '–'}"
-                         f"{'; ' + ' / '.join(roof(x) for x in fb) if fb else ''} | "
-                         f"{joined(f, 'extra.fused_over_floor')} |")
+                         f"{roofs(f)}{'; ' + roofs(fb) if fb else ''} | "
+                         f"{joined(f, 'extra.fused_over_floor') if any(x.get('extra', {}).get('fused_over_floor') for x in f or []) else '–'} |")
     lines.append("")
     lines.append(f"Source: {sources(list(chosen.values()))}; every pass, dtype and column in "
                  "[docs/performance.md](docs/performance.md). Where a CPU result ran at several thread "
