@@ -145,6 +145,18 @@ def seeded_randn(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float64)
     return torch.randn(*shape, generator=seeded(seed), dtype=dtype)
 
 
+def assert_channels_last_matches(model: torch.nn.Module, x: torch.Tensor, classes: int) -> torch.Tensor:
+    """An eval-mode model gives ``[B, classes]`` logits, and a channels_last copy of it on a
+    channels_last input the same ones. Returns the contiguous logits."""
+    import copy
+    with torch.no_grad():
+        a = model(x)
+        b = copy.deepcopy(model).to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    assert a.shape == (x.shape[0], classes)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    return a
+
+
 def state_shapes(mod: torch.nn.Module) -> dict:
     """``{key: shape}`` of a module's state_dict."""
     return {k: tuple(v.shape) for k, v in mod.state_dict().items()}

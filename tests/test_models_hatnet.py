@@ -8,7 +8,6 @@ at 64 x 32; the full HAT-Net-Tiny runs one fp32 forward at 224 x 224 and at 221 
 from __future__ import annotations
 
 import ast
-import copy
 import inspect
 import io
 
@@ -19,7 +18,8 @@ from torch import nn
 import tokenmix.models as models
 import tokenmix.models.hatnet as hatnet
 import tokenmix.reference.hatnet_official as official
-from conftest import check_against_oracle, seeded as _gen, seeded_randn as _x, state_shapes as _shapes
+from conftest import (assert_channels_last_matches, check_against_oracle, seeded as _gen, seeded_randn as _x,
+                      state_shapes as _shapes)
 from tokenmix.bench.shift_modules import randomise
 
 F64 = torch.float64
@@ -263,13 +263,9 @@ def test_hatnet_timm_channels_last_autocast():
     assert model.pretrained_cfg["input_size"] == (3, 224, 224) and model.pretrained_cfg["architecture"] == NAME
     randomise(model, _gen())
     x = _x(2, 3, 64, 64, dtype=torch.float32)
-    with torch.no_grad():
-        a = model(x)
-        b = copy.deepcopy(model).to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            c = model(x)
-    assert a.shape == (2, 10)
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    a = assert_channels_last_matches(model, x, 10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        c = model(x)
     assert c.dtype == torch.bfloat16
     torch.testing.assert_close(c.float(), a, rtol=0.1, atol=0.1 * a.abs().max().item())
 

@@ -20,7 +20,8 @@ from torch import nn
 
 import tokenmix.models as models
 import tokenmix.reference.hornet_official as official
-from conftest import check_against_oracle, seeded as _gen, seeded_randn as _x, state_shapes as _shapes
+from conftest import (assert_channels_last_matches, check_against_oracle, seeded as _gen, seeded_randn as _x,
+                      state_shapes as _shapes)
 from tokenmix.bench.shift_modules import randomise
 from tokenmix.nn import GlobalLocalFilter, GnConv
 from tokenmix.reference.gnconv import GnConv as EagerGnConv
@@ -217,12 +218,7 @@ def test_hornet_timm_and_channels_last(name):
     assert model.pretrained_cfg["input_size"] == (3, 224, 224) and model.pretrained_cfg["architecture"] == name
     with pytest.raises(FileNotFoundError, match="downloads nothing"):
         timm.create_model(name, pretrained=True)
-    x = torch.randn(2, 3, 64, 64, generator=_gen())
-    with torch.no_grad():
-        a = model(x)
-        b = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
-    assert a.shape == (2, 10)
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert_channels_last_matches(model, torch.randn(2, 3, 64, 64, generator=_gen()), 10)
 
 
 def test_library_does_not_import_the_oracle():

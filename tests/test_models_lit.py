@@ -23,7 +23,8 @@ import tokenmix.models as models
 import tokenmix.models.lit as lit
 import tokenmix.ops as tm
 import tokenmix.reference.lit_official as official
-from conftest import check_against_oracle, seeded as _gen, seeded_randn as _x, state_shapes as _shapes
+from conftest import (assert_channels_last_matches, check_against_oracle, seeded as _gen, seeded_randn as _x,
+                      state_shapes as _shapes)
 from tokenmix.bench.shift_modules import randomise
 from tokenmix.reference.deform_conv2d import deform_conv2d as deform_oracle
 
@@ -271,12 +272,7 @@ def test_lit_timm_and_channels_last():
     model = timm.create_model("lit_ti", num_classes=10, drop_path_rate=0.1, **SMALL).eval()
     assert isinstance(model, lit.LIT) and model.num_classes == 10
     assert model.pretrained_cfg["architecture"] == "lit_ti" and model.pretrained_cfg["file"] == "lit_ti.pth"
-    x = torch.randn(2, 3, 64, 64, generator=_gen())
-    with torch.no_grad():
-        a = model(x)
-        b = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
-    assert a.shape == (2, 10)
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert_channels_last_matches(model, torch.randn(2, 3, 64, 64, generator=_gen()), 10)
 
 
 def test_library_does_not_import_the_oracle():

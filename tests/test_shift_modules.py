@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 import tokenmix.reference.shift_official as official
-from conftest import check_against_oracle
+from conftest import assert_channels_last_matches, check_against_oracle
 from tokenmix.bench.shift_modules import randomise
 from tokenmix.nn import AxialShift, CycleFC, HireMLP, RaftTokenMixer
 from tokenmix.nn.shift import chunk_sizes
@@ -323,9 +323,4 @@ def test_hire_mlp_tiny_timm_and_channels_last():
     assert model.num_classes == 10 and model.pretrained_cfg["input_size"] == (3, 224, 224)
     with pytest.raises(FileNotFoundError, match="downloads nothing"):
         timm.create_model("hire_mlp_tiny", pretrained=True)
-    x = torch.randn(2, 3, 64, 64, generator=_gen())
-    with torch.no_grad():
-        a = model(x)
-        b = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
-    assert a.shape == (2, 10)
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert_channels_last_matches(model, torch.randn(2, 3, 64, 64, generator=_gen()), 10)

@@ -144,12 +144,13 @@ struct ImplicitGemm {
 // The columns k, k + 1, ... of one A row in order, each with its tap, channel and offset group,
 // found with one division for the whole run instead of three per column. `fresh` marks the
 // columns whose sample position differs from the previous one's (the first, a new tap, a new
-// offset group); the others reuse it.
-struct ColumnWalk {
-  int64_t k, tap, c, go, group_end, Cin, Cg;
+// offset group); the others reuse it. I: int64_t, or uint32_t where K < 2^31.
+template <typename I>
+struct ColumnWalkOf {
+  I k, tap, c, go, group_end, Cin, Cg;
   bool fresh;
 
-  TM_HOST_DEVICE ColumnWalk(int64_t k0, int64_t Cin_, int64_t Cg_)
+  TM_HOST_DEVICE ColumnWalkOf(I k0, I Cin_, I Cg_)
       : k(k0), tap(k0 / Cin_), c(k0 - (k0 / Cin_) * Cin_), go(0), group_end(0), Cin(Cin_), Cg(Cg_),
         fresh(true) {
     go = c / Cg;
@@ -172,7 +173,9 @@ struct ColumnWalk {
     }
   }
 };
-
+using ColumnWalk = ColumnWalkOf<int64_t>;
+// For runs of the fused kernel that cross a tap or offset-group boundary.
+using ColumnWalk32 = ColumnWalkOf<uint32_t>;
 // Offset/mask channel of tap `tap` of offset group go in image b: offset rows 2 ch (dy) and
 // 2 ch + 1 (dx), mask row ch, each of P pixels.
 TM_HOST_DEVICE int64_t offset_channel(int64_t G, int64_t kk, int64_t b, int64_t go, int64_t tap) {
@@ -284,35 +287,6 @@ TM_HOST_DEVICE RunColumns run_columns(uint32_t k, uint32_t Cin, uint32_t Cg, uin
   r.key = r.go * kk + r.tap;
   return r;
 }
-
-// ColumnWalk in 32-bit (K < 2^31), for runs that cross a tap or offset-group boundary.
-struct ColumnWalk32 {
-  uint32_t k, tap, c, go, group_end, Cin, Cg;
-  bool fresh;
-
-  TM_HOST_DEVICE ColumnWalk32(uint32_t k0, uint32_t Cin_, uint32_t Cg_)
-      : k(k0), tap(k0 / Cin_), c(k0 - (k0 / Cin_) * Cin_), go(0), group_end(0), Cin(Cin_), Cg(Cg_),
-        fresh(true) {
-    go = c / Cg;
-    group_end = (go + 1) * Cg;
-  }
-  TM_HOST_DEVICE void next() {
-    ++k;
-    ++c;
-    fresh = false;
-    if (c == Cin) {
-      c = 0;
-      ++tap;
-      go = 0;
-      group_end = Cg;
-      fresh = true;
-    } else if (c == group_end) {
-      ++go;
-      group_end += Cg;
-      fresh = true;
-    }
-  }
-};
 
 // The flat index of corner (y0, x0) from a corners() result, so that every valid corner k sits at
 // corner_base + (k / 2) * W + k % 2: a kernel then addresses a plane's four corners from one base

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmix.models import init_transformer_weights
 from tokenmix.nn.shift import DropPath as _DropPath  # stochastic depth: the same as timm's
 
 __all__ = ["batch_index_select", "Mlp", "Attention", "Block", "PatchEmbed", "PredictorLG",
@@ -194,16 +195,7 @@ class VisionTransformerDiffPruning(nn.Module):
         self.token_ratio = token_ratio
         nn.init.trunc_normal_(self.pos_embed, std=.02)
         nn.init.trunc_normal_(self.cls_token, std=.02)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_transformer_weights)  # the official _init_weights
 
     def forward(self, x):
         B = x.shape[0]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from tokenmix.models import init_transformer_weights
 from tokenmix.nn.shift import DropPath as _DropPath  # stochastic depth: the same as timm's
 from tokenmix.reference.deform_conv2d import deform_conv2d
 
@@ -232,16 +233,7 @@ class LIT(nn.Module):
 
         for p in (self.pos_embed1, self.pos_embed2, self.pos_embed3, self.pos_embed4, self.cls_token):
             nn.init.trunc_normal_(p, std=.02)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_transformer_weights)  # the official _init_weights
 
     def no_weight_decay(self):
         return {'cls_token'}
