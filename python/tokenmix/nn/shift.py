@@ -189,15 +189,23 @@ class HireMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C = x.shape[0], x.shape[1]
-        if self.fused and self.fusable:
-            h, w = self._forward_fused(x)
-        else:
-            h, w = self._forward_eager(x)
+        fused = self.fused and self.fusable
+        h, w = self._forward_fused(x) if fused else self._forward_eager(x)
         c = self.mlp_c(x)
-        a = (h + w + c).flatten(2).mean(2)[:, :, None, None]
-        # Split attention: a softmax over the three branches, per channel.
+        # Split attention: a softmax over the three branches, per channel. Fused, the mean of the
+        # sum is the sum of the means and the weighted sum accumulates into one buffer: 8 reads
+        # and 3 writes of a [B, C, H, W] tensor instead of 12 and 7 (the same values up to
+        # rounding).
+        if fused:
+            a = (h.mean((2, 3)) + w.mean((2, 3)) + c.mean((2, 3)))[:, :, None, None]
+        else:
+            a = (h + w + c).flatten(2).mean(2)[:, :, None, None]
         a = self.reweight(a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, :, None, None]
-        return self.proj_drop(self.proj(h * a[0] + w * a[1] + c * a[2]))
+        if fused:
+            mixed = (c * a[2]).addcmul_(h, a[0]).addcmul_(w, a[1])
+        else:
+            mixed = h * a[0] + w * a[1] + c * a[2]
+        return self.proj_drop(self.proj(mixed))
 
     def extra_repr(self) -> str:
         return (f"dim={self.mlp_c.in_channels}, pixel={self.pixel}, step={self.step}, "
