@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -40,13 +41,31 @@ def _load(kind: str) -> list[dict]:
     return out
 
 
+def merged(kind: str, key: Callable[[dict], tuple]) -> list[dict]:
+    """Per key(result), the newest run of every case: the newest file that ran every case (no
+    ``selection``) with the newer files that reran a selection of cases on top, a newer row
+    replacing the row of the same (op, case, mode, threads). The merged result keeps the newest
+    file's metadata; each row records the date and file it comes from (``_date``, ``_file``),
+    ``_files`` all of them. Files older than the newest full run are not read."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in sorted(_load(kind), key=lambda r: (r["date"], r["_file"])):
+        groups.setdefault(key(r), []).append(r)
+    out = []
+    for runs in groups.values():
+        full = [i for i, r in enumerate(runs) if not r.get("selection")]
+        rows: dict[tuple, dict] = {}
+        for r in runs[full[-1] if full else 0:]:
+            for row in r["rows"]:
+                rows[(row["op"], row["case"], row["mode"], row.get("threads"))] = dict(
+                    row, _date=r["date"], _file=r["_file"])
+        files = sorted({row["_file"] for row in rows.values()})
+        out.append(dict(runs[-1], rows=list(rows.values()), _files=files,
+                        date=max(row["_date"] for row in rows.values()) if rows else runs[-1]["date"]))
+    return sorted(out, key=lambda r: (r["device_type"], r["device"], r["dtype"]))
+
+
 def latest_results() -> list[dict]:
-    newest: dict[tuple, dict] = {}
-    for r in _load("benchmark"):
-        key = (r["device"], r["device_type"], r["dtype"], r.get("autocast"))
-        if key not in newest or (r["date"], r["_file"]) > (newest[key]["date"], newest[key]["_file"]):
-            newest[key] = r
-    return sorted(newest.values(), key=lambda r: (r["device_type"], r["device"], r["dtype"]))
+    return merged("benchmark", lambda r: (r["device"], r["device_type"], r["dtype"], r.get("autocast")))
 
 
 def fmt(x, spec: str, suffix: str = "") -> str:
@@ -99,13 +118,13 @@ def joined(rows: list[dict] | None, key: str, spec: str = ".2f") -> str:
     return " / ".join(fmt(get(r), spec) for r in rows)
 
 
-def where(r: dict) -> str:
+def where(r: dict, row: dict) -> str:
     amp = f", autocast {r['autocast']}" if r.get("autocast") else ""
-    return f"{r['device']} ({r['dtype']}{amp}, {r['date']})"
+    return f"{r['device']} ({r['dtype']}{amp}, {row.get('_date', r['date'])})"
 
 
 def sources(results: list[dict]) -> str:
-    return ", ".join(f"`{r['_file']}`" for r in results) or "no results yet"
+    return ", ".join(f"`{f}`" for r in results for f in r.get("_files", [r["_file"]])) or "no results yet"
 
 
 def full_table() -> str:
@@ -116,7 +135,7 @@ def full_table() -> str:
     results = latest_results()
     for r in results:
         for row in r["rows"]:
-            lines.append(f"| `{row['op']}` | {row['case']} | {row['mode']} | {where(r)} | "
+            lines.append(f"| `{row['op']}` | {row['case']} | {row['mode']} | {where(r, row)} | "
                          f"{fmt(row.get('threads'), 'd')} | "
                          f"{row['fused_ms']:.3f} | {row['speedup_vs_eager']:.2f} | "
                          f"{fmt(row['speedup_vs_compiled'], '.2f')} | "
@@ -150,9 +169,10 @@ def summary_table() -> str:
     for r in chosen.values():
         counts = r.get("threads")
         counts = " / ".join(map(str, counts)) if isinstance(counts, list) else counts
-        dev = f"{r['device']} ({r['dtype']}" + (f", {counts} thr" if counts else "") + f", {r['date']})"
         for (op, case), p in per_threads(r["rows"]).items():
             f, fb = p.get("fwd"), p.get("fwd+bwd")
+            date = (f or fb)[0].get("_date", r["date"])
+            dev = f"{r['device']} ({r['dtype']}" + (f", {counts} thr" if counts else "") + f", {date})"
             lines.append(f"| `{op}` | {case} | {dev} | {joined(f, 'fused_ms', '.3f')} | "
                          f"{joined(f, 'speedup_vs_eager')} | {joined(f, 'speedup_vs_compiled')} | "
                          f"{joined(fb, 'speedup_vs_eager')} | {joined(fb, 'speedup_vs_compiled')} | "
@@ -200,23 +220,18 @@ def validation_table() -> str:
 def models_table() -> str:
     """The reference backbones end to end (``bench --models`` results): for each (device, dtype,
     autocast, batch) the newest file, one row per model."""
-    newest: dict[tuple, dict] = {}
-    for r in _load("models"):
-        key = (r["device"], r["device_type"], r["dtype"], r.get("autocast"), r["batch"])
-        if key not in newest or (r["date"], r["_file"]) > (newest[key]["date"], newest[key]["_file"]):
-            newest[key] = r
-    results = sorted(newest.values(), key=lambda r: (r["device_type"], r["device"], r["dtype"]))
+    results = merged("models", lambda r: (r["device"], r["device_type"], r["dtype"], r.get("autocast"), r["batch"]))
     lines = ["| model | device (dtype, batch, date) | fwd img/s | fwd × unfused | fwd × compile "
              "| fwd+bwd img/s | fwd+bwd × unfused | fwd+bwd × compile | time in tokenmix ops (fwd / fwd+bwd) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         amp = f", autocast {r['autocast']}" if r.get("autocast") else ""
-        dev = f"{r['device']} ({r['dtype']}{amp}, B={r['batch']}, {r['date']})"
         passes: dict[str, dict] = {}
         for row in r["rows"]:
             passes.setdefault(row["op"].replace(" (model)", ""), {})[row["mode"]] = row
         for name, p in passes.items():
             f, fb = p.get("fwd"), p.get("fwd+bwd")
+            dev = f"{r['device']} ({r['dtype']}{amp}, B={r['batch']}, {(f or fb).get('_date', r['date'])})"
             lines.append(f"| `{name}` | {dev} | {fmt(f and f['extra']['images_per_s_fused'], '.1f')} | "
                          f"{fmt(f and f['speedup_vs_eager'], '.2f')} | {fmt(f and f['speedup_vs_compiled'], '.2f')} | "
                          f"{fmt(fb and fb['extra']['images_per_s_fused'], '.1f')} | "

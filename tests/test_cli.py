@@ -92,3 +92,31 @@ def test_bench_amp_times_every_variant_under_autocast(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["autocast"] == "bfloat16" and result["dtype"] == "float32"
     assert {r["op"] for r in result["rows"]} == {"policy_softmax", "gather_tokens"}
+
+
+def test_readme_tables_merge_a_partial_rerun(tmp_path, monkeypatch):
+    """A rerun of some cases (``selection``) replaces just their rows; files older than the newest
+    full run are not read."""
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("readme_table", os.path.join(root, "benchmarks", "readme_table.py"))
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    monkeypatch.setattr(rt, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(rt, "ROOT", str(tmp_path))
+
+    def result(date, cases, selection=None):
+        rows = [{"op": "op", "case": c, "mode": "fwd", "threads": 1, "fused_ms": ms} for c, ms in cases]
+        return {"device": "cpu0", "device_type": "cpu", "dtype": "float32", "autocast": None, "date": date,
+                "rows": rows, "selection": selection}
+
+    files = {"a.json": result("2026-01-01", [("stale", 9.0), ("x", 9.0)]),
+             "b.json": result("2026-01-02", [("x", 1.0), ("y", 2.0)]),
+             "c.json": result("2026-01-03", [("y", 3.0)], selection=["op"])}
+    for name, r in files.items():
+        (tmp_path / name).write_text(json.dumps(r))
+    (merged,) = rt.latest_results()
+    assert [(row["case"], row["fused_ms"], row["_date"]) for row in merged["rows"]] == [
+        ("x", 1.0, "2026-01-02"), ("y", 3.0, "2026-01-03")]
+    assert merged["_files"] == ["b.json", "c.json"]

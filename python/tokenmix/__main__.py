@@ -107,6 +107,8 @@ def cmd_bench(args) -> int:
     cases = bench.select_cases(args.ops, device.type, quick=getattr(args, "quick", False))
     result = bench.run(cases, device, dtype, reps=args.reps, compile_ref=not args.no_compile,
                        progress=not args.quiet, amp=amp, threads=_thread_counts(args.threads))
+    # A rerun of some ops: the README's tables keep the other cases' rows from earlier files.
+    result["selection"] = sorted(args.ops) if args.ops else None
     print(bench.format_table(result))
     if args.out:
         bench.write_json(result, args.out)
@@ -145,6 +147,8 @@ def _bench_models(args, device: torch.device, dtype: torch.dtype, amp) -> int:
     batch = args.batch or (8 if device.type == "cpu" else 64)
     result = run_models(names, device, dtype, batch, reps=args.reps, compile_ref=not args.no_compile,
                         progress=not args.quiet, amp=amp)
+    # A rerun of some models: the README's table keeps the other models' rows from earlier files.
+    result["selection"] = sorted(args.ops) if args.ops else None
     print(format_models_table(result))
     if args.out:
         harness.write_json(result, args.out)
