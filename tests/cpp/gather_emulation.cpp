@@ -3,8 +3,12 @@
 // thread layout (row_tiling / row_slot, full tiles and the tail, with grids capped below the work
 // so the grid-stride loops run), the shared-memory tiles of the inverse map (tile_offset), the
 // index range check (index_in_range) and the staged-key ranks of topk (count_before, in chunks,
-// with the early stop at k). Each is compared with its plain definition. Exit status 0 on success.
+// with the early stop at k), and policy_softmax's forward, backward and policy-gradient reduce
+// (policy_tile, policy_elem_at, policy_partial_at, the formulas, in double) against the chain
+// rule of DynamicViT's softmax_with_policy. Each is compared with its plain definition. Exit
+// status 0 on success.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -229,6 +233,356 @@ void topk_cases(std::mt19937_64& rng) {
   }
 }
 
+// ---- policy_softmax ----------------------------------------------------------------------------
+// gather_cuda.cu's launch constants: kThreads, kWarp, kPolicyBatch.
+constexpr int kEmuThreads = 256, kEmuWarp = 32, kEmuBatch = 4;
+
+int64_t grid_dim(int64_t n, int64_t limit) { return n < 1 ? 1 : std::min(n, limit); }
+
+double max_nan(double a, double b) { return (b > a || b != b) ? b : a; }
+
+struct PolicyCase {
+  int64_t B, H, N;
+  double eps;
+  std::vector<double> l, g, P;  // [B, H, N, N], [B, H, N, N], [B, N]
+};
+
+PolicyCase policy_case(std::mt19937_64& rng, int64_t B, int64_t H, int64_t N, double eps,
+                       bool ties) {
+  PolicyCase c{B, H, N, eps, {}, {}, {}};
+  std::normal_distribution<double> normal(0.0, 2.0);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  c.l.resize(static_cast<size_t>(B * H * N * N));
+  c.g.resize(c.l.size());
+  c.P.resize(static_cast<size_t>(B * N));
+  for (auto& x : c.l) x = ties ? static_cast<double>(rng() % 3) : normal(rng);
+  for (auto& x : c.g) x = normal(rng);
+  for (auto& x : c.P) {
+    const uint64_t k = rng() % 4;
+    x = k == 0 ? 0.0 : (k == 1 ? 1.0 : unit(rng));
+  }
+  return c;
+}
+
+// DynamicViT's softmax_with_policy for row (bh, i): attn_policy = P + (1 - P) * eye, the
+// max-subtracted exp weighted by it, normalised as (a + eps / N) / (sum a + eps).
+struct RefRow {
+  std::vector<double> e, w, a;
+  double S, D;
+  int64_t kstar;
+};
+
+RefRow ref_row(const PolicyCase& c, int64_t bh, int64_t i) {
+  const int64_t N = c.N, b = bh / c.H;
+  const double* l = &c.l[static_cast<size_t>((bh * N + i) * N)];
+  RefRow r{std::vector<double>(N), std::vector<double>(N), std::vector<double>(N), 0, 0, 0};
+  for (int64_t j = 1; j < N; ++j) r.kstar = l[j] > l[r.kstar] ? j : r.kstar;
+  for (int64_t j = 0; j < N; ++j) {
+    const double p = c.P[static_cast<size_t>(b * N + j)];
+    r.w[j] = p + (1.0 - p) * (j == i ? 1.0 : 0.0);
+    r.e[j] = std::exp(l[j] - l[r.kstar]);
+    r.a[j] = r.e[j] * r.w[j];
+    r.S += r.a[j];
+  }
+  r.D = r.S + c.eps;
+  return r;
+}
+
+std::vector<double> ref_forward(const PolicyCase& c) {
+  const int64_t N = c.N;
+  std::vector<double> out(c.l.size());
+  for (int64_t bh = 0; bh < c.B * c.H; ++bh) {
+    for (int64_t i = 0; i < N; ++i) {
+      const RefRow r = ref_row(c, bh, i);
+      for (int64_t j = 0; j < N; ++j) out[(bh * N + i) * N + j] = (r.a[j] + c.eps / N) / r.D;
+    }
+  }
+  return out;
+}
+
+// The chain rule through every out_j of every row, the max m attributed to its first position
+// (torch.max's index): d a_j / d l_k = a_j ([j == k] - [k == k*]), d a_j / d P_k = [j == k] e_k
+// for k != i (w_ii = P + 1 - P does not depend on P).
+void ref_backward(const PolicyCase& c, std::vector<double>& dl, std::vector<double>& dP) {
+  const int64_t N = c.N;
+  dl.assign(c.l.size(), 0.0);
+  dP.assign(c.P.size(), 0.0);
+  for (int64_t bh = 0; bh < c.B * c.H; ++bh) {
+    const int64_t b = bh / c.H;
+    for (int64_t i = 0; i < N; ++i) {
+      const RefRow r = ref_row(c, bh, i);
+      const double* g = &c.g[static_cast<size_t>((bh * N + i) * N)];
+      for (int64_t k = 0; k < N; ++k) {
+        const double star = k == r.kstar ? 1.0 : 0.0;
+        const double dS = r.a[k] - star * r.S;
+        double sl = 0, sp = 0;
+        for (int64_t j = 0; j < N; ++j) {
+          const double da = r.a[j] * ((j == k ? 1.0 : 0.0) - star);
+          const double out = (r.a[j] + c.eps / N) / r.D;
+          sl += g[j] * (da / r.D - out / r.D * dS);
+          sp += g[j] * ((j == k ? r.e[k] : 0.0) / r.D - out / r.D * r.e[k]);
+        }
+        dl[(bh * N + i) * N + k] = sl;
+        if (k != i) dP[b * N + k] += sp;
+      }
+    }
+  }
+}
+
+int64_t mismatches(const std::vector<double>& got, const std::vector<double>& want, double tol) {
+  double scale = 0;
+  for (double x : want) scale = std::max(scale, std::fabs(x));
+  int64_t bad = 0;
+  for (size_t t = 0; t < got.size(); ++t) {
+    const double d = std::fabs(got[t] - want[t]);
+    bad += !(d <= tol * std::max(std::fabs(want[t]), 1e-6 * scale));
+  }
+  return bad;
+}
+
+// The reference itself against central differences of ref_forward (no ties: m is smooth there).
+void reference_check(std::mt19937_64& rng) {
+  PolicyCase c = policy_case(rng, 2, 2, 5, 1e-2, false);
+  std::vector<double> dl, dP;
+  ref_backward(c, dl, dP);
+  auto loss = [&]() {
+    const std::vector<double> out = ref_forward(c);
+    double s = 0;
+    for (size_t t = 0; t < out.size(); ++t) s += c.g[t] * out[t];
+    return s;
+  };
+  const double h = 1e-6;
+  int64_t bad = 0;
+  auto diff = [&](double& x, double want) {
+    const double x0 = x;
+    x = x0 + h;
+    const double up = loss();
+    x = x0 - h;
+    const double down = loss();
+    x = x0;
+    bad += !(std::fabs((up - down) / (2 * h) - want) <= 1e-6 * (1 + std::fabs(want)));
+  };
+  for (size_t t = 0; t < c.l.size(); ++t) diff(c.l[t], dl[t]);
+  for (size_t t = 0; t < c.P.size(); ++t) diff(c.P[t], dP[t]);
+  expect(bad == 0, "policy reference vs finite differences", c.N, bad, 0);
+}
+
+// policy_forward_kernel: a warp per row (b, h, i), grid (row tiles, H, B) capped at (gx, gy, gz).
+void policy_forward_emulation(const PolicyCase& c, int64_t gx, int64_t gy, int64_t gz) {
+  const int64_t N = c.N, warps = kEmuThreads / kEmuWarp;
+  const int64_t grid_x = grid_dim((N + warps - 1) / warps, gx);
+  const int64_t grid_y = grid_dim(c.H, gy), grid_z = grid_dim(c.B, gz);
+  std::vector<double> out(c.l.size(), NAN);
+  std::vector<int> writes(c.l.size(), 0);
+  const double eps_n = c.eps / static_cast<double>(N);
+  for (int64_t bz = 0; bz < grid_z; ++bz)
+    for (int64_t by = 0; by < grid_y; ++by)
+      for (int64_t bx = 0; bx < grid_x; ++bx)
+        for (int64_t warp = 0; warp < warps; ++warp)
+          for (int64_t b = bz; b < c.B; b += grid_z)
+            for (int64_t h = by; h < c.H; h += grid_y)
+              for (int64_t i = bx * warps + warp; i < N; i += grid_x * warps) {
+                const int64_t row = (b * c.H + h) * N + i;
+                const double* l = &c.l[static_cast<size_t>(row * N)];
+                const double* P = &c.P[static_cast<size_t>(b * N)];
+                double m = -INFINITY, s = 0;
+                for (int lane = 0; lane < kEmuWarp; ++lane)
+                  for (int64_t j = lane; j < N; j += kEmuWarp) m = max_nan(m, l[j]);
+                for (int lane = 0; lane < kEmuWarp; ++lane)
+                  for (int64_t j = lane; j < N; j += kEmuWarp)
+                    s += std::exp(l[j] - m) * gt::policy_weight(P[j], j == i);
+                const double denom = s + c.eps;
+                for (int lane = 0; lane < kEmuWarp; ++lane)
+                  for (int64_t j = lane; j < N; j += kEmuWarp) {
+                    const double a = std::exp(l[j] - m) * gt::policy_weight(P[j], j == i);
+                    out[row * N + j] = gt::policy_out(a, eps_n, denom);
+                    ++writes[row * N + j];
+                  }
+              }
+  int64_t wrong = 0;
+  for (int x : writes) wrong += x != 1;
+  expect(wrong == 0, "policy forward covers each element once", N, gx, wrong);
+  const int64_t bad = mismatches(out, ref_forward(c), 1e-9);
+  expect(bad == 0, "policy forward vs reference", c.B * 1000 + c.H, N, bad);
+}
+
+// policy_backward_kernel then policy_reduce_kernel, grids capped at (gx, gy, gz): per block and
+// tile, the row statistics one row per warp into the shared arrays, then each thread's columns
+// j walking the tile's rows kEmuBatch at a time; the reduce summing partial[b, :, :, j] in
+// (h, chunk) order. Checks every index against its plain definition and the result against
+// ref_backward.
+void policy_backward_emulation(const PolicyCase& c, int64_t gx, int64_t gy, int64_t gz) {
+  const int64_t B = c.B, H = c.H, N = c.N, R = gt::kPolicyRowsPerChunk;
+  const int warps = kEmuThreads / kEmuWarp;
+  const int64_t chunks = gt::policy_chunks(N);
+  const int64_t grid_x = grid_dim(chunks, gx), grid_y = grid_dim(H, gy), grid_z = grid_dim(B, gz);
+  const double eps_n = c.eps / static_cast<double>(N);
+  const size_t elems = c.l.size(), parts = static_cast<size_t>(B * H * chunks * N);
+  std::vector<double> dl(elems, NAN), partial(parts, NAN), dP(c.P.size(), NAN);
+  std::vector<int> dl_writes(elems, 0), loads(elems, 0), stats(static_cast<size_t>(B * H * N), 0);
+  std::vector<int> part_writes(parts, 0), part_reads(parts, 0), dp_writes(c.P.size(), 0);
+  int64_t bad_index = 0, bad_order = 0, bad_tile = 0;
+  expect(chunks * R >= N && (chunks - 1) * R < N, "policy_chunks", N, chunks, 0);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const gt::PolicyTile t = gt::policy_tile(chunk, N);
+    bad_tile += t.i0 != chunk * R || t.rows < 1 || t.rows > R || t.i0 + t.rows > N;
+    if (chunk + 1 < chunks) bad_tile += t.i0 + t.rows != gt::policy_tile(chunk + 1, N).i0;
+    if (chunk + 1 == chunks) bad_tile += t.i0 + t.rows != N;
+  }
+  for (int64_t bz = 0; bz < grid_z; ++bz)
+    for (int64_t by = 0; by < grid_y; ++by)
+      for (int64_t bx = 0; bx < grid_x; ++bx)
+        for (int64_t b = bz; b < B; b += grid_z) {
+          const double* P = &c.P[static_cast<size_t>(b * N)];
+          for (int64_t h = by; h < H; h += grid_y) {
+            const int64_t bh = b * H + h;
+            for (int64_t chunk = bx; chunk < chunks; chunk += grid_x) {
+              const auto [i0, rows] = gt::policy_tile(chunk, N);
+              double st_m[64], st_denom[64], st_r[64], st_max_grad[64];
+              long long st_arg[64];
+              for (int warp = 0; warp < warps; ++warp)
+                for (int ii = warp; ii < rows; ii += warps) {
+                  const int64_t i = i0 + ii;
+                  const int64_t base = gt::policy_elem_at(bh, N, i, 0);
+                  const bool ok = ii < R && i < N && base == ((b * H + h) * N + i) * N;
+                  bad_index += !ok;
+                  if (!ok) continue;
+                  ++stats[bh * N + i];
+                  const double* l = &c.l[static_cast<size_t>(base)];
+                  const double* g = &c.g[static_cast<size_t>(base)];
+                  double m = -INFINITY;
+                  for (int lane = 0; lane < kEmuWarp; ++lane)
+                    for (int64_t j = lane; j < N; j += kEmuWarp) m = max_nan(m, l[j]);
+                  long long arg = LLONG_MAX;
+                  double s = 0, sum_g_a = 0, sum_g = 0;
+                  for (int lane = 0; lane < kEmuWarp; ++lane) {
+                    long long lane_arg = LLONG_MAX;
+                    for (int64_t j = lane; j < N; j += kEmuWarp) {
+                      if (l[j] == m && lane_arg == LLONG_MAX) lane_arg = j;
+                      const double a = std::exp(l[j] - m) * gt::policy_weight(P[j], j == i);
+                      s += a;
+                      sum_g_a += g[j] * a;
+                      sum_g += g[j];
+                    }
+                    arg = std::min(arg, lane_arg);
+                  }
+                  const double denom = s + c.eps;
+                  const double r = (sum_g_a + eps_n * sum_g) / denom;
+                  st_m[ii] = m;
+                  st_denom[ii] = denom;
+                  st_r[ii] = r;
+                  st_max_grad[ii] = gt::policy_max_grad(sum_g_a, r, s, denom);
+                  st_arg[ii] = arg;
+                }
+              for (int t = 0; t < kEmuThreads; ++t)
+                for (int64_t j = t; j < N; j += kEmuThreads) {
+                  const double Pj = P[j];
+                  double dp = 0;
+                  int64_t last = -1;
+                  for (int ii0 = 0; ii0 < rows; ii0 += kEmuBatch) {
+                    double lv[kEmuBatch], gv[kEmuBatch];
+                    for (int q = 0; q < kEmuBatch; ++q) {
+                      const int64_t at = gt::policy_elem_at(bh, N, i0 + ii0 + q, j);
+                      const bool in = ii0 + q < rows;
+                      if (in) {
+                        bad_index += at != ((b * H + h) * N + i0 + ii0 + q) * N + j ||
+                                     at < 0 || at >= static_cast<int64_t>(elems);
+                        if (at < 0 || at >= static_cast<int64_t>(elems)) continue;
+                        ++loads[at];
+                      }
+                      lv[q] = in ? c.l[at] : 0.0;
+                      gv[q] = in ? c.g[at] : 0.0;
+                    }
+                    for (int q = 0; q < kEmuBatch; ++q) {
+                      const int ii = ii0 + q;
+                      if (ii >= rows || ii >= R) continue;
+                      const int64_t i = i0 + ii;
+                      bad_order += i <= last;
+                      last = i;
+                      const double e = std::exp(lv[q] - st_m[ii]);
+                      const double ga = gt::policy_grad_a(gv[q], st_r[ii], st_denom[ii]);
+                      double d = ga * e * gt::policy_weight(Pj, j == i);
+                      if (j == st_arg[ii]) d -= st_max_grad[ii];
+                      const int64_t w = gt::policy_elem_at(bh, N, i, j);
+                      if (w < 0 || w >= static_cast<int64_t>(elems)) continue;
+                      dl[w] = d;
+                      ++dl_writes[w];
+                      if (j != i) dp += ga * e;
+                    }
+                  }
+                  const int64_t pa = gt::policy_partial_at(bh, chunks, chunk, N, j);
+                  bad_index += pa != ((b * H + h) * chunks + chunk) * N + j || pa < 0 ||
+                               pa >= static_cast<int64_t>(parts);
+                  if (pa < 0 || pa >= static_cast<int64_t>(parts)) continue;
+                  partial[pa] = dp;
+                  ++part_writes[pa];
+                }
+            }
+          }
+        }
+  // policy_reduce_kernel: grid (column tiles of kEmuThreads, B).
+  const int64_t per_b = H * gt::policy_chunks(N);
+  const int64_t rx = grid_dim((N + kEmuThreads - 1) / kEmuThreads, gx), ry = grid_dim(B, gy);
+  for (int64_t by = 0; by < ry; ++by)
+    for (int64_t bx = 0; bx < rx; ++bx)
+      for (int t = 0; t < kEmuThreads; ++t)
+        for (int64_t b = by; b < B; b += ry)
+          for (int64_t j = bx * kEmuThreads + t; j < N; j += rx * kEmuThreads) {
+            const int64_t src = b * per_b * N + j;
+            double s = 0;
+            for (int64_t cc = 0; cc < per_b; ++cc) {
+              const int64_t at = src + cc * N;
+              // Reads in (h, chunk) order: the cc-th is the partial of h = cc / chunks.
+              bad_index += at != gt::policy_partial_at(b * H + cc / chunks, chunks, cc % chunks,
+                                                       N, j);
+              if (at < 0 || at >= static_cast<int64_t>(parts)) {
+                ++bad_index;
+                continue;
+              }
+              ++part_reads[at];
+              s += partial[at];
+            }
+            dP[b * N + j] = s;
+            ++dp_writes[b * N + j];
+          }
+  int64_t wrong = 0;
+  for (size_t t = 0; t < elems; ++t) wrong += dl_writes[t] != 1 || loads[t] != 1;
+  for (size_t t = 0; t < parts; ++t) wrong += part_writes[t] != 1 || part_reads[t] != 1;
+  for (int x : stats) wrong += x != 1;
+  for (int x : dp_writes) wrong += x != 1;
+  const long long key = (B * 100 + H) * 1000 + N;
+  expect(wrong == 0, "policy backward covers each element/partial once", key, gx, wrong);
+  expect(bad_index == 0, "policy backward indices", key, gx, bad_index);
+  expect(bad_order == 0, "policy backward rows ascending per column", key, gx, bad_order);
+  expect(bad_tile == 0, "policy tiles", key, chunks, bad_tile);
+  std::vector<double> want_dl, want_dP;
+  ref_backward(c, want_dl, want_dP);
+  const int64_t bad_dl = mismatches(dl, want_dl, 1e-9), bad_dP = mismatches(dP, want_dP, 1e-9);
+  expect(bad_dl == 0, "policy grad_logits vs reference", key, gx, bad_dl);
+  expect(bad_dP == 0, "policy grad_policy vs reference", key, gx, bad_dP);
+}
+
+void policy_cases(std::mt19937_64& rng) {
+  reference_check(rng);
+  struct Shape {
+    int64_t B, H, N;
+  };
+  const Shape shapes[] = {{1, 1, 1},  {2, 3, 1},  {1, 2, 2},  {2, 2, 5},   {1, 3, 31},
+                          {2, 1, 32}, {1, 2, 33}, {2, 2, 35}, {1, 1, 38},  {1, 2, 63},
+                          {1, 1, 64}, {2, 1, 65}, {1, 2, 97}, {1, 1, 197}, {1, 1, 258}};
+  const int64_t grids[][3] = {{INT32_MAX, 65535, 65535}, {1, 1, 1}, {2, 2, 1}, {3, 1, 2}};
+  for (const Shape& sh : shapes) {
+    for (int v = 0; v < 2; ++v) {
+      const PolicyCase c = policy_case(rng, sh.B, sh.H, sh.N, v ? 1e-2 : 1e-6, v == 1);
+      for (const auto& gd : grids) {
+        if (sh.N > 100 && gd[0] != 1 && gd[0] != INT32_MAX) continue;
+        policy_forward_emulation(c, gd[0], gd[1], gd[2]);
+        policy_backward_emulation(c, gd[0], gd[1], gd[2]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -238,6 +592,7 @@ int main() {
   range_cases();
   inverse_cases(rng);
   topk_cases(rng);
+  policy_cases(rng);
   std::printf("%d checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }

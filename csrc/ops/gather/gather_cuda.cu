@@ -393,7 +393,7 @@ __global__ void policy_backward_kernel(PolicySoftmaxParams p) {
   const int warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
   const int64_t N = p.N;
-  const int64_t chunks = (N + kPolicyRowsPerChunk - 1) / kPolicyRowsPerChunk;
+  const int64_t chunks = policy_chunks(N);
   const A eps = static_cast<A>(p.eps);
   const A eps_n = eps / static_cast<A>(N);
   TM_NO_UNROLL
@@ -404,13 +404,13 @@ __global__ void policy_backward_kernel(PolicySoftmaxParams p) {
       const int64_t bh = b * p.H + h;
       TM_NO_UNROLL
       for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
-        const int64_t i0 = chunk * kPolicyRowsPerChunk;
-        const int rows =
-            static_cast<int>(N - i0 < kPolicyRowsPerChunk ? N - i0 : kPolicyRowsPerChunk);
+        const PolicyTile tile = policy_tile(chunk, N);
+        const int64_t i0 = tile.i0;
+        const int rows = tile.rows;
         for (int ii = warp; ii < rows; ii += warps) {
           const int64_t i = i0 + ii;
-          const T* l = logits + (bh * N + i) * N;
-          const T* g = grad + (bh * N + i) * N;
+          const T* l = logits + policy_elem_at(bh, N, i, 0);
+          const T* g = grad + policy_elem_at(bh, N, i, 0);
           A m = neg_inf<A>();
           for (int64_t j = lane; j < N; j += kWarp) m = max_nan(m, to_acc(l[j]));
           m = warp_max(m);
@@ -447,7 +447,7 @@ __global__ void policy_backward_kernel(PolicySoftmaxParams p) {
             A lv[kPolicyBatch], gv[kPolicyBatch];
             TM_UNROLL
             for (int q = 0; q < kPolicyBatch; ++q) {
-              const int64_t at = (bh * N + i0 + ii0 + q) * N + j;
+              const int64_t at = policy_elem_at(bh, N, i0 + ii0 + q, j);
               lv[q] = ii0 + q < rows ? to_acc(logits[at]) : A(0);
               gv[q] = ii0 + q < rows ? to_acc(grad[at]) : A(0);
             }
@@ -460,11 +460,11 @@ __global__ void policy_backward_kernel(PolicySoftmaxParams p) {
               const A ga = policy_grad_a(gv[q], st_r[ii], st_denom[ii]);
               A dl = ga * e * policy_weight(Pj, j == i);
               if (j == st_arg[ii]) dl -= st_max_grad[ii];
-              grad_logits[(bh * N + i) * N + j] = from_acc<T>(dl);
+              grad_logits[policy_elem_at(bh, N, i, j)] = from_acc<T>(dl);
               if (j != i) dp += ga * e;
             }
           }
-          partial[(bh * chunks + chunk) * N + j] = dp;
+          partial[policy_partial_at(bh, chunks, chunk, N, j)] = dp;
         }
         __syncthreads();
       }
@@ -481,7 +481,7 @@ __global__ void policy_reduce_kernel(PolicySoftmaxParams p) {
   using A = typename AccOf<T>::type;
   const A* partial = static_cast<const A*>(p.partial);
   T* grad_policy = static_cast<T*>(p.grad_policy);
-  const int64_t per_b = p.H * ((p.N + kPolicyRowsPerChunk - 1) / kPolicyRowsPerChunk);
+  const int64_t per_b = p.H * policy_chunks(p.N);
   TM_NO_UNROLL
   for (int64_t b = blockIdx.y; b < p.B; b += gridDim.y) {
     TM_NO_UNROLL
@@ -564,8 +564,7 @@ cudaError_t policy_softmax_forward_cuda(const PolicySoftmaxParams& p, cudaStream
 }
 
 cudaError_t policy_softmax_backward_cuda(const PolicySoftmaxParams& p, cudaStream_t stream) {
-  const int64_t chunks = (p.N + kPolicyRowsPerChunk - 1) / kPolicyRowsPerChunk;
-  const dim3 grid(grid_dim(chunks, kMaxGridX), grid_dim(p.H, kMaxGridYZ),
+  const dim3 grid(grid_dim(policy_chunks(p.N), kMaxGridX), grid_dim(p.H, kMaxGridYZ),
                   grid_dim(p.B, kMaxGridYZ));
   const dim3 reduce(grid_dim((p.N + kThreads - 1) / kThreads, kMaxGridX),
                     grid_dim(p.B, kMaxGridYZ));

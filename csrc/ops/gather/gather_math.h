@@ -104,6 +104,37 @@ TM_HOST_DEVICE A policy_max_grad(A sum_g_a, A r, A sum_a, A denom) {
 // count), so the partial policy gradients, and their fixed-order sum, are the same on any machine.
 constexpr int64_t kPolicyRowsPerChunk = 32;
 
+// Row chunks of one (b, h) slice of N rows: the backward's tasks, and the chunk axis of its
+// partial policy gradients [B, H, chunks, N].
+TM_HOST_DEVICE int64_t policy_chunks(int64_t N) {
+  return (N + kPolicyRowsPerChunk - 1) / kPolicyRowsPerChunk;
+}
+
+// Rows [i0, i0 + rows) of chunk c of a slice of N rows (0 <= c < policy_chunks(N), so rows >= 1).
+struct PolicyTile {
+  int64_t i0;
+  int rows;
+};
+
+TM_HOST_DEVICE PolicyTile policy_tile(int64_t chunk, int64_t N) {
+  const int64_t i0 = chunk * kPolicyRowsPerChunk;
+  const int64_t left = N - i0;
+  return PolicyTile{i0, static_cast<int>(left < kPolicyRowsPerChunk ? left : kPolicyRowsPerChunk)};
+}
+
+// Offset of element [b, h, i, j] of a [B, H, N, N] tensor, bh = b * H + h.
+TM_HOST_DEVICE int64_t policy_elem_at(int64_t bh, int64_t N, int64_t i, int64_t j) {
+  return (bh * N + i) * N + j;
+}
+
+// Offset of partial[b, h, chunk, j] in the [B, H, chunks, N] buffer, bh = b * H + h. The reduce
+// reads batch b's H * chunks partials of column j at b * H * chunks * N + j + c * N, c = h * chunks
+// + chunk: the same offsets, in (h, chunk) order.
+TM_HOST_DEVICE int64_t policy_partial_at(int64_t bh, int64_t chunks, int64_t chunk, int64_t N,
+                                         int64_t j) {
+  return (bh * chunks + chunk) * N + j;
+}
+
 // ---- CUDA launch geometry (index math of gather_cuda.cu; the CPU path does not use it) -------
 
 // Widest word (16, 8, 4, 2 or 1 bytes) dividing every value: the base addresses, byte strides
