@@ -42,13 +42,14 @@ def _load(kind: str) -> list[dict]:
 
 
 def merged(kind: str, key: Callable[[dict], tuple]) -> list[dict]:
-    """Per key(result), the newest run of every case: the newest file that ran every case (no
-    ``selection``) with the newer files that reran a selection of cases on top, a newer row
+    """Per key(result), the newest run of every case (runs ordered by date, then time of day, files
+    without a time first): the newest file that ran every case (no ``selection``) with the newer
+    files that reran a selection of cases on top, a newer row
     replacing the row of the same (op, case, mode, threads). The merged result keeps the newest
     file's metadata; each row records the date and file it comes from (``_date``, ``_file``),
     ``_files`` all of them. Files older than the newest full run are not read."""
     groups: dict[tuple, list[dict]] = {}
-    for r in sorted(_load(kind), key=lambda r: (r["date"], r["_file"])):
+    for r in sorted(_load(kind), key=lambda r: (r["date"], r.get("time", ""), r["_file"])):
         groups.setdefault(key(r), []).append(r)
     out = []
     for runs in groups.values():

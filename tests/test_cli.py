@@ -113,10 +113,12 @@ def test_readme_tables_merge_a_partial_rerun(tmp_path, monkeypatch):
 
     files = {"a.json": result("2026-01-01", [("stale", 9.0), ("x", 9.0)]),
              "b.json": result("2026-01-02", [("x", 1.0), ("y", 2.0)]),
-             "c.json": result("2026-01-03", [("y", 3.0)], selection=["op"])}
+             "c.json": result("2026-01-03", [("y", 3.0)], selection=["op"]),
+             # The same day, later: its time orders it after c.json whatever the names.
+             "a2.json": dict(result("2026-01-03", [("x", 4.0)], selection=["op"]), time="09:00:00")}
     for name, r in files.items():
         (tmp_path / name).write_text(json.dumps(r))
     (merged,) = rt.latest_results()
     assert [(row["case"], row["fused_ms"], row["_date"]) for row in merged["rows"]] == [
-        ("x", 1.0, "2026-01-02"), ("y", 3.0, "2026-01-03")]
-    assert merged["_files"] == ["b.json", "c.json"]
+        ("x", 4.0, "2026-01-03"), ("y", 3.0, "2026-01-03")]
+    assert merged["_files"] == ["a2.json", "c.json"]

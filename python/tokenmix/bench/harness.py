@@ -387,6 +387,8 @@ def metadata(device: torch.device, dtype: torch.dtype, amp: torch.dtype | None, 
         "cpu_capability": tokenmix.info()["cpu_capability"],
         "commit": git_commit(),
         "date": _dt.date.today().isoformat(),
+        # Orders two runs of one day (UTC wall clock when the run finished).
+        "time": _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S"),
         "reps": reps,
         "steady_heap": heap,
     }
