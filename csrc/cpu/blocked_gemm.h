@@ -4,7 +4,9 @@
 //                 panels (pack_panels) and the bias and gate applied as the sums leave the
 //                 registers (the pre-gate value kept too, when asked);
 //   weight_grad   out = A^T B summed over rows in order: a reduction whose result depends on
-//                 neither the thread nor the thread count.
+//                 neither the thread nor the thread count;
+//   small_gemm    C = init + A B for operands that already sit in cache (a window's attention
+//                 products): A read in place as rows or as columns, so A^T needs no transpose.
 // Both sum every output in k order whatever the blocking, so a row's bits do not depend on the
 // tile it is in. Per capability (cpu/per_isa.h): the register blocks are sized for the build's
 // ISA.
@@ -189,6 +191,113 @@ void gated_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const 
         case 2: gated_block<A, 2>(K, am, lda, panel, nn, om); break;
         default: gated_block<A, 1>(K, am, lda, panel, nn, om); break;
       }
+    }
+  }
+}
+
+// ---- small GEMM --------------------------------------------------------------------------------
+//
+// C[M, N] = init0 + init1 + A B, where every operand is small and in cache, so nothing is packed.
+// Element (i, k) of A is at a[i * lda + k] (kTransA false) or a[k * lda + i] (kTransA true): each
+// is used as a broadcast, so reading A by columns costs the same as by rows. B is [K, N] row-major
+// and N a multiple of the vector width (callers pad their buffers). The init rows (each may be
+// null) seed the sums: an additive bias, a 0 / -inf mask. Sums run in k order.
+//
+// Register block: R rows x NB vectors of sums with R * NB <= kSmallSums, NB <= kSmallCols, plus NB
+// vectors of B and a broadcast (AVX-512: up to 24 + 4 + 1 of 32 registers; the others: 12 + 3 + 1
+// of 16).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kSmallSums = 24;
+constexpr int kSmallCols = 4;
+#else
+constexpr int kSmallSums = 12;
+constexpr int kSmallCols = 3;
+#endif
+
+template <typename A>
+struct InitRows {
+  const A* p = nullptr;
+  int64_t ld = 0;
+};
+
+template <typename A, bool kTransA, int R, int NB>
+inline void small_block(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
+                        InitRows<A> i0, InitRows<A> i1) {
+  constexpr int64_t V = Vec<A>::size();
+  Vec<A> acc[R][NB];
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      acc[i][j] = i0.p != nullptr ? Vec<A>::loadu(i0.p + i * i0.ld + j * V) : Vec<A>(A(0));
+      if (i1.p != nullptr) acc[i][j] = acc[i][j] + Vec<A>::loadu(i1.p + i * i1.ld + j * V);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<A> bv[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) bv[j] = Vec<A>::loadu(b + k * ldb + j * V);
+#pragma GCC unroll 12
+    for (int i = 0; i < R; ++i) {
+      const Vec<A> av(kTransA ? a[k * lda + i] : a[i * lda + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j].store(c + i * ldc + j * V);
+  }
+}
+
+// Rows [0, M) of one column chunk of NB vectors: blocks of kSmallRows(NB) rows, the last rows in a
+// block of their own size (so that no row's sums depend on the block it falls in).
+template <int NB>
+constexpr int kSmallRows = kSmallSums / NB < 12 ? kSmallSums / NB : 12;
+
+template <typename A, bool kTransA, int NB>
+void small_chunk(int64_t M, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
+                 InitRows<A> i0, InitRows<A> i1) {
+  constexpr int R = kSmallRows<NB>;
+  const auto step = [](InitRows<A> r, int64_t m) { return InitRows<A>{r.p != nullptr ? r.p + m * r.ld : nullptr, r.ld}; };
+  const auto row_of = [&](int64_t m) { return kTransA ? a + m : a + m * lda; };
+  int64_t m = 0;
+  for (; m + R <= M; m += R) {
+    small_block<A, kTransA, R, NB>(K, row_of(m), lda, b, ldb, c + m * ldc, ldc, step(i0, m), step(i1, m));
+  }
+  switch (M - m) {
+#define TM_SMALL_TAIL(r)                                                                              \
+  case r:                                                                                           \
+    if constexpr (r < R) {                                                                          \
+      small_block<A, kTransA, r, NB>(K, row_of(m), lda, b, ldb, c + m * ldc, ldc, step(i0, m), step(i1, m)); \
+    }                                                                                               \
+    break;
+    TM_SMALL_TAIL(1) TM_SMALL_TAIL(2) TM_SMALL_TAIL(3) TM_SMALL_TAIL(4) TM_SMALL_TAIL(5) TM_SMALL_TAIL(6)
+    TM_SMALL_TAIL(7) TM_SMALL_TAIL(8) TM_SMALL_TAIL(9) TM_SMALL_TAIL(10) TM_SMALL_TAIL(11)
+#undef TM_SMALL_TAIL
+    default:
+      break;
+  }
+}
+
+template <typename A, bool kTransA>
+void small_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
+                int64_t ldc, InitRows<A> i0 = {}, InitRows<A> i1 = {}) {
+  constexpr int64_t V = Vec<A>::size();
+  const auto shift = [](InitRows<A> r, int64_t n) { return InitRows<A>{r.p != nullptr ? r.p + n : nullptr, r.ld}; };
+  for (int64_t n0 = 0; n0 < N; n0 += kSmallCols * V) {
+    const int nb = static_cast<int>(std::min<int64_t>(kSmallCols, (N - n0) / V));
+    const A* bn = b + n0;
+    A* cn = c + n0;
+    if (nb == 4) {
+      small_chunk<A, kTransA, kSmallCols < 4 ? kSmallCols : 4>(M, K, a, lda, bn, ldb, cn, ldc, shift(i0, n0), shift(i1, n0));
+    } else if (nb == 3) {
+      small_chunk<A, kTransA, 3>(M, K, a, lda, bn, ldb, cn, ldc, shift(i0, n0), shift(i1, n0));
+    } else if (nb == 2) {
+      small_chunk<A, kTransA, 2>(M, K, a, lda, bn, ldb, cn, ldc, shift(i0, n0), shift(i1, n0));
+    } else {
+      small_chunk<A, kTransA, 1>(M, K, a, lda, bn, ldb, cn, ldc, shift(i0, n0), shift(i1, n0));
     }
   }
 }

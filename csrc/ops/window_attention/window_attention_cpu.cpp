@@ -1,16 +1,24 @@
 // CPU kernels of windowed attention (Swin W-MSA / SW-MSA, GC ViT global query, HAT-Net local).
 //
 // Fuses roll + pad + window partition + scaled QK^T + relative position bias + region mask +
-// softmax + PV + window reverse + crop + reverse roll: one task per (image, window), heads inside,
-// tokens read from and written to their original map positions through window_attention_math.h.
-// Per head, the window's Q (pre-scaled), K^T and V are gathered into small padded buffers in cache
-// and every product is a register-blocked vector x matrix loop (vec_mat). No [T, T] matrix leaves
-// the task.
+// softmax + PV + window reverse + crop + reverse roll: tokens are read from and written to their
+// original map positions through window_attention_math.h. Per window, the operands of every head
+// (Q pre-scaled, K, V) are gathered into small zero-padded buffers that stay in cache; per head,
+// every product is a register-blocked small GEMM (cpu/blocked_gemm.h).
+//
+// Scores are kept transposed, S^T [key j, query i] with queries across the vector lanes: the
+// softmax over keys is then a vertical max, exp and sum over rows, with no horizontal reduction,
+// and the row statistics (max, log-sum-exp, 1 / sum) come out as vectors. The GEMMs read their A
+// operand by rows or by columns in place, so P and dS are never transposed; only Q (and, for
+// backward, dO) is, once per head. The bias and the region mask seed the score sums; a window's
+// mask depends only on whether it is in the last row and/or column of windows, so the (at most
+// four) masks are built once per call. No [T, T] matrix leaves the cache.
 // Forward saves the row log-sum-exp; backward recomputes P from it.
 //
 // Backward is deterministic: dq/dk/dv rows belong to exactly one window; the bias-table gradient
-// (and the global query's, summed over its image's windows) is accumulated per task in a fixed
-// order and the per-task partials are summed in task order. Tasks never depend on thread count.
+// (a sum of dS over windows, scattered into the table at the end) and the global query's are
+// accumulated in fixed chunks of windows, in window order, and the chunks' partials are summed in
+// chunk order. Chunks are sized from the problem, never from the thread count.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,120 +29,81 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/blocked_gemm.h"
+#include "cpu/rows.h"
 #include "window_attention_problem.h"
 
 namespace tokenmix {
 namespace window_attention {
 namespace {
 
-template <typename A>
-using Vec = at::vec::Vectorized<A>;
+using cpu::InitRows;
+using cpu::small_gemm;
+using cpu::Vec;
 
 int64_t round_up(int64_t n, int64_t m) {
   return (n + m - 1) / m * m;
 }
 
-// Register-blocked row x matrix products. One call computes R (1 or 2) output rows
-// out_r[0, NB W) = sum_{c < m} a_r[c] * M[c * ld + (0, NB W)]; two rows share every load of M and
-// give the FMA units 2 NB independent chains.
-template <typename A, int R, int NB>
-inline void vec_mat_block(const A* a0, const A* a1, int64_t m, const A* M, int64_t ld, A* o0,
-                          A* o1, const A* i0, const A* i1) {
+// mx[0, n) = column maxima of x's rows [0, rows) (row stride n, n a multiple of the width).
+template <typename A>
+void column_max(const A* x, int64_t rows, int64_t n, A* mx) {
   constexpr int64_t W = Vec<A>::size();
-  Vec<A> acc0[NB], acc1[NB];
-  for (int nb = 0; nb < NB; ++nb) {
-    acc0[nb] = i0 != nullptr ? Vec<A>::loadu(i0 + nb * W) : Vec<A>(A(0));
-    acc1[nb] = (R == 2 && i1 != nullptr) ? Vec<A>::loadu(i1 + nb * W) : Vec<A>(A(0));
+  for (int64_t c = 0; c < n; c += W) {
+    Vec<A> m(-std::numeric_limits<A>::infinity());
+    for (int64_t r = 0; r < rows; ++r) m = at::vec::maximum(m, Vec<A>::loadu(x + r * n + c));
+    m.store(mx + c);
   }
-  for (int64_t c = 0; c < m; ++c) {
-    const A* row = M + c * ld;
-    const Vec<A> b0(a0[c]);
-    const Vec<A> b1(R == 2 ? a1[c] : A(0));
-    for (int nb = 0; nb < NB; ++nb) {
-      const Vec<A> mv = Vec<A>::loadu(row + nb * W);
-      acc0[nb] = at::vec::fmadd(b0, mv, acc0[nb]);
-      if (R == 2) acc1[nb] = at::vec::fmadd(b1, mv, acc1[nb]);
+}
+
+// x[r, c] = exp(x[r, c] - shift[c]) for rows [0, rows); sum[c] = the column sums (when sum is not
+// null).
+template <typename A>
+void column_exp(A* x, int64_t rows, int64_t n, const A* shift, A* sum) {
+  constexpr int64_t W = Vec<A>::size();
+  for (int64_t c = 0; c < n; c += W) {
+    const Vec<A> vs = Vec<A>::loadu(shift + c);
+    Vec<A> acc(A(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const Vec<A> e = cpu::exp_nonpositive<A>(Vec<A>::loadu(x + r * n + c) - vs);
+      e.store(x + r * n + c);
+      acc = acc + e;
     }
-  }
-  for (int nb = 0; nb < NB; ++nb) {
-    acc0[nb].store(o0 + nb * W);
-    if (R == 2) acc1[nb].store(o1 + nb * W);
+    if (sum != nullptr) acc.store(sum + c);
   }
 }
 
-// R rows over all of [0, npad), npad a multiple of the vector width; the accumulators start from
-// the rows i0, i1 when given (e.g. an additive bias), else from zero.
-template <typename A, int R>
-void vec_mat_rows(const A* a0, const A* a1, int64_t m, const A* M, int64_t ld, int64_t npad, A* o0,
-                  A* o1, const A* i0, const A* i1) {
-  constexpr int64_t W = Vec<A>::size();
-  constexpr int kMax = R == 1 ? 8 : 4;
-  auto at = [](auto* p, int64_t n) { return p != nullptr ? p + n : p; };
-  int64_t n0 = 0;
-  for (; n0 + kMax * W <= npad; n0 += kMax * W) {
-    vec_mat_block<A, R, kMax>(a0, a1, m, M + n0, ld, o0 + n0, at(o1, n0), at(i0, n0), at(i1, n0));
-  }
-  switch ((npad - n0) / W) {
-#define TM_TAIL(nb)                                                                       \
-  case nb:                                                                                \
-    vec_mat_block<A, R, (nb < kMax ? nb : 1)>(a0, a1, m, M + n0, ld, o0 + n0, at(o1, n0), \
-                                              at(i0, n0), at(i1, n0));                    \
-    break;
-    TM_TAIL(1) TM_TAIL(2) TM_TAIL(3) TM_TAIL(4) TM_TAIL(5) TM_TAIL(6) TM_TAIL(7)
-#undef TM_TAIL
-    default:
-      break;
-  }
-}
-
-// out[r, 0:npad) = init[r, 0:npad) + a[r, 0:m) . M for r < rows (row strides lda, ldo, the same
-// ldo for init, which may be null for zero): a small GEMM, two rows at a time.
-template <typename A>
-void mat_mat(const A* a, int64_t lda, int64_t rows, int64_t m, const A* M, int64_t ld,
-             int64_t npad, A* out, int64_t ldo, const A* init = nullptr) {
-  auto row = [&](int64_t r) { return init != nullptr ? init + r * ldo : nullptr; };
-  int64_t r = 0;
-  for (; r + 2 <= rows; r += 2) {
-    vec_mat_rows<A, 2>(a + r * lda, a + (r + 1) * lda, m, M, ld, npad, out + r * ldo,
-                       out + (r + 1) * ldo, row(r), row(r + 1));
-  }
-  if (r < rows) {
-    vec_mat_rows<A, 1>(a + r * lda, nullptr, m, M, ld, npad, out + r * ldo, nullptr, row(r), nullptr);
-  }
-}
-
-template <typename A>
-A vec_max(const A* x, int64_t npad) {
-  constexpr int64_t W = Vec<A>::size();
-  Vec<A> m(-std::numeric_limits<A>::infinity());
-  for (int64_t j = 0; j < npad; j += W) m = at::vec::maximum(m, Vec<A>::loadu(x + j));
-  return at::vec::vec_reduce_all<A>([](const Vec<A>& a, const Vec<A>& b) { return at::vec::maximum(a, b); }, m);
-}
-
-// x[j] = exp(x[j] - shift); returns the sum.
-template <typename A>
-A vec_exp_sum(A* x, A shift, int64_t npad) {
-  constexpr int64_t W = Vec<A>::size();
-  const Vec<A> vs(shift);
-  Vec<A> acc(A(0));
-  for (int64_t j = 0; j < npad; j += W) {
-    const Vec<A> e = (Vec<A>::loadu(x + j) - vs).exp_u20();
-    e.store(x + j);
-    acc = acc + e;
-  }
-  return at::vec::vec_reduce_all<A>([](const Vec<A>& a, const Vec<A>& b) { return a + b; }, acc);
-}
-
+// dst[0, d) = mul * src[0, d), converting to the accumulation type.
 template <typename scalar_t, typename A>
 void load_row(const scalar_t* src, int64_t d, A mul, A* dst) {
-  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<A>(src[c]) * mul;
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, A>) {
+    constexpr int64_t W = Vec<A>::size();
+    const Vec<A> vm(mul);
+    for (; c + W <= d; c += W) (Vec<A>::loadu(src + c) * vm).store(dst + c);
+  }
+  for (; c < d; ++c) dst[c] = static_cast<A>(src[c]) * mul;
 }
 
 template <typename scalar_t, typename A>
 void store_row(const A* src, int64_t d, A mul, scalar_t* dst) {
-  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(src[c] * mul);
+  int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, A>) {
+    constexpr int64_t W = Vec<A>::size();
+    const Vec<A> vm(mul);
+    for (; c + W <= d; c += W) (Vec<A>::loadu(src + c) * vm).store(dst + c);
+  }
+  for (; c < d; ++c) dst[c] = static_cast<scalar_t>(src[c] * mul);
+}
+
+// dst[0, n) += src[0, n), n a multiple of the vector width.
+template <typename A>
+void add_rows(const A* src, int64_t n, A* dst) {
+  constexpr int64_t W = Vec<A>::size();
+  for (int64_t j = 0; j < n; j += W) (Vec<A>::loadu(dst + j) + Vec<A>::loadu(src + j)).store(dst + j);
 }
 
 // Element offsets of a [B, H, W, heads, d] (or window-shaped) tensor with unit last stride.
@@ -144,43 +113,56 @@ struct Strides {
   int64_t at(int64_t bb, int64_t yy, int64_t xx, int64_t hh) const { return bb * b + yy * y + xx * x + hh * h; }
 };
 
-// Where the tokens of one window live: original coordinates, existence and Swin region.
+// Which of the four mask classes a window is in: whether it is in the last row and/or the last
+// column of windows. Only those windows can hold tokens the shift brought from the opposite border
+// (the map is a multiple of the window when shifted) or tokens past the map (a partial window).
+int window_class(const Geometry& g, int64_t win) {
+  const int64_t wr = win / g.nww, wc = win % g.nww;
+  return (wr == g.nwh - 1 ? 2 : 0) + (wc == g.nww - 1 ? 1 : 0);
+}
+
+// Where the tokens of one window live: original coordinates and existence.
 struct WindowTokens {
   std::vector<int64_t> y, x;
   std::vector<uint8_t> exists;
-  std::vector<int> region;
-  bool masked = false;  // some query/key pair is excluded (partial window or several regions)
+  int cls = 0;
 
   void build(const Geometry& g, int64_t win) {
     const int64_t T = g.tokens();
     y.resize(T);
     x.resize(T);
     exists.resize(T);
-    region.resize(T);
-    masked = false;
     for (int64_t t = 0; t < T; ++t) {
       int64_t sy, sx;
       exists[t] = shifted_coords(g, win, t, &sy, &sx);
       y[t] = exists[t] ? original_row(g, sy) : 0;
       x[t] = exists[t] ? original_col(g, sx) : 0;
-      region[t] = exists[t] ? window_attention::region(g, sy, sx) : -1;
-      masked = masked || !exists[t] || region[t] != region[0];
     }
+    cls = window_class(g, win);
   }
 };
 
-// Per-call constants: padded sizes, the relative index and each head's [T, Tpad] bias matrix.
+// Per-call constants: padded sizes, the relative index, each head's bias matrix and the region /
+// existence masks of the window classes, both in the transposed score layout [key j, query i]:
+// [T, Tpad], zero in the padding lanes i >= T.
 template <typename A>
 struct Setup {
   int64_t T, Tpad, d, dpad, heads;
   std::vector<int64_t> rel;  // [T * T]
-  std::vector<A> bias;       // [heads, T, Tpad], zero when there is no table
+  std::vector<A> bias;       // [heads, T, Tpad]
+  // [T, Tpad] of 0 / -inf for a class with a query / key pair to exclude; empty otherwise. A
+  // missing query's lane is left unmasked (finite scores; it is never stored).
+  std::vector<A> mask[4];
+
+  const A* bias_of(int64_t h) const { return bias.data() + h * T * Tpad; }
+  const A* mask_of(int cls) const { return mask[cls].empty() ? nullptr : mask[cls].data(); }
 };
 
 template <typename scalar_t, typename A>
 Setup<A> make_setup(const Problem& p) {
   const Geometry& g = p.geo;
   constexpr int64_t W = Vec<A>::size();
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   Setup<A> s;
   s.T = g.tokens();
   s.Tpad = round_up(s.T, W);
@@ -191,65 +173,66 @@ Setup<A> make_setup(const Problem& p) {
   for (int64_t i = 0; i < s.T; ++i)
     for (int64_t j = 0; j < s.T; ++j) s.rel[i * s.T + j] = relative_index(g, i, j);
   s.bias.assign(s.heads * s.T * s.Tpad, A(0));
+  const scalar_t* tb = nullptr;
+  at::Tensor table;
   if (p.bias_table.defined()) {
-    const at::Tensor table = p.bias_table.contiguous();
-    const scalar_t* tb = table.const_data_ptr<scalar_t>();
+    table = p.bias_table.contiguous();
+    tb = table.const_data_ptr<scalar_t>();
+  }
+  if (tb != nullptr) {
     for (int64_t h = 0; h < s.heads; ++h)
-      for (int64_t i = 0; i < s.T; ++i)
-        for (int64_t j = 0; j < s.T; ++j)
-          s.bias[(h * s.T + i) * s.Tpad + j] = static_cast<A>(tb[s.rel[i * s.T + j] * s.heads + h]);
+      for (int64_t j = 0; j < s.T; ++j)
+        for (int64_t i = 0; i < s.T; ++i)
+          s.bias[(h * s.T + j) * s.Tpad + i] = static_cast<A>(tb[s.rel[i * s.T + j] * s.heads + h]);
+  }
+  for (int cls = 0; cls < 4; ++cls) {
+    const bool last_row = cls & 2, last_col = cls & 1;
+    if ((!last_row && g.nwh == 1) || (!last_col && g.nww == 1)) continue;  // no such window
+    const int64_t win = (last_row ? g.nwh - 1 : 0) * g.nww + (last_col ? g.nww - 1 : 0);
+    std::vector<uint8_t> exists(s.T);
+    std::vector<int> reg(s.T);
+    bool masked = false;
+    for (int64_t t = 0; t < s.T; ++t) {
+      int64_t sy, sx;
+      exists[t] = shifted_coords(g, win, t, &sy, &sx);
+      reg[t] = exists[t] ? region(g, sy, sx) : -1;
+      masked = masked || !exists[t] || reg[t] != reg[0];
+    }
+    if (!masked) continue;
+    s.mask[cls].assign(s.T * s.Tpad, A(0));
+    for (int64_t i = 0; i < s.T; ++i) {
+      if (!exists[i]) continue;
+      for (int64_t j = 0; j < s.T; ++j) {
+        if (!exists[j] || reg[j] != reg[i]) s.mask[cls][j * s.Tpad + i] = kNegInf;
+      }
+    }
   }
   return s;
 }
 
-// Scores of every query row against every key: S[i, j] = qs_i . k_j + bias, -inf at masked keys
-// and at the padding j >= T. S is [T, Tpad].
-template <typename A>
-void score_matrix(const Setup<A>& s, const WindowTokens& w, int64_t h, const A* Qs, const A* Kt,
-                  A* S) {
-  mat_mat(Qs, s.dpad, s.T, s.d, Kt, s.Tpad, s.Tpad, S, s.Tpad, s.bias.data() + h * s.T * s.Tpad);
-  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
-  for (int64_t i = 0; i < s.T; ++i) {
-    A* row = S + i * s.Tpad;
-    if (w.masked) {
-      for (int64_t j = 0; j < s.T; ++j) {
-        if (!w.exists[j] || w.region[j] != w.region[i]) row[j] = kNegInf;
-      }
-    }
-    for (int64_t j = s.T; j < s.Tpad; ++j) row[j] = kNegInf;
-  }
-}
-
-// The window's operands, every head, in task-local buffers: per head h, Qs = scale * q
-// [T, dpad], Kt = k^T [d, Tpad], V [T, dpad]; when `for_backward`, also K [T, dpad] and
-// Vt [d, Tpad]. Each token's heads are read in one pass over its memory (q, k, v usually are
-// views of one packed qkv row). Missing tokens (partial windows) and paddings are zeros: clear()
-// once per window, since every gather overwrites exactly the same entries.
+// A window's operands in task-local buffers, every head, zero-padded: per head h, Qs = scale * q,
+// K and V [Tpad, dpad]; one head's Qt = Qs^T [dpad, Tpad] is formed just before its products. Each
+// token's heads are read in one pass over its memory (q, k, v usually are views of one packed qkv
+// row). Missing tokens (partial windows) get zero rows; the paddings are zeroed once at allocation
+// and never written.
 template <typename scalar_t, typename A>
 struct Operands {
-  std::vector<A> Qs, Kt, V, K, Vt;
-  int64_t row_stride = 0, t_stride = 0;  // per-head strides of the [T, dpad] / [d, Tpad] buffers
+  std::vector<A> Qs, K, V, Qt;
+  int64_t stride = 0;  // per head
 
-  const A* qs(int64_t h) const { return Qs.data() + h * row_stride; }
-  const A* kt(int64_t h) const { return Kt.data() + h * t_stride; }
-  const A* v(int64_t h) const { return V.data() + h * row_stride; }
-  const A* k(int64_t h) const { return K.data() + h * row_stride; }
-  const A* vt(int64_t h) const { return Vt.data() + h * t_stride; }
+  const A* qs(int64_t h) const { return Qs.data() + h * stride; }
+  const A* k(int64_t h) const { return K.data() + h * stride; }
+  const A* v(int64_t h) const { return V.data() + h * stride; }
 
-  void clear(const Setup<A>& s, bool for_backward) {
-    row_stride = s.T * s.dpad;
-    t_stride = s.d * s.Tpad;
-    Qs.assign(s.heads * row_stride, A(0));
-    Kt.assign(s.heads * t_stride, A(0));
-    V.assign(s.heads * row_stride, A(0));
-    if (for_backward) {
-      K.assign(s.heads * row_stride, A(0));
-      Vt.assign(s.heads * t_stride, A(0));
-    }
+  void allocate(const Setup<A>& s) {
+    stride = s.Tpad * s.dpad;
+    Qs.assign(s.heads * stride, A(0));
+    K.assign(s.heads * stride, A(0));
+    V.assign(s.heads * stride, A(0));
+    Qt.assign(s.dpad * s.Tpad, A(0));
   }
 
-  void gather(const Problem& p, const Setup<A>& s, const WindowTokens& w, int64_t b,
-              bool for_backward) {
+  void gather(const Problem& p, const Setup<A>& s, const WindowTokens& w, int64_t b) {
     const Strides sq(p.q), sk(p.k), sv(p.v);
     const scalar_t* q = p.q.const_data_ptr<scalar_t>();
     const scalar_t* k = p.k.const_data_ptr<scalar_t>();
@@ -258,31 +241,40 @@ struct Operands {
     const int64_t ww = p.geo.ww;
     for (int64_t t = 0; t < s.T; ++t) {
       for (int64_t h = 0; h < s.heads; ++h) {
-        A* qs_row = Qs.data() + h * row_stride + t * s.dpad;
+        A* qs = Qs.data() + h * stride + t * s.dpad;
+        A* kr = K.data() + h * stride + t * s.dpad;
+        A* vr = V.data() + h * stride + t * s.dpad;
         if (p.global_q) {
-          load_row(q + sq.at(b, t / ww, t % ww, h), s.d, scale, qs_row);
+          load_row(q + sq.at(b, t / ww, t % ww, h), s.d, scale, qs);
         } else if (w.exists[t]) {
-          load_row(q + sq.at(b, w.y[t], w.x[t], h), s.d, scale, qs_row);
+          load_row(q + sq.at(b, w.y[t], w.x[t], h), s.d, scale, qs);
+        } else {
+          std::fill(qs, qs + s.d, A(0));
         }
-        if (!w.exists[t]) continue;
-        const scalar_t* kr = k + sk.at(b, w.y[t], w.x[t], h);
-        const scalar_t* vr = v + sv.at(b, w.y[t], w.x[t], h);
-        load_row(vr, s.d, A(1), V.data() + h * row_stride + t * s.dpad);
-        A* kt = Kt.data() + h * t_stride;
-        for (int64_t c = 0; c < s.d; ++c) kt[c * s.Tpad + t] = static_cast<A>(kr[c]);
-        if (for_backward) {
-          load_row(kr, s.d, A(1), K.data() + h * row_stride + t * s.dpad);
-          A* vt = Vt.data() + h * t_stride;
-          for (int64_t c = 0; c < s.d; ++c) vt[c * s.Tpad + t] = static_cast<A>(vr[c]);
+        if (w.exists[t]) {
+          load_row(k + sk.at(b, w.y[t], w.x[t], h), s.d, A(1), kr);
+          load_row(v + sv.at(b, w.y[t], w.x[t], h), s.d, A(1), vr);
+        } else {
+          std::fill(kr, kr + s.d, A(0));
+          std::fill(vr, vr + s.d, A(0));
         }
       }
     }
   }
 };
 
+// St = K Qs^T + bias (+ mask) for head h: [T, Tpad], keys by queries; -inf at masked pairs.
+template <typename scalar_t, typename A>
+void scores_t(const Setup<A>& s, Operands<scalar_t, A>& ops, const WindowTokens& w, int64_t h, A* St) {
+  cpu::transpose<A>(ops.qs(h), s.dpad, s.Tpad, s.dpad, ops.Qt.data(), s.Tpad);
+  small_gemm<A, false>(s.T, s.Tpad, s.d, ops.k(h), s.dpad, ops.Qt.data(), s.Tpad, St, s.Tpad,
+                       InitRows<A>{s.bias_of(h), s.Tpad}, InitRows<A>{s.mask_of(w.cls), s.Tpad});
+}
+
 template <typename scalar_t>
 void forward_typed(const Problem& p, at::Tensor& out, at::Tensor& lse_t) {
   using A = at::opmath_type<scalar_t>;
+  constexpr int64_t W = Vec<A>::size();
   const Geometry& g = p.geo;
   const Setup<A> s = make_setup<scalar_t, A>(p);
   const int64_t B = p.k.size(0), nW = g.windows();
@@ -292,30 +284,28 @@ void forward_typed(const Problem& p, at::Tensor& out, at::Tensor& lse_t) {
   at::parallel_for(0, B * nW, 1, [&](int64_t begin, int64_t end) {
     WindowTokens w;
     Operands<scalar_t, A> ops;
-    std::vector<A> S(s.T * s.Tpad), O(s.T * s.dpad), inv_sum(s.T);
+    ops.allocate(s);
+    std::vector<A> St(s.T * s.Tpad), O(s.T * s.dpad), mx(s.Tpad), sum(s.Tpad), row_lse(s.Tpad);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nW, win = task % nW;
-      w.build(g, win);
-      ops.clear(s, false);
-      ops.gather(p, s, w, b, false);
+      const int64_t b = task / nW;
+      w.build(g, task % nW);
+      ops.gather(p, s, w, b);
       for (int64_t h = 0; h < s.heads; ++h) {
-        score_matrix(s, w, h, ops.qs(h), ops.kt(h), S.data());
-        for (int64_t i = 0; i < s.T; ++i) {
-          A* row = S.data() + i * s.Tpad;
-          if (!w.exists[i]) {
-            std::fill(row, row + s.Tpad, A(0));
-            inv_sum[i] = A(0);
-            if (lse != nullptr) lse[(task * s.T + i) * s.heads + h] = A(0);
-            continue;
-          }
-          const A m = vec_max(row, s.Tpad);
-          const A sum = vec_exp_sum(row, m, s.Tpad);
-          inv_sum[i] = A(1) / sum;
-          if (lse != nullptr) lse[(task * s.T + i) * s.heads + h] = m + std::log(sum);
+        scores_t(s, ops, w, h, St.data());
+        column_max(St.data(), s.T, s.Tpad, mx.data());
+        column_exp(St.data(), s.T, s.Tpad, mx.data(), sum.data());
+        for (int64_t i = 0; i < s.Tpad; i += W) {
+          const Vec<A> sv = Vec<A>::loadu(sum.data() + i);
+          (Vec<A>::loadu(mx.data() + i) + sv.log()).store(row_lse.data() + i);
+          sv.reciprocal().store(sum.data() + i);
         }
-        mat_mat(S.data(), s.Tpad, s.T, s.T, ops.v(h), s.dpad, s.dpad, O.data(), s.dpad);
+        if (lse != nullptr) {
+          for (int64_t i = 0; i < s.T; ++i) lse[(task * s.T + i) * s.heads + h] = w.exists[i] ? row_lse[i] : A(0);
+        }
+        // O = P V with P = St^T, read by columns.
+        small_gemm<A, true>(s.T, s.dpad, s.T, St.data(), s.Tpad, ops.v(h), s.dpad, O.data(), s.dpad);
         for (int64_t i = 0; i < s.T; ++i) {
-          if (w.exists[i]) store_row(O.data() + i * s.dpad, s.d, inv_sum[i], o + so.at(b, w.y[i], w.x[i], h));
+          if (w.exists[i]) store_row(O.data() + i * s.dpad, s.d, sum[i], o + so.at(b, w.y[i], w.x[i], h));
         }
       }
     }
@@ -326,15 +316,20 @@ template <typename scalar_t>
 void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& lse_t,
                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias) {
   using A = at::opmath_type<scalar_t>;
+  constexpr int64_t W = Vec<A>::size();
   const Geometry& g = p.geo;
   const Setup<A> s = make_setup<scalar_t, A>(p);
-  const int64_t B = p.k.size(0), nW = g.windows(), table = g.table_size();
-  // A task is one window, or, for a global query, all windows of one image (its gradient is a
-  // sum over them, accumulated in window order inside the task).
-  const int64_t per_task = p.global_q ? nW : 1;
-  const int64_t tasks = B * nW / per_task;
+  const int64_t B = p.k.size(0), nW = g.windows();
+  // A unit is one window, or, for a global query, all windows of one image (its gradient is a
+  // sum over them). Units are grouped into chunks of a size fixed by the problem: each chunk sums
+  // its units' bias gradients in order into a partial of its own.
+  const int64_t per_unit = p.global_q ? nW : 1;
+  const int64_t units = B * nW / per_unit;
+  const int64_t per_chunk = std::max<int64_t>(1, units / 64);
+  const int64_t chunks = (units + per_chunk - 1) / per_chunk;
   const bool has_bias = p.bias_table.defined();
-  std::vector<A> dbias_part(has_bias ? tasks * s.heads * table : 0, A(0));
+  const int64_t TT = s.T * s.Tpad;
+  std::vector<A> dS_part(has_bias ? chunks * s.heads * TT : 0, A(0));
   const Strides sg(grad), sq(dq), sk(dk), sv(dv);
   const scalar_t* go = grad.const_data_ptr<scalar_t>();
   const A* lse = lse_t.const_data_ptr<A>();
@@ -343,90 +338,96 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
   scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
   const A scale = static_cast<A>(p.scale);
 
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     WindowTokens w;
     Operands<scalar_t, A> ops;
-    const int64_t TT = s.T * s.Tpad;
-    std::vector<A> dO(s.T * s.dpad), P(TT), dP(TT), Pt(TT), dSt(TT), G(s.T * s.dpad), dq_global;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task * per_task / nW;
-      if (p.global_q) dq_global.assign(s.heads * s.T * s.dpad, A(0));
-      for (int64_t win = task * per_task % nW, n = 0; n < per_task; ++n, ++win) {
-        w.build(g, win);
-        ops.clear(s, true);
-        ops.gather(p, s, w, b, true);
-        const int64_t lse_base = (b * nW + win) * s.T;
-        for (int64_t h = 0; h < s.heads; ++h) {
-          std::fill(dO.begin(), dO.end(), A(0));
-          for (int64_t i = 0; i < s.T; ++i) {
-            if (w.exists[i]) load_row(go + sg.at(b, w.y[i], w.x[i], h), s.d, A(1), dO.data() + i * s.dpad);
-          }
-          // P = exp(S - lse), dP = dO V^T; missing query rows get P = 0 and drop out.
-          score_matrix(s, w, h, ops.qs(h), ops.kt(h), P.data());
-          mat_mat(dO.data(), s.dpad, s.T, s.d, ops.vt(h), s.Tpad, s.Tpad, dP.data(), s.Tpad);
-          A* db = has_bias ? dbias_part.data() + (task * s.heads + h) * table : nullptr;
-          for (int64_t i = 0; i < s.T; ++i) {
-            A* pr = P.data() + i * s.Tpad;
-            A* dr = dP.data() + i * s.Tpad;
-            if (!w.exists[i]) {
-              std::fill(pr, pr + s.Tpad, A(0));
-              std::fill(dr, dr + s.Tpad, A(0));
-            } else {
-              vec_exp_sum(pr, lse[(lse_base + i) * s.heads + h], s.Tpad);
-              A D(0);
-              for (int64_t j = 0; j < s.T; ++j) D += pr[j] * dr[j];
-              for (int64_t j = 0; j < s.T; ++j) dr[j] = pr[j] * (dr[j] - D);  // dS
-              if (db != nullptr) {
-                const int64_t* rel = s.rel.data() + i * s.T;
-                for (int64_t j = 0; j < s.T; ++j) db[rel[j]] += dr[j];
+    ops.allocate(s);
+    std::vector<A> dO(s.Tpad * s.dpad, A(0)), dOt(s.dpad * s.Tpad, A(0)), Pt(TT), dSt(TT), G(s.T * s.dpad),
+        row_lse(s.Tpad), D(s.Tpad), dq_global;
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      A* part = has_bias ? dS_part.data() + chunk * s.heads * TT : nullptr;
+      const int64_t last = std::min(units, (chunk + 1) * per_chunk);
+      for (int64_t unit = chunk * per_chunk; unit < last; ++unit) {
+        const int64_t b = unit * per_unit / nW;
+        if (p.global_q) dq_global.assign(s.heads * s.T * s.dpad, A(0));
+        for (int64_t win = unit * per_unit % nW, n = 0; n < per_unit; ++n, ++win) {
+          w.build(g, win);
+          ops.gather(p, s, w, b);
+          const int64_t lse_base = (b * nW + win) * s.T;
+          for (int64_t h = 0; h < s.heads; ++h) {
+            // A missing query's lane (and a padding lane) gets lse = +inf: P = 0 there, so it drops
+            // out of every product.
+            for (int64_t i = 0; i < s.Tpad; ++i) {
+              row_lse[i] = i < s.T && w.exists[i] ? lse[(lse_base + i) * s.heads + h]
+                                                  : std::numeric_limits<A>::infinity();
+            }
+            for (int64_t i = 0; i < s.T; ++i) {
+              A* row = dO.data() + i * s.dpad;
+              if (w.exists[i]) {
+                load_row(go + sg.at(b, w.y[i], w.x[i], h), s.d, A(1), row);
+              } else {
+                std::fill(row, row + s.d, A(0));
               }
             }
+            cpu::transpose<A>(dO.data(), s.dpad, s.Tpad, s.dpad, dOt.data(), s.Tpad);
+            // Pt = exp(St - lse), dPt = V dO^T, dSt = Pt * (dPt - D), D[i] = sum_j Pt[j, i] dPt[j, i].
+            scores_t(s, ops, w, h, Pt.data());
+            column_exp(Pt.data(), s.T, s.Tpad, row_lse.data(), static_cast<A*>(nullptr));
+            small_gemm<A, false>(s.T, s.Tpad, s.d, ops.v(h), s.dpad, dOt.data(), s.Tpad, dSt.data(), s.Tpad);
+            for (int64_t i = 0; i < s.Tpad; i += W) {
+              Vec<A> acc(A(0));
+              for (int64_t j = 0; j < s.T; ++j) {
+                acc = at::vec::fmadd(Vec<A>::loadu(Pt.data() + j * s.Tpad + i),
+                                     Vec<A>::loadu(dSt.data() + j * s.Tpad + i), acc);
+              }
+              for (int64_t j = 0; j < s.T; ++j) {
+                A* ds = dSt.data() + j * s.Tpad + i;
+                (Vec<A>::loadu(Pt.data() + j * s.Tpad + i) * (Vec<A>::loadu(ds) - acc)).store(ds);
+              }
+            }
+            if (part != nullptr) add_rows(dSt.data(), TT, part + h * TT);
+            // dQ = scale dS K (dS = dSt^T, read by columns).
+            small_gemm<A, true>(s.T, s.dpad, s.T, dSt.data(), s.Tpad, ops.k(h), s.dpad, G.data(), s.dpad);
+            for (int64_t i = 0; i < s.T; ++i) {
+              if (!w.exists[i]) continue;
+              const A* gr = G.data() + i * s.dpad;
+              if (p.global_q) {
+                add_rows(gr, s.dpad, dq_global.data() + (h * s.T + i) * s.dpad);
+              } else {
+                store_row(gr, s.d, scale, dqp + sq.at(b, w.y[i], w.x[i], h));
+              }
+            }
+            // dV = P^T dO = Pt dO, dK = dS^T Qs = dSt Qs.
+            small_gemm<A, false>(s.T, s.dpad, s.T, Pt.data(), s.Tpad, dO.data(), s.dpad, G.data(), s.dpad);
             for (int64_t j = 0; j < s.T; ++j) {
-              Pt[j * s.Tpad + i] = pr[j];
-              dSt[j * s.Tpad + i] = dr[j];
+              if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dvp + sv.at(b, w.y[j], w.x[j], h));
             }
-          }
-          // dQ = scale dS K (rows of missing queries are zero and never stored).
-          mat_mat(dP.data(), s.Tpad, s.T, s.T, ops.k(h), s.dpad, s.dpad, G.data(), s.dpad);
-          for (int64_t i = 0; i < s.T; ++i) {
-            if (!w.exists[i]) continue;
-            const A* gr = G.data() + i * s.dpad;
-            if (p.global_q) {
-              A* gq = dq_global.data() + (h * s.T + i) * s.dpad;
-              for (int64_t c = 0; c < s.d; ++c) gq[c] += gr[c];
-            } else {
-              store_row(gr, s.d, scale, dqp + sq.at(b, w.y[i], w.x[i], h));
+            small_gemm<A, false>(s.T, s.dpad, s.T, dSt.data(), s.Tpad, ops.qs(h), s.dpad, G.data(), s.dpad);
+            for (int64_t j = 0; j < s.T; ++j) {
+              if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dkp + sk.at(b, w.y[j], w.x[j], h));
             }
-          }
-          // dV = P^T dO, dK = dS^T Qs.
-          mat_mat(Pt.data(), s.Tpad, s.T, s.T, dO.data(), s.dpad, s.dpad, G.data(), s.dpad);
-          for (int64_t j = 0; j < s.T; ++j) {
-            if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dvp + sv.at(b, w.y[j], w.x[j], h));
-          }
-          mat_mat(dSt.data(), s.Tpad, s.T, s.T, ops.qs(h), s.dpad, s.dpad, G.data(), s.dpad);
-          for (int64_t j = 0; j < s.T; ++j) {
-            if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dkp + sk.at(b, w.y[j], w.x[j], h));
           }
         }
-      }
-      if (p.global_q) {
-        for (int64_t h = 0; h < s.heads; ++h)
-          for (int64_t t = 0; t < s.T; ++t)
-            store_row(dq_global.data() + (h * s.T + t) * s.dpad, s.d, scale,
-                      dqp + sq.at(b, t / g.ww, t % g.ww, h));
+        if (p.global_q) {
+          for (int64_t h = 0; h < s.heads; ++h)
+            for (int64_t t = 0; t < s.T; ++t)
+              store_row(dq_global.data() + (h * s.T + t) * s.dpad, s.d, scale,
+                        dqp + sq.at(b, t / g.ww, t % g.ww, h));
+        }
       }
     }
   });
 
   if (has_bias) {
+    std::vector<A> total(s.heads * TT, A(0));
+    for (int64_t c = 0; c < chunks; ++c) add_rows(dS_part.data() + c * s.heads * TT, s.heads * TT, total.data());
+    std::vector<A> table(g.table_size() * s.heads, A(0));
+    for (int64_t h = 0; h < s.heads; ++h)
+      for (int64_t i = 0; i < s.T; ++i)
+        for (int64_t j = 0; j < s.T; ++j)
+          table[s.rel[i * s.T + j] * s.heads + h] += total[h * TT + j * s.Tpad + i];
     scalar_t* out = dbias.mutable_data_ptr<scalar_t>();
-    for (int64_t r = 0; r < table; ++r) {
-      for (int64_t h = 0; h < s.heads; ++h) {
-        A sum(0);
-        for (int64_t t = 0; t < tasks; ++t) sum += dbias_part[(t * s.heads + h) * table + r];
-        out[r * s.heads + h] = static_cast<scalar_t>(sum);
-      }
-    }
+    for (size_t r = 0; r < table.size(); ++r) out[r] = static_cast<scalar_t>(table[r]);
   }
 }
 
