@@ -210,26 +210,40 @@ Setup<A> make_setup(const Problem& p) {
   return s;
 }
 
-// A window's operands in task-local buffers, every head, zero-padded: per head h, Qs = scale * q,
-// K and V [Tpad, dpad]; one head's Qt = Qs^T [dpad, Tpad] is formed just before its products. Each
-// token's heads are read in one pass over its memory (q, k, v usually are views of one packed qkv
-// row). Missing tokens (partial windows) get zero rows; the paddings are zeroed once at allocation
-// and never written.
+// A window's operands in task-local buffers, zero-padded, token-major: row t of Qs = scale * q,
+// K and V holds every head's [dpad] slice of token t, so head h's [Tpad, dpad] operand starts at
+// h * dpad with row stride ld = heads * dpad. One head's Qt = Qs^T [dpad, Tpad] is formed just
+// before its products. When a token's heads are one contiguous span in memory (q, k, v views of
+// a packed qkv row) and d needs no padding, a token's row is one vector copy. Missing tokens
+// (partial windows) get zero rows; the paddings are zeroed once at allocation and never written.
 template <typename scalar_t, typename A>
 struct Operands {
   std::vector<A> Qs, K, V, Qt;
-  int64_t stride = 0;  // per head
+  int64_t ld = 0;
 
-  const A* qs(int64_t h) const { return Qs.data() + h * stride; }
-  const A* k(int64_t h) const { return K.data() + h * stride; }
-  const A* v(int64_t h) const { return V.data() + h * stride; }
+  const A* qs(int64_t h, int64_t dpad) const { return Qs.data() + h * dpad; }
+  const A* k(int64_t h, int64_t dpad) const { return K.data() + h * dpad; }
+  const A* v(int64_t h, int64_t dpad) const { return V.data() + h * dpad; }
 
   void allocate(const Setup<A>& s) {
-    stride = s.Tpad * s.dpad;
-    Qs.assign(s.heads * stride, A(0));
-    K.assign(s.heads * stride, A(0));
-    V.assign(s.heads * stride, A(0));
+    ld = s.heads * s.dpad;
+    Qs.assign(s.Tpad * ld, A(0));
+    K.assign(s.Tpad * ld, A(0));
+    V.assign(s.Tpad * ld, A(0));
     Qt.assign(s.dpad * s.Tpad, A(0));
+  }
+
+  // Row t of dst from the token whose head 0 starts at src (head stride sh), times mul.
+  static void load_token(const scalar_t* src, int64_t sh, const Setup<A>& s, A mul, A* dst) {
+    if (sh == s.d && s.d == s.dpad) {
+      load_row(src, s.heads * s.d, mul, dst);
+    } else {
+      for (int64_t h = 0; h < s.heads; ++h) load_row(src + h * sh, s.d, mul, dst + h * s.dpad);
+    }
+  }
+
+  static void zero_token(const Setup<A>& s, A* dst) {
+    for (int64_t h = 0; h < s.heads; ++h) std::fill(dst + h * s.dpad, dst + h * s.dpad + s.d, A(0));
   }
 
   void gather(const Problem& p, const Setup<A>& s, const WindowTokens& w, int64_t b) {
@@ -240,24 +254,22 @@ struct Operands {
     const A scale = static_cast<A>(p.scale);
     const int64_t ww = p.geo.ww;
     for (int64_t t = 0; t < s.T; ++t) {
-      for (int64_t h = 0; h < s.heads; ++h) {
-        A* qs = Qs.data() + h * stride + t * s.dpad;
-        A* kr = K.data() + h * stride + t * s.dpad;
-        A* vr = V.data() + h * stride + t * s.dpad;
-        if (p.global_q) {
-          load_row(q + sq.at(b, t / ww, t % ww, h), s.d, scale, qs);
-        } else if (w.exists[t]) {
-          load_row(q + sq.at(b, w.y[t], w.x[t], h), s.d, scale, qs);
-        } else {
-          std::fill(qs, qs + s.d, A(0));
-        }
-        if (w.exists[t]) {
-          load_row(k + sk.at(b, w.y[t], w.x[t], h), s.d, A(1), kr);
-          load_row(v + sv.at(b, w.y[t], w.x[t], h), s.d, A(1), vr);
-        } else {
-          std::fill(kr, kr + s.d, A(0));
-          std::fill(vr, vr + s.d, A(0));
-        }
+      A* qs = Qs.data() + t * ld;
+      A* kr = K.data() + t * ld;
+      A* vr = V.data() + t * ld;
+      if (p.global_q) {
+        load_token(q + sq.at(b, t / ww, t % ww, 0), sq.h, s, scale, qs);
+      } else if (w.exists[t]) {
+        load_token(q + sq.at(b, w.y[t], w.x[t], 0), sq.h, s, scale, qs);
+      } else {
+        zero_token(s, qs);
+      }
+      if (w.exists[t]) {
+        load_token(k + sk.at(b, w.y[t], w.x[t], 0), sk.h, s, A(1), kr);
+        load_token(v + sv.at(b, w.y[t], w.x[t], 0), sv.h, s, A(1), vr);
+      } else {
+        zero_token(s, kr);
+        zero_token(s, vr);
       }
     }
   }
@@ -266,8 +278,8 @@ struct Operands {
 // St = K Qs^T + bias (+ mask) for head h: [T, Tpad], keys by queries; -inf at masked pairs.
 template <typename scalar_t, typename A>
 void scores_t(const Setup<A>& s, Operands<scalar_t, A>& ops, const WindowTokens& w, int64_t h, A* St) {
-  cpu::transpose<A>(ops.qs(h), s.dpad, s.Tpad, s.dpad, ops.Qt.data(), s.Tpad);
-  small_gemm<A, false>(s.T, s.Tpad, s.d, ops.k(h), s.dpad, ops.Qt.data(), s.Tpad, St, s.Tpad,
+  cpu::transpose<A>(ops.qs(h, s.dpad), ops.ld, s.Tpad, s.dpad, ops.Qt.data(), s.Tpad);
+  small_gemm<A, false>(s.T, s.Tpad, s.d, ops.k(h, s.dpad), ops.ld, ops.Qt.data(), s.Tpad, St, s.Tpad,
                        InitRows<A>{s.bias_of(h), s.Tpad}, InitRows<A>{s.mask_of(w.cls), s.Tpad});
 }
 
@@ -303,7 +315,7 @@ void forward_typed(const Problem& p, at::Tensor& out, at::Tensor& lse_t) {
           for (int64_t i = 0; i < s.T; ++i) lse[(task * s.T + i) * s.heads + h] = w.exists[i] ? row_lse[i] : A(0);
         }
         // O = P V with P = St^T, read by columns.
-        small_gemm<A, true>(s.T, s.dpad, s.T, St.data(), s.Tpad, ops.v(h), s.dpad, O.data(), s.dpad);
+        small_gemm<A, true>(s.T, s.dpad, s.T, St.data(), s.Tpad, ops.v(h, s.dpad), ops.ld, O.data(), s.dpad);
         for (int64_t i = 0; i < s.T; ++i) {
           if (w.exists[i]) store_row(O.data() + i * s.dpad, s.d, sum[i], o + so.at(b, w.y[i], w.x[i], h));
         }
@@ -342,7 +354,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
     WindowTokens w;
     Operands<scalar_t, A> ops;
     ops.allocate(s);
-    std::vector<A> dO(s.Tpad * s.dpad, A(0)), dOt(s.dpad * s.Tpad, A(0)), Pt(TT), dSt(TT), G(s.T * s.dpad),
+    std::vector<A> dO(s.Tpad * ops.ld, A(0)), dOt(s.dpad * s.Tpad, A(0)), Pt(TT), dSt(TT), G(s.T * s.dpad),
         row_lse(s.Tpad), D(s.Tpad), dq_global;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       A* part = has_bias ? dS_part.data() + chunk * s.heads * TT : nullptr;
@@ -353,27 +365,28 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
         for (int64_t win = unit * per_unit % nW, n = 0; n < per_unit; ++n, ++win) {
           w.build(g, win);
           ops.gather(p, s, w, b);
+          for (int64_t i = 0; i < s.T; ++i) {
+            A* row = dO.data() + i * ops.ld;
+            if (w.exists[i]) {
+              ops.load_token(go + sg.at(b, w.y[i], w.x[i], 0), sg.h, s, A(1), row);
+            } else {
+              ops.zero_token(s, row);
+            }
+          }
           const int64_t lse_base = (b * nW + win) * s.T;
           for (int64_t h = 0; h < s.heads; ++h) {
+            const A* dOh = dO.data() + h * s.dpad;
             // A missing query's lane (and a padding lane) gets lse = +inf: P = 0 there, so it drops
             // out of every product.
             for (int64_t i = 0; i < s.Tpad; ++i) {
               row_lse[i] = i < s.T && w.exists[i] ? lse[(lse_base + i) * s.heads + h]
                                                   : std::numeric_limits<A>::infinity();
             }
-            for (int64_t i = 0; i < s.T; ++i) {
-              A* row = dO.data() + i * s.dpad;
-              if (w.exists[i]) {
-                load_row(go + sg.at(b, w.y[i], w.x[i], h), s.d, A(1), row);
-              } else {
-                std::fill(row, row + s.d, A(0));
-              }
-            }
-            cpu::transpose<A>(dO.data(), s.dpad, s.Tpad, s.dpad, dOt.data(), s.Tpad);
+            cpu::transpose<A>(dOh, ops.ld, s.Tpad, s.dpad, dOt.data(), s.Tpad);
             // Pt = exp(St - lse), dPt = V dO^T, dSt = Pt * (dPt - D), D[i] = sum_j Pt[j, i] dPt[j, i].
             scores_t(s, ops, w, h, Pt.data());
             column_exp(Pt.data(), s.T, s.Tpad, row_lse.data(), static_cast<A*>(nullptr));
-            small_gemm<A, false>(s.T, s.Tpad, s.d, ops.v(h), s.dpad, dOt.data(), s.Tpad, dSt.data(), s.Tpad);
+            small_gemm<A, false>(s.T, s.Tpad, s.d, ops.v(h, s.dpad), ops.ld, dOt.data(), s.Tpad, dSt.data(), s.Tpad);
             for (int64_t i = 0; i < s.Tpad; i += W) {
               Vec<A> acc(A(0));
               for (int64_t j = 0; j < s.T; ++j) {
@@ -387,7 +400,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
             }
             if (part != nullptr) add_rows(dSt.data(), TT, part + h * TT);
             // dQ = scale dS K (dS = dSt^T, read by columns).
-            small_gemm<A, true>(s.T, s.dpad, s.T, dSt.data(), s.Tpad, ops.k(h), s.dpad, G.data(), s.dpad);
+            small_gemm<A, true>(s.T, s.dpad, s.T, dSt.data(), s.Tpad, ops.k(h, s.dpad), ops.ld, G.data(), s.dpad);
             for (int64_t i = 0; i < s.T; ++i) {
               if (!w.exists[i]) continue;
               const A* gr = G.data() + i * s.dpad;
@@ -398,11 +411,11 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
               }
             }
             // dV = P^T dO = Pt dO, dK = dS^T Qs = dSt Qs.
-            small_gemm<A, false>(s.T, s.dpad, s.T, Pt.data(), s.Tpad, dO.data(), s.dpad, G.data(), s.dpad);
+            small_gemm<A, false>(s.T, s.dpad, s.T, Pt.data(), s.Tpad, dOh, ops.ld, G.data(), s.dpad);
             for (int64_t j = 0; j < s.T; ++j) {
               if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dvp + sv.at(b, w.y[j], w.x[j], h));
             }
-            small_gemm<A, false>(s.T, s.dpad, s.T, dSt.data(), s.Tpad, ops.qs(h), s.dpad, G.data(), s.dpad);
+            small_gemm<A, false>(s.T, s.dpad, s.T, dSt.data(), s.Tpad, ops.qs(h, s.dpad), ops.ld, G.data(), s.dpad);
             for (int64_t j = 0; j < s.T; ++j) {
               if (w.exists[j]) store_row(G.data() + j * s.dpad, s.d, A(1), dkp + sk.at(b, w.y[j], w.x[j], h));
             }
