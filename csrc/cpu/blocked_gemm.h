@@ -89,16 +89,41 @@ void weight_grad(int64_t np, int64_t R, int64_t N, const A* a, int64_t a_p, int6
 // [panel][k][kGemmCols * V] (zero past N); kGemmRows rows x kGemmCols vectors of sums stay in
 // registers, summed in k order; the bias and the gate are applied as the sums leave them.
 
-// Register block of the gated GEMM: kGemmRows rows x kGemmCols vectors of sums, plus kGemmCols
-// vectors of the weight panel and one broadcast, within the ISA's registers (AVX-512: 6 x 4 + 5 of
-// 32; the others: 4 x 2 + 3 of 16).
+// Register budgets, within the ISA's vector registers (AVX-512: 32; the others: 16):
+// - gated GEMM: kGemmRows rows x kGemmCols vectors of sums, plus kGemmCols vectors of the weight
+//   panel and one broadcast (AVX-512: 6 x 4 + 5; the others: 4 x 2 + 3);
+// - small GEMM (below): up to kSmallSums sums in at most kSmallCols vectors per row, plus those
+//   vectors of B and one broadcast (AVX-512: 24 + 4 + 1; the others: 12 + 3 + 1).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kGemmRows = 6;
 constexpr int64_t kGemmCols = 4;
+constexpr int kSmallSums = 24;
+constexpr int kSmallCols = 4;
 #else
 constexpr int64_t kGemmRows = 4;
 constexpr int64_t kGemmCols = 2;
+constexpr int kSmallSums = 12;
+constexpr int kSmallCols = 3;
 #endif
+
+// acc[i][j] += sum over k < K, in order, of A(i, k) * b[k * ldb + j V, + V): the k loop of a
+// register block, R rows x NB vectors of sums. A(i, k) is a[i * lda + k], or a[k * lda + i] when
+// kTransA; each element is a broadcast, so reading A by columns costs the same as by rows.
+template <typename A, bool kTransA, int64_t R, int64_t NB>
+inline void accumulate_block(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, Vec<A> (&acc)[R][NB]) {
+  constexpr int64_t V = Vec<A>::size();
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<A> bv[NB];
+#pragma GCC unroll 4
+    for (int64_t j = 0; j < NB; ++j) bv[j] = Vec<A>::loadu(b + k * ldb + j * V);
+#pragma GCC unroll 12
+    for (int64_t i = 0; i < R; ++i) {
+      const Vec<A> av(kTransA ? a[k * lda + i] : a[i * lda + k]);
+#pragma GCC unroll 4
+      for (int64_t j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
+    }
+  }
+}
 
 // The panels of W [N, K] (row-major) at dst; returns the floats they take.
 template <typename A>
@@ -145,17 +170,7 @@ inline void gated_block(int64_t K, const A* a, int64_t lda, const A* panel, int6
 #pragma GCC unroll 4
     for (int64_t j = 0; j < kGemmCols; ++j) acc[i][j] = Vec<A>(A(0));
   }
-  for (int64_t k = 0; k < K; ++k) {
-    Vec<A> bv[kGemmCols];
-#pragma GCC unroll 4
-    for (int64_t j = 0; j < kGemmCols; ++j) bv[j] = Vec<A>::loadu(panel + k * NR + j * V);
-#pragma GCC unroll 8
-    for (int64_t i = 0; i < Rows; ++i) {
-      const Vec<A> av(a[i * lda + k]);
-#pragma GCC unroll 4
-      for (int64_t j = 0; j < kGemmCols; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
-    }
-  }
+  accumulate_block<A, false, Rows, kGemmCols>(K, a, lda, panel, NR, acc);
 #pragma GCC unroll 4
   for (int64_t j = 0; j < kGemmCols; ++j) {
     const int64_t n = std::min(V, N - j * V);
@@ -198,21 +213,12 @@ void gated_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const 
 // ---- small GEMM --------------------------------------------------------------------------------
 //
 // C[M, N] = init0 + init1 + A B, where every operand is small and in cache, so nothing is packed.
-// Element (i, k) of A is at a[i * lda + k] (kTransA false) or a[k * lda + i] (kTransA true): each
-// is used as a broadcast, so reading A by columns costs the same as by rows. B is [K, N] row-major
+// A is read in place by rows or by columns (accumulate_block). B is [K, N] row-major
 // and N a multiple of the vector width (callers pad their buffers). The init rows (each may be
 // null) seed the sums: an additive bias, a 0 / -inf mask. Sums run in k order.
 //
-// Register block: R rows x NB vectors of sums with R * NB <= kSmallSums, NB <= kSmallCols, plus NB
-// vectors of B and a broadcast (AVX-512: up to 24 + 4 + 1 of 32 registers; the others: 12 + 3 + 1
-// of 16).
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kSmallSums = 24;
-constexpr int kSmallCols = 4;
-#else
-constexpr int kSmallSums = 12;
-constexpr int kSmallCols = 3;
-#endif
+// Register block: R rows x NB vectors of sums with R * NB <= kSmallSums, NB <= kSmallCols (see
+// the register budgets above).
 
 template <typename A>
 struct InitRows {
@@ -220,7 +226,7 @@ struct InitRows {
   int64_t ld = 0;
 };
 
-template <typename A, bool kTransA, int R, int NB>
+template <typename A, bool kTransA, int64_t R, int64_t NB>
 inline void small_block(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
                         InitRows<A> i0, InitRows<A> i1) {
   constexpr int64_t V = Vec<A>::size();
@@ -233,17 +239,7 @@ inline void small_block(int64_t K, const A* a, int64_t lda, const A* b, int64_t 
       if (i1.p != nullptr) acc[i][j] = acc[i][j] + Vec<A>::loadu(i1.p + i * i1.ld + j * V);
     }
   }
-  for (int64_t k = 0; k < K; ++k) {
-    Vec<A> bv[NB];
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) bv[j] = Vec<A>::loadu(b + k * ldb + j * V);
-#pragma GCC unroll 12
-    for (int i = 0; i < R; ++i) {
-      const Vec<A> av(kTransA ? a[k * lda + i] : a[i * lda + k]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
-    }
-  }
+  accumulate_block<A, kTransA, R, NB>(K, a, lda, b, ldb, acc);
 #pragma GCC unroll 12
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 4
