@@ -128,6 +128,46 @@ def test_deterministic_backward(device):
         assert torch.equal(a, b)
 
 
+def test_same_result_at_any_thread_count():
+    # The CPU kernels split work the same way whatever the thread count, and reduce the bias-table
+    # gradient over fixed chunks of windows.
+    q, k, v, table = (t.float().requires_grad_() for t in make(2, 14, 14, 3, 32, 7))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = tm.window_attention(q, k, v, window_size=7, shift_size=3, bias_table=table)
+            results.append((out,) + torch.autograd.grad(out.square().sum(), (q, k, v, table)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_underflowing_probabilities(device):
+    # A third of the relative positions get a bias of -120: their probabilities underflow (the
+    # AVX-512 CPU exp flushes those below 2^-125 to zero instead of returning denormals).
+    q, k, v, table = make(2, 14, 14, 2, 32, 7)
+    table[::3] -= 120
+    inputs = [t.to(device) for t in (q, k, v, table)]
+    check_against_oracle(lambda q, k, v, t: tm.window_attention(q, k, v, window_size=7, shift_size=3, bias_table=t),
+                         lambda q, k, v, t: ref(q, k, v, window_size=7, shift_size=3, bias_table=t),
+                         inputs, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_stays_in_its_query(device):
+    q, k, v, table = (t.float().to(device) for t in make(1, 14, 14, 2, 8, 7))
+    q[0, 2, 3, 1, 0] = float("nan")
+    out = tm.window_attention(q, k, v, window_size=7, shift_size=3, bias_table=table)
+    expected = ref(q, k, v, window_size=7, shift_size=3, bias_table=table)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert out.isnan().any()
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

@@ -101,11 +101,13 @@ void transpose(const A* src, int64_t ld_src, int64_t rows, int64_t cols, A* dst,
   }
 }
 
-// exp(x) for softmax arguments (x <= 0, -inf or NaN). On AVX-512 for float: 2^t with t = x log2(e)
-// split into n + f, |f| <= 1/2, 2^f a degree-5 polynomial fitted for relative error (2.3e-7) and
-// 2^n applied by vscalefps. Results below 2^-125 are flushed to zero: a denormal would cost a
-// microcode assist in every product that reads it (NaN still gives NaN). Ten vector instructions
-// against twenty of exp_u20, which the other builds and types use.
+// exp(x) for softmax arguments (x <= 0, -inf or NaN). On AVX-512 for float: x = n ln2 + r with
+// n = round(x log2(e)) and r reduced in two steps (ln2 split into a short high part, exact in the
+// product with n, and a low part), so r is accurate whatever the size of x; e^r is a degree-6
+// polynomial fitted for relative error (1e-7 on |r| <= ln2 / 2) and 2^n is applied by vscalefps.
+// Results below 2^-125 are flushed to zero: a denormal would cost a microcode assist in every
+// product that reads it (NaN still gives NaN). Twelve vector instructions against twenty of
+// exp_u20, which the other builds and types use.
 template <typename A>
 inline Vec<A> exp_nonpositive(const Vec<A>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -113,13 +115,15 @@ inline Vec<A> exp_nonpositive(const Vec<A>& x) {
     const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
     const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.32679e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675470e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550740e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022122e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.3830375e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3747804e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668341e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666421e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999991e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return _mm512_maskz_scalef_ps(normal, p, n);
   }
 #endif
