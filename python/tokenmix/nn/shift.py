@@ -62,6 +62,17 @@ class ConvMlp(nn.Module):
 
 # ---- Hire-MLP --------------------------------------------------------------------------------
 
+
+def _pointwise(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x)`` for a 1x1, stride-1, ungrouped ``conv`` with a bias, as one batched matrix
+    product ``W x + b`` over the pixels, ``[B, C, H, W] -> [B, O, H, W]``. PyTorch's CPU convolution
+    runs a 1x1 through im2col, which first copies the input."""
+    B, C, H, W = x.shape
+    out = conv.out_channels
+    y = torch.baddbmm(conv.bias.view(1, out, 1), conv.weight.view(out, C).expand(B, out, C),
+                      x.reshape(B, C, H * W))
+    return y.view(B, out, H, W)
+
 def _step_shift(t: Tensor, axis: int, step: int, mode: str) -> Tensor:
     """Hire-MLP's cross-region step before the fold: a roll (``'c'``), or a shift by ``step``
     that fills zeros and drops what leaves the map (``'0'``)."""
@@ -125,7 +136,8 @@ class HireMLP(nn.Module):
         \mathrm{out} = \mathrm{proj}(a_0 h + a_1 w + a_2 c)
 
     The fold and the first 1x1 run as one ``region_fold_linear``, the second 1x1 and the unfold as
-    one ``linear_region_unfold``: this is exactly the official roll, circular pad, reshape,
+    one ``linear_region_unfold``, and the channel branch and ``proj`` as batched matrix products
+    (no im2col copy): this is exactly the official roll, circular pad, reshape,
     permute, conv, ..., narrow, roll when ``step_pad_mode == pixel_pad_mode == 'c'`` (the
     configuration of every released Hire-MLP). The BatchNorms stay ``nn.BatchNorm2d`` modules, so
     train / eval mode and the running statistics behave as in the official module.
@@ -191,7 +203,7 @@ class HireMLP(nn.Module):
         B, C = x.shape[0], x.shape[1]
         fused = self.fused and self.fusable
         h, w = self._forward_fused(x) if fused else self._forward_eager(x)
-        c = self.mlp_c(x)
+        c = _pointwise(x, self.mlp_c) if fused else self.mlp_c(x)
         # Split attention: a softmax over the three branches, per channel. Fused, the mean of the
         # sum is the sum of the means and the weighted sum accumulates into one buffer: 8 reads
         # and 3 writes of a [B, C, H, W] tensor instead of 12 and 7 (the same values up to
@@ -203,8 +215,8 @@ class HireMLP(nn.Module):
         a = self.reweight(a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, :, None, None]
         if fused:
             mixed = (c * a[2]).addcmul_(h, a[0]).addcmul_(w, a[1])
-        else:
-            mixed = h * a[0] + w * a[1] + c * a[2]
+            return self.proj_drop(_pointwise(mixed, self.proj))
+        mixed = h * a[0] + w * a[1] + c * a[2]
         return self.proj_drop(self.proj(mixed))
 
     def extra_repr(self) -> str:
