@@ -63,14 +63,15 @@ class ConvMlp(nn.Module):
 # ---- Hire-MLP --------------------------------------------------------------------------------
 
 
-def _pointwise(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """``conv(x)`` for a 1x1, stride-1, ungrouped ``conv`` with a bias, as one batched matrix
-    product ``W x + b`` over the pixels, ``[B, C, H, W] -> [B, O, H, W]``. PyTorch's CPU convolution
-    runs a 1x1 through im2col, which first copies the input."""
-    B, C, H, W = x.shape
-    out = conv.out_channels
-    y = torch.baddbmm(conv.bias.view(1, out, 1), conv.weight.view(out, C).expand(B, out, C),
-                      x.reshape(B, C, H * W))
+def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A 1x1, stride-1, ungrouped convolution (``weight`` [O, C, 1, 1]) as one batched matrix
+    product ``W x + b`` over the pixels, ``[B, C, H, W] -> [B, O, H, W]``. PyTorch's CPU
+    convolution runs a 1x1 through im2col, which first copies the input."""
+    B, C, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+    out = weight.shape[0]
+    w = weight.view(out, C).expand(B, out, C)
+    pixels = x.reshape(B, C, H * W)
+    y = torch.bmm(w, pixels) if bias is None else torch.baddbmm(bias.view(1, out, 1), w, pixels)
     return y.view(B, out, H, W)
 
 def _step_shift(t: Tensor, axis: int, step: int, mode: str) -> Tensor:
@@ -203,7 +204,7 @@ class HireMLP(nn.Module):
         B, C = x.shape[0], x.shape[1]
         fused = self.fused and self.fusable
         h, w = self._forward_fused(x) if fused else self._forward_eager(x)
-        c = _pointwise(x, self.mlp_c) if fused else self.mlp_c(x)
+        c = _pointwise(x, self.mlp_c.weight, self.mlp_c.bias) if fused else self.mlp_c(x)
         # Split attention: a softmax over the three branches, per channel. Fused, the mean of the
         # sum is the sum of the means and the weighted sum accumulates into one buffer: 8 reads
         # and 3 writes of a [B, C, H, W] tensor instead of 12 and 7 (the same values up to
@@ -215,7 +216,7 @@ class HireMLP(nn.Module):
         a = self.reweight(a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)[:, :, :, None, None]
         if fused:
             mixed = (c * a[2]).addcmul_(h, a[0]).addcmul_(w, a[1])
-            return self.proj_drop(_pointwise(mixed, self.proj))
+            return self.proj_drop(_pointwise(mixed, self.proj.weight, self.proj.bias))
         mixed = h * a[0] + w * a[1] + c * a[2]
         return self.proj_drop(self.proj(mixed))
 
