@@ -45,13 +45,17 @@ void rowwise(int64_t rows, int64_t n, A* dst, int64_t ldd, const Op& op, In... i
   }
 }
 
-// sum[:n] (+)= column sums of src[rows, :n], rows in order.
+// dst[:n] += src[:n].
+template <typename A>
+void add_into(A* dst, const A* src, int64_t n) {
+  at::vec::map2<A>([](Vec<A> d, Vec<A> v) { return d + v; }, dst, dst, src, n);
+}
+
+// sum[:n] = column sums of src[rows, :n], rows in order.
 template <typename A>
 void column_sums(int64_t rows, int64_t n, const A* src, int64_t ld, A* sum) {
   std::fill(sum, sum + n, A(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    at::vec::map2<A>([](Vec<A> s, Vec<A> v) { return s + v; }, sum, sum, src + r * ld, n);
-  }
+  for (int64_t r = 0; r < rows; ++r) add_into(sum, src + r * ld, n);
 }
 
 // Tile [np, C] (accumulation type) <-> tensor rows of image pixels in NCHW or NHWC: element

@@ -99,13 +99,6 @@ void store_row(const A* src, int64_t d, A mul, scalar_t* dst) {
   for (; c < d; ++c) dst[c] = static_cast<scalar_t>(src[c] * mul);
 }
 
-// dst[0, n) += src[0, n), n a multiple of the vector width.
-template <typename A>
-void add_rows(const A* src, int64_t n, A* dst) {
-  constexpr int64_t W = Vec<A>::size();
-  for (int64_t j = 0; j < n; j += W) (Vec<A>::loadu(dst + j) + Vec<A>::loadu(src + j)).store(dst + j);
-}
-
 // Element offsets of a [B, H, W, heads, d] (or window-shaped) tensor with unit last stride.
 struct Strides {
   int64_t b, y, x, h;
@@ -398,14 +391,14 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
                 (Vec<A>::loadu(Pt.data() + j * s.Tpad + i) * (Vec<A>::loadu(ds) - acc)).store(ds);
               }
             }
-            if (part != nullptr) add_rows(dSt.data(), TT, part + h * TT);
+            if (part != nullptr) cpu::add_into(part + h * TT, dSt.data(), TT);
             // dQ = scale dS K (dS = dSt^T, read by columns).
             small_gemm<A, true>(s.T, s.dpad, s.T, dSt.data(), s.Tpad, ops.k(h, s.dpad), ops.ld, G.data(), s.dpad);
             for (int64_t i = 0; i < s.T; ++i) {
               if (!w.exists[i]) continue;
               const A* gr = G.data() + i * s.dpad;
               if (p.global_q) {
-                add_rows(gr, s.dpad, dq_global.data() + (h * s.T + i) * s.dpad);
+                cpu::add_into(dq_global.data() + (h * s.T + i) * s.dpad, gr, s.dpad);
               } else {
                 store_row(gr, s.d, scale, dqp + sq.at(b, w.y[i], w.x[i], h));
               }
@@ -433,7 +426,7 @@ void backward_typed(const Problem& p, const at::Tensor& grad, const at::Tensor& 
 
   if (has_bias) {
     std::vector<A> total(s.heads * TT, A(0));
-    for (int64_t c = 0; c < chunks; ++c) add_rows(dS_part.data() + c * s.heads * TT, s.heads * TT, total.data());
+    for (int64_t c = 0; c < chunks; ++c) cpu::add_into(total.data(), dS_part.data() + c * s.heads * TT, s.heads * TT);
     std::vector<A> table(g.table_size() * s.heads, A(0));
     for (int64_t h = 0; h < s.heads; ++h)
       for (int64_t i = 0; i < s.T; ++i)
