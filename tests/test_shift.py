@@ -283,9 +283,9 @@ def test_strided_weight(device):
 
 # ---- kernel paths: many tiles, thread counts, empty batch ---------------------------------
 
-# Shapes past one tile per image: the CPU kernels tile about 48K floats / max(K, Cout) pixels, so
-# 160 channels over a 21x23 grid make two bands, the second partial. With 17 images (34 tiles) the
-# weight gradient sums more tiles than its 32 chunks, some chunks holding two.
+# Shapes past one tile per image: the CPU kernels tile about 96K floats / max(K, Cout) pixels, so
+# 160 channels over a 21x23 grid make tiles of 16 rows, which straddle images. With 40 images (34
+# tiles) the weight gradient sums more tiles than its 32 chunks, some chunks holding two.
 def multi_tile_cases(B):
     C, J = 160, 48
     pairs = [(1, -2), (-3, 0), (0, 25), (-22, 5)]
@@ -293,7 +293,7 @@ def multi_tile_cases(B):
     for mode in MODES:
         f, o = shift_linear_fns(pairs, None, mode)
         cases.append((f"shift_linear-{mode}", f, o, [(B, C, 21, 23), (J, C), (J,)]))
-    # The folded grids: 15x23 (45 rows, p = 3) and 21x24 (47 columns, p = 2), two bands each.
+    # The folded grids: 15x23 (45 rows, p = 3) and 21x24 (47 columns, p = 2), tiles across images.
     for axis, p, shift, H, W in [(2, 3, 1, 45, 23), (3, 2, -4, 21, 47)]:
         f, o = fold_linear_fns(axis, p, shift)
         cases.append((f"region_fold_linear-axis{axis}", f, o, [(B, C // p, H, W), (J, (C // p) * p), (J,)]))
@@ -304,7 +304,7 @@ def multi_tile_cases(B):
 
 
 MULTI_TILE = multi_tile_cases(3)
-MANY_TILES = multi_tile_cases(17)
+MANY_TILES = multi_tile_cases(40)
 
 
 def check_tiles(device, dtype, case):

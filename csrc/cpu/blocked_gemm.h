@@ -6,8 +6,9 @@
 //   weight_grad   out = A^T B summed over rows in order: a reduction whose result depends on
 //                 neither the thread nor the thread count;
 //   small_gemm    C = init + A B for operands that already sit in cache (a window's attention
-//                 products): A read in place as rows or as columns, so A^T needs no transpose.
-// Both sum every output in k order whatever the blocking, so a row's bits do not depend on the
+//                 products, a packed tile of the shift family's projections): A read in place as
+//                 rows or as columns, so A^T needs no transpose.
+// The GEMMs sum every output in k order whatever the blocking, so a row's bits do not depend on the
 // tile it is in. Per capability (cpu/per_isa.h): the register blocks are sized for the build's
 // ISA.
 #pragma once
@@ -214,16 +215,19 @@ void gated_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const 
 //
 // C[M, N] = init0 + init1 + A B, where every operand is small and in cache, so nothing is packed.
 // A is read in place by rows or by columns (accumulate_block). B is [K, N] row-major
-// and N a multiple of the vector width (callers pad their buffers). The init rows (each may be
-// null) seed the sums: an additive bias, a 0 / -inf mask. Sums run in k order.
+// and N a multiple of the vector width (callers pad their buffers). The inits (each may be null)
+// seed the sums: rows of an additive bias or a 0 / -inf mask, or one value per row of C (a bias
+// per output channel when C's columns are pixels). Sums run in k order.
 //
 // Register block: R rows x NB vectors of sums with R * NB <= kSmallSums, NB <= kSmallCols (see
 // the register budgets above).
 
+// Row i of the init: p[i * ld, + N), or, when per_row, p[i * ld] in every column.
 template <typename A>
 struct InitRows {
   const A* p = nullptr;
   int64_t ld = 0;
+  bool per_row = false;
 };
 
 template <typename A, bool kTransA, int64_t R, int64_t NB>
@@ -235,8 +239,12 @@ inline void small_block(int64_t K, const A* a, int64_t lda, const A* b, int64_t 
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
-      acc[i][j] = i0.p != nullptr ? Vec<A>::loadu(i0.p + i * i0.ld + j * V) : Vec<A>(A(0));
-      if (i1.p != nullptr) acc[i][j] = acc[i][j] + Vec<A>::loadu(i1.p + i * i1.ld + j * V);
+      acc[i][j] = i0.p == nullptr ? Vec<A>(A(0))
+                  : i0.per_row    ? Vec<A>(i0.p[i * i0.ld])
+                                  : Vec<A>::loadu(i0.p + i * i0.ld + j * V);
+      if (i1.p != nullptr) {
+        acc[i][j] = acc[i][j] + (i1.per_row ? Vec<A>(i1.p[i * i1.ld]) : Vec<A>::loadu(i1.p + i * i1.ld + j * V));
+      }
     }
   }
   accumulate_block<A, kTransA, R, NB>(K, a, lda, b, ldb, acc);
@@ -256,7 +264,9 @@ template <typename A, bool kTransA, int NB>
 void small_chunk(int64_t M, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
                  InitRows<A> i0, InitRows<A> i1) {
   constexpr int R = kSmallRows<NB>;
-  const auto step = [](InitRows<A> r, int64_t m) { return InitRows<A>{r.p != nullptr ? r.p + m * r.ld : nullptr, r.ld}; };
+  const auto step = [](InitRows<A> r, int64_t m) {
+    return InitRows<A>{r.p != nullptr ? r.p + m * r.ld : nullptr, r.ld, r.per_row};
+  };
   const auto row_of = [&](int64_t m) { return kTransA ? a + m : a + m * lda; };
   int64_t m = 0;
   for (; m + R <= M; m += R) {
@@ -281,7 +291,9 @@ template <typename A, bool kTransA>
 void small_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
                 int64_t ldc, InitRows<A> i0 = {}, InitRows<A> i1 = {}) {
   constexpr int64_t V = Vec<A>::size();
-  const auto shift = [](InitRows<A> r, int64_t n) { return InitRows<A>{r.p != nullptr ? r.p + n : nullptr, r.ld}; };
+  const auto shift = [](InitRows<A> r, int64_t n) {
+    return InitRows<A>{r.p != nullptr && !r.per_row ? r.p + n : r.p, r.ld, r.per_row};
+  };
   for (int64_t n0 = 0; n0 < N; n0 += kSmallCols * V) {
     const int nb = static_cast<int>(std::min<int64_t>(kSmallCols, (N - n0) / V));
     const A* bn = b + n0;

@@ -11,11 +11,13 @@
 // of about kTileFloats / max(K, J) pixels (at least kMinTilePixels, so that Hire-MLP's small later
 // maps still give wide GEMMs). A tile's operand is packed through the map into per-thread scratch
 // as a [K, pixels] matrix in the accumulation type, which is the GEMM's operand load: the shifted
-// or folded tensor never exists beyond one tile. The GEMM is ATen's (at::mm_out), single-threaded
-// inside the tile loop. Its result goes straight into the output where the tile's pixels are one
-// strided matrix of it (one image, NCHW or channels_last, no store map), else through scratch and
-// the store map, row by row. Weight gradients sum per-chunk partials (a chunk: a fixed range of
-// tiles) in chunk order, so their bits do not depend on the thread count.
+// or folded tensor never exists beyond one tile. The projection is the register-blocked small GEMM
+// of cpu/blocked_gemm.h (pixels across the vector lanes, the bias as the sums' initial value),
+// which writes an NCHW output of the identity map directly, image by image; other outputs take
+// the result through scratch (transposed for channels_last, else through the store map). The
+// weight gradient is ATen's GEMM (at::mm_out), single-threaded inside the tile loop; it sums
+// per-chunk partials (a chunk: a fixed range of tiles) in chunk order, so its bits do not depend
+// on the thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/blocked_gemm.h"
 #include "cpu/rows.h"
 #include "cpu/scratch.h"
 #include "shift_args.h"
@@ -40,11 +43,13 @@ namespace {
 
 using namespace cpu;
 
-enum class Slot { kOperand, kGrad, kResult, kRow, kCount };
+enum class Slot { kOperand, kGrad, kResult, kRow, kTail, kCount };
 
-// Floats of one packed tile operand (it and the result tile stay in a core's L2 cache), bounded by
-// the pixels that make a GEMM wide enough to run at speed.
-constexpr int64_t kTileFloats = 48 * 1024;
+// Floats of one packed tile operand (it and the result tile stay in a core's L2 cache, 1 MB on
+// the smallest we run on), bounded by the pixels that make a GEMM wide enough to run at speed.
+// Tiles of many rows also read each channel's source in contiguous runs long enough for the
+// hardware prefetcher to follow.
+constexpr int64_t kTileFloats = 96 * 1024;
 constexpr int64_t kMinTilePixels = 512;
 constexpr int64_t kMaxTilePixels = 2048;
 constexpr int64_t kTileGroup = 2;
@@ -325,11 +330,12 @@ void rolled_row(const TokenMap& m, const S* row, A* padded) {
   for (int64_t t = L; t < m.Lp; ++t) padded[t] = m.wrap ? padded[t - L] : A(0);
 }
 
-// Packs grid rows [r0, r1) (across images), channels [0, K), as a [K, (r1 - r0) * GW] matrix.
+// Packs grid rows [r0, r1) (across images), channels [0, K), as a [K, (r1 - r0) * GW] matrix
+// whose rows lie ld apart.
 template <typename S, typename A>
 void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t GH, int64_t r0, int64_t r1,
-          A* buf) {
-  const int64_t GW = rows.n, n = (r1 - r0) * GW;
+          A* buf, int64_t ld) {
+  const int64_t GW = rows.n;
   const TokenMap& m = rows.m;
   if (m.kind == MapKind::Fold && m.axis == 3 && rows.st.w == 1) {
     const int64_t p = m.p;
@@ -337,35 +343,36 @@ void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t GH, int64_
     for (int64_t c = 0; c < m.C; ++c) {
       for (int64_t r = r0; r < r1; ++r) {
         rolled_row(m, src + (r / GH) * rows.st.b + c * rows.st.c + (r % GH) * rows.st.h, padded);
-        A* dst = buf + c * p * n + (r - r0) * GW;
+        A* dst = buf + c * p * ld + (r - r0) * GW;
         for (int64_t g = 0; g < GW; ++g) {
-          for (int64_t kk = 0; kk < p; ++kk) dst[kk * n + g] = padded[g * p + kk];
+          for (int64_t kk = 0; kk < p; ++kk) dst[kk * ld + g] = padded[g * p + kk];
         }
       }
     }
     return;
   }
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t r = r0; r < r1; ++r) rows.load(src, r / GH, k, r % GH, buf + k * n + (r - r0) * GW);
+    for (int64_t r = r0; r < r1; ++r) rows.load(src, r / GH, k, r % GH, buf + k * ld + (r - r0) * GW);
   }
 }
 
-// Stores a [J, (r1 - r0) * GW] tile through the map `rows` (rows.store per grid row), or, for an
-// unfold along the columns of an output with contiguous columns, by whole output rows: the p grid
-// rows of channel c become one padded row, rolled back and cropped into the output row.
+// Stores a [J, (r1 - r0) * GW] tile (rows ld apart) through the map `rows` (rows.store per grid
+// row), or, for an unfold along the columns of an output with contiguous columns, by whole output
+// rows: the p grid rows of channel c become one padded row, rolled back and cropped into the
+// output row.
 template <typename S, typename A>
-void store_tile(const MappedRows<S>& rows, const A* tile, int64_t J, int64_t GH, int64_t r0,
-                int64_t r1, S* out) {
-  const int64_t GW = rows.n, n = (r1 - r0) * GW;
+void store_tile(const MappedRows<S>& rows, const A* tile, int64_t ld, int64_t J, int64_t GH,
+                int64_t r0, int64_t r1, S* out) {
+  const int64_t GW = rows.n;
   const TokenMap& m = rows.m;
   if (m.kind == MapKind::Fold && m.axis == 3 && rows.st.w == 1) {
     const int64_t p = m.p, L = m.L, s = m.s;
     A* padded = scratch<A>(Slot::kRow, m.Lp);
     for (int64_t c = 0; c < m.C; ++c) {
       for (int64_t r = r0; r < r1; ++r) {
-        const A* src = tile + c * p * n + (r - r0) * GW;
+        const A* src = tile + c * p * ld + (r - r0) * GW;
         for (int64_t g = 0; g < GW; ++g) {
-          for (int64_t kk = 0; kk < p; ++kk) padded[g * p + kk] = src[kk * n + g];
+          for (int64_t kk = 0; kk < p; ++kk) padded[g * p + kk] = src[kk * ld + g];
         }
         S* row = out + (r / GH) * rows.st.b + c * rows.st.c + (r % GH) * rows.st.h;
         convert(row, padded + s, L - s);  // row[i] = padded[(i + s) mod L]
@@ -376,63 +383,116 @@ void store_tile(const MappedRows<S>& rows, const A* tile, int64_t J, int64_t GH,
   }
   for (int64_t j = 0; j < J; ++j) {
     for (int64_t r = r0; r < r1; ++r) {
-      rows.store(tile + j * n + (r - r0) * GW, r / GH, j, r % GH, out);
+      rows.store(tile + j * ld + (r - r0) * GW, r / GH, j, r % GH, out);
     }
   }
 }
 
-// The output's pixels of grid rows [r0, r1) as a [J, n] matrix, where they lie in one image of an
-// output (a grid of the identity map) in NCHW or channels_last; undefined otherwise.
-at::Tensor direct_view(at::Tensor& out, int64_t r0, int64_t r1) {
-  const int64_t J = out.size(1), GH = out.size(2), GW = out.size(3), n = (r1 - r0) * GW;
-  const int64_t b = r0 / GH, y0 = r0 % GH;
-  const auto s = out.strides();
-  const bool nchw = s[3] == 1 && s[2] == GW;
-  const bool nhwc = s[1] == 1 && s[3] == J && s[2] == GW * J;
-  if ((r1 - 1) / GH != b || (!nchw && !nhwc)) {
-    return at::Tensor();
+// Leading dimension of a packed tile of n pixels: room for one vector past n (a projection computes
+// its last partial vector whole), and an odd number of cache lines, so that the K rows of a
+// column panel spread over the L1 sets instead of sharing a few.
+template <typename A>
+int64_t operand_ld(int64_t n) {
+  constexpr int64_t V = Vec<A>::size(), L = 64 / sizeof(A);
+  int64_t ld = (n + V + L - 1) / L * L;
+  if ((ld / L) % 2 == 0) ld += L;
+  return ld;
+}
+
+// Rows of a's column panel (one register block wide) that one pass of the small GEMM sweeps: the
+// panel, 256 bytes a row, then stays in a 48 KB L1 cache while every block of W's rows reads it.
+constexpr int64_t kProjectDepth = 128;
+
+// dst[j, c] = bias[j] + sum over k, in order, of w[j, k] a[k, c], for j < J, c < ncols: a tile's
+// projection as the register-blocked small GEMM (rows of W broadcast, pixels across the vector
+// lanes), one column panel at a time, each in passes over kProjectDepth rows of a that start from
+// the last pass's sums (stored exactly, so the order of summation is that of one pass). a's rows must hold one vector
+// past ncols: the last partial vector is computed whole into `tail` ([J, V]) and its columns
+// copied out.
+template <typename A>
+void project(int64_t J, int64_t K, int64_t ncols, const A* w, const A* bias, const A* a, int64_t lda,
+             A* dst, int64_t ldd, A* tail) {
+  constexpr int64_t V = Vec<A>::size();
+  const int64_t full = ncols / V * V, rem = ncols - full;
+  const auto passes = [&](int64_t n, const A* b, A* c, int64_t ldc) {
+    int64_t k0 = 0;
+    do {  // once at least: K = 0 leaves the bias
+      const InitRows<A> init = k0 == 0 ? InitRows<A>{bias, 1, true} : InitRows<A>{c, ldc};
+      small_gemm<A, false>(J, n, std::min(kProjectDepth, K - k0), w + k0, K, b + k0 * lda, lda, c, ldc, init);
+      k0 += kProjectDepth;
+    } while (k0 < K);
+  };
+  constexpr int64_t chunk = kSmallCols * V;
+  for (int64_t c0 = 0; c0 < full; c0 += chunk) {
+    passes(std::min(chunk, full - c0), a + c0, dst + c0, ldd);
   }
-  const int64_t pix = nchw ? 1 : J;
-  return out.as_strided({J, n}, {s[1], pix}, out.storage_offset() + b * s[0] + y0 * s[2]);
+  if (rem > 0) {
+    passes(V, a + full, tail, V);
+    for (int64_t j = 0; j < J; ++j) std::copy(tail + j * V, tail + j * V + rem, dst + j * ldd + full);
+  }
+}
+
+// How a tile's result reaches an output of the identity map with the accumulation type: straight
+// from the GEMM for NCHW, transposed from scratch for channels_last, one image at a time (a tile
+// may span images). Other outputs go through scratch and the store map.
+enum class Direct { kNone, kNchw, kNhwc };
+
+Direct direct_store(const at::Tensor& out, bool identity) {
+  const int64_t J = out.size(1), GW = out.size(3);
+  const auto s = out.strides();
+  if (!identity) return Direct::kNone;
+  if (s[3] == 1 && s[2] == GW) return Direct::kNchw;
+  if (s[1] == 1 && s[3] == J && s[2] == GW * J) return Direct::kNhwc;
+  return Direct::kNone;
 }
 
 template <typename S>
 void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tensor& weight,
                   const at::Tensor& bias, const TokenMap& out_map, at::Tensor& out) {
   using A = at::opmath_type<S>;  // acc_scalar_type: weight and bias arrive in it
+  constexpr int64_t V = Vec<A>::size();
   const int64_t K = in_map.K(), J = weight.size(0);
   const Tiles tiles(src.size(0), in_map.GH(), in_map.GW(), std::max(K, J));
   const MappedRows<S> in(in_map, src);
   const MappedRows<S> store(out_map, out);
-  const bool identity_store = out_map.kind == MapKind::Identity;
+  const Direct direct = std::is_same_v<S, A> ? direct_store(out, out_map.kind == MapKind::Identity) : Direct::kNone;
+  const auto os = out.strides();
   const S* s = src.const_data_ptr<S>();
   S* o = out.mutable_data_ptr<S>();
+  const A* w = weight.const_data_ptr<A>();
   const A* bp = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
   at::parallel_for(0, tiles.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = tiles.r0(t), r1 = tiles.r1(t), n = (r1 - r0) * tiles.GW;
-      A* abuf = scratch<A>(Slot::kOperand, K * n);
-      pack(in, s, K, tiles.GH, r0, r1, abuf);
-      const at::Tensor a = blob(abuf, {K, n});
-      if constexpr (std::is_same_v<S, A>) {
-        at::Tensor view = identity_store ? direct_view(out, r0, r1) : at::Tensor();
-        if (view.defined()) {
-          if (bp != nullptr) {
-            at::addmm_out(view, bias.view({J, 1}).expand({J, n}), weight, a);
-          } else {
-            at::mm_out(view, weight, a);
+      const int64_t r0 = tiles.r0(t), r1 = tiles.r1(t), n = (r1 - r0) * tiles.GW, ld = operand_ld<A>(n);
+      A* abuf = scratch<A>(Slot::kOperand, K * ld);
+      pack(in, s, K, tiles.GH, r0, r1, abuf, ld);
+      for (int64_t k = 0; k < K; ++k) std::fill(abuf + k * ld + n, abuf + (k + 1) * ld, A(0));
+      A* tail = scratch<A>(Slot::kTail, J * V);
+      if (direct == Direct::kNchw) {
+        if constexpr (std::is_same_v<S, A>) {
+          for (int64_t r = r0; r < r1;) {  // one image's rows of the tile at a time
+            const int64_t b = r / tiles.GH, re = std::min(r1, (b + 1) * tiles.GH);
+            project(J, K, (re - r) * tiles.GW, w, bp, abuf + (r - r0) * tiles.GW, ld,
+                    o + b * os[0] + (r % tiles.GH) * os[2], os[1], tail);
+            r = re;
           }
-          continue;
         }
+        continue;
       }
-      A* rbuf = scratch<A>(Slot::kResult, J * n);
-      at::Tensor r = blob(rbuf, {J, n});
-      if (bp != nullptr) {
-        at::addmm_out(r, bias.view({J, 1}).expand({J, n}), weight, a);
-      } else {
-        at::mm_out(r, weight, a);
+      A* rbuf = scratch<A>(Slot::kResult, J * ld);
+      project(J, K, n, w, bp, abuf, ld, rbuf, ld, tail);
+      if (direct == Direct::kNhwc) {
+        if constexpr (std::is_same_v<S, A>) {
+          for (int64_t r = r0; r < r1;) {
+            const int64_t b = r / tiles.GH, re = std::min(r1, (b + 1) * tiles.GH);
+            transpose<A>(rbuf + (r - r0) * tiles.GW, ld, J, (re - r) * tiles.GW,
+                         o + b * os[0] + (r % tiles.GH) * os[2], J);
+            r = re;
+          }
+        }
+        continue;
       }
-      store_tile(store, rbuf, J, tiles.GH, r0, r1, o);
+      store_tile(store, rbuf, ld, J, tiles.GH, r0, r1, o);
     }
   });
 }
@@ -467,17 +527,16 @@ void weight_grad_typed(const at::Tensor& grad, const TokenMap& g_map, const at::
         const int64_t r0 = tiles.r0(t), r1 = tiles.r1(t), n = (r1 - r0) * tiles.GW;
         A* gbuf = scratch<A>(Slot::kGrad, J * n);
         A* abuf = scratch<A>(Slot::kOperand, K * n);
-        pack(gr, g, J, tiles.GH, r0, r1, gbuf);
-        pack(ar, s, K, tiles.GH, r0, r1, abuf);
+        pack(gr, g, J, tiles.GH, r0, r1, gbuf, n);
+        pack(ar, s, K, tiles.GH, r0, r1, abuf, n);
         if (t == first) {
           at::mm_out(w, blob(gbuf, {J, n}), blob(abuf, {K, n}).t());
         } else {
           w.addmm_(blob(gbuf, {J, n}), blob(abuf, {K, n}).t());
         }
         for (int64_t j = 0; j < J; ++j) {
-          A acc = 0;
-          for (int64_t i = 0; i < n; ++i) acc += gbuf[j * n + i];
-          bsum[j] += acc;
+          bsum[j] += at::vec::reduce_all<A>([](const Vec<A>& x, const Vec<A>& y) { return x + y; },
+                                            gbuf + j * n, n);
         }
       }
     }
