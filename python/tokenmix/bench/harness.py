@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -111,7 +112,10 @@ def _timer(fn: Callable, device: torch.device) -> float:
 def time_interleaved(fns: dict[str, Callable], device: torch.device, reps: int,
                      warmup: int = 3, inner: int = 1) -> dict[str, float]:
     """Median seconds per call of each fn; one call of each per round, rounds interleaved.
-    `inner` calls are timed together (per-call time reported) when one call is too short to time."""
+    `inner` calls are timed together (per-call time reported) when one call is too short to time.
+    The order is shuffled every round (with a fixed seed), so that no fn always follows the same
+    one: in a fixed order the fn after the yardstick (which sweeps the caches) would always start
+    cold, and the one after a variant that read the same inputs would always start warm."""
     def many(f):
         def run():
             for _ in range(inner):
@@ -124,9 +128,11 @@ def time_interleaved(fns: dict[str, Callable], device: torch.device, reps: int,
             f()
     _sync(device)
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    keys, order = list(loops), random.Random(0)
     for _ in range(reps):
-        for k, f in loops.items():
-            samples[k].append(_timer(f, device) / inner)
+        order.shuffle(keys)
+        for k in keys:
+            samples[k].append(_timer(loops[k], device) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
