@@ -235,16 +235,27 @@ inline void small_block(int64_t K, const A* a, int64_t lda, const A* b, int64_t 
                         InitRows<A> i0, InitRows<A> i1) {
   constexpr int64_t V = Vec<A>::size();
   Vec<A> acc[R][NB];
+  // One loop per kind of init, chosen outside it: tests inside would let -O3 unswitch the loops
+  // into a copy per combination, which multiplies the compile time of every instantiation.
+  const auto fill = [&](auto value) {
 #pragma GCC unroll 12
-  for (int i = 0; i < R; ++i) {
+    for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) {
-      acc[i][j] = i0.p == nullptr ? Vec<A>(A(0))
-                  : i0.per_row    ? Vec<A>(i0.p[i * i0.ld])
-                                  : Vec<A>::loadu(i0.p + i * i0.ld + j * V);
-      if (i1.p != nullptr) {
-        acc[i][j] = acc[i][j] + (i1.per_row ? Vec<A>(i1.p[i * i1.ld]) : Vec<A>::loadu(i1.p + i * i1.ld + j * V));
-      }
+      for (int j = 0; j < NB; ++j) acc[i][j] = value(i, j);
+    }
+  };
+  if (i0.p == nullptr) {
+    fill([](int, int) { return Vec<A>(A(0)); });
+  } else if (i0.per_row) {
+    fill([&](int i, int) { return Vec<A>(i0.p[i * i0.ld]); });
+  } else {
+    fill([&](int i, int j) { return Vec<A>::loadu(i0.p + i * i0.ld + j * V); });
+  }
+  if (i1.p != nullptr) {
+    if (i1.per_row) {
+      fill([&](int i, int j) { return acc[i][j] + Vec<A>(i1.p[i * i1.ld]); });
+    } else {
+      fill([&](int i, int j) { return acc[i][j] + Vec<A>::loadu(i1.p + i * i1.ld + j * V); });
     }
   }
   accumulate_block<A, kTransA, R, NB>(K, a, lda, b, ldb, acc);
