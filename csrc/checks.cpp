@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <sstream>
+#include <tuple>
+#include <utility>
 
 namespace tokenmix {
 
@@ -52,18 +55,37 @@ void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d
                     shape_str(t), ")");
 }
 
+namespace {
+
+// The smallest and largest entry of a CPU index, read in place: a loop over the entries costs
+// far less than a reduction op and two .item() calls on the small indices these ops take.
+template <typename I>
+std::pair<int64_t, int64_t> host_bounds(const at::Tensor& index) {
+  const at::Tensor c = index.contiguous();
+  const I* p = c.const_data_ptr<I>();
+  I lo = p[0], hi = p[0];
+  for (int64_t i = 1, n = c.numel(); i < n; ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  return {lo, hi};
+}
+
+}  // namespace
+
 void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t upper) {
   if (index.numel() == 0) {
     return;
   }
-  const auto [lo_t, hi_t] = at::aminmax(index);
   int64_t lo, hi;
-  if (index.is_cpu()) {
-    lo = lo_t.item<int64_t>();
-    hi = hi_t.item<int64_t>();
+  if (index.is_cpu() && index.scalar_type() == at::kLong) {
+    std::tie(lo, hi) = host_bounds<int64_t>(index);
+  } else if (index.is_cpu() && index.scalar_type() == at::kInt) {
+    std::tie(lo, hi) = host_bounds<int32_t>(index);
   } else {
     // Both bounds in one device-to-host copy: the one sync this check costs.
-    const at::Tensor bounds = at::stack({lo_t, hi_t}).to(at::kCPU);
+    const auto [lo_t, hi_t] = at::aminmax(index);
+    const at::Tensor bounds = at::stack({lo_t, hi_t}).to(at::kCPU, at::kLong);
     lo = bounds.const_data_ptr<int64_t>()[0];
     hi = bounds.const_data_ptr<int64_t>()[1];
   }

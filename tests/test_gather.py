@@ -207,6 +207,10 @@ def _bad_index_values(device):
                  tm.gather_tokens, x, torch.tensor([[0, 5], [1, 2]], device=device))
     check_raises(IndexError, r"index entries must lie in \[0, 5\).*-1",
                  tm.gather_tokens, x, torch.tensor([[0, -1], [1, 2]], device=device))
+    check_raises(IndexError, r"index entries must lie in \[0, 5\), got values in \[-2, 3\]",
+                 tm.gather_tokens, x, torch.tensor([[0, -2], [3, 2]], dtype=torch.int32, device=device))
+    check_raises(IndexError, r"got values in \[0, 9\]",
+                 tm.gather_tokens, x, torch.tensor([[0, 1], [9, 2]], device=device).t())
     check_raises(IndexError, "scatter_tokens: index entries",
                  tm.scatter_tokens, x, torch.tensor([[7], [1]], device=device), randn(2, 1, 3).to(device))
     check_raises(ValueError, "index entries must be unique within each row",

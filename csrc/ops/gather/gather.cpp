@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "gather_problem.h"
@@ -73,7 +74,15 @@ void check_unique(const char* op, const at::Tensor& count) {
   if (!host_index_checks<D>() || count.numel() == 0) {
     return;
   }
-  const int64_t most = count.max().item<int64_t>();
+  // count is the int32 [B, N] of inverse(); on the host it is read in place (a reduction op and
+  // .item() would cost more than these ops' small kernels).
+  int64_t most = 0;
+  if (count.is_cpu()) {
+    const int32_t* c = count.const_data_ptr<int32_t>();
+    most = *std::max_element(c, c + count.numel());
+  } else {
+    most = count.max().item<int64_t>();
+  }
   TORCH_CHECK_VALUE(most <= 1, "tokenmix.", op,
                     ": index entries must be unique within each row, got a position listed ", most,
                     " times");

@@ -57,7 +57,9 @@ Inverse inverse(const at::Tensor& index, int64_t N) {
   const int64_t* idx = index.const_data_ptr<int64_t>();
   int32_t* cnt = inv.count.mutable_data_ptr<int32_t>();
   int32_t* fst = inv.first.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  // A few thousand integer steps per batch: small problems run inline rather than pay for waking
+  // the pool.
+  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t{1} << 15) / (N + K)), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       int32_t* c = cnt + b * N;
       int32_t* f = fst + b * N;

@@ -21,6 +21,27 @@ def _eager_topk(x, score, k):
     return ref.batch_index_select(x, torch.cat([cls, idx], dim=1))
 
 
+def _flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, K] token indices as indices into the [B * n] rows of a flattened batch."""
+    return (index + n * torch.arange(index.shape[0], device=index.device).unsqueeze(1)).reshape(-1)
+
+
+def _gather_backward_eager(grad, index, n):
+    """What autograd runs for the eager gather's backward: a zero [B, n, C] with the K gradient
+    rows added in at their tokens."""
+    B, K, C = grad.shape
+    rows = grad.new_zeros(B * n, C).index_add_(0, _flat_rows(index, n), grad.reshape(-1, C))
+    return rows.view(B, n, C)
+
+
+def _scatter_backward_eager(grad, index):
+    """The eager scatter's backward: the incoming gradient with the replaced rows zeroed (for x)
+    and those rows gathered (for src)."""
+    B, N, C = grad.shape
+    flat, g = _flat_rows(index, N), grad.reshape(-1, C)
+    return g.index_fill(0, flat, 0).view(B, N, C), g.index_select(0, flat).view(B, -1, C)
+
+
 def cases(batch: int, device_type: str = "cpu") -> list[Case]:
     B = batch
     k = int((N - 1) * KEEP)  # scored patch tokens kept
@@ -55,6 +76,15 @@ def cases(batch: int, device_type: str = "cpu") -> list[Case]:
         policy = (torch.rand(B, N, generator=gen) < KEEP).to(device, dtype)
         return [logits, policy], [logits, policy]
 
+    def make_gather_grad(device, dtype):
+        gen = torch.Generator().manual_seed(0)
+        grad = torch.randn(B, K, C, generator=gen).to(device, dtype)
+        return [grad, kept_index(device, gen), N], []
+
+    def make_scatter_grad(device, dtype):
+        gen = torch.Generator().manual_seed(0)
+        return [tokens(device, dtype, gen), kept_index(device, gen)], []
+
     def size(dt):
         return torch.finfo(dt).bits // 8
 
@@ -75,6 +105,16 @@ def cases(batch: int, device_type: str = "cpu") -> list[Case]:
              lambda x, s: _eager_topk(x, s, k),
              bytes_fwd=lambda dt: 2 * rows_kc * size(dt),
              bytes_bwd=lambda dt: (rows_kc + B * N * C) * size(dt)),
+        # The backward kernels alone (their one timed pass, reported as "fwd"), against the ATen
+        # kernels eager autograd runs for the same gradients: the fwd+bwd rows above also time the
+        # autograd engine, the gradient's allocation and its accumulation into .grad, which every
+        # variant pays alike.
+        Case("gather_tokens", f"DeiT-S {shape} K={K}, backward kernel alone", make_gather_grad,
+             torch.ops.tokenmix.gather_tokens_backward, _gather_backward_eager,
+             bytes_fwd=lambda dt: (rows_kc + B * N * C) * size(dt), backward=False),
+        Case("scatter_tokens", f"DeiT-S {shape} K={K}, backward kernel alone", make_scatter_grad,
+             torch.ops.tokenmix.scatter_tokens_backward, _scatter_backward_eager,
+             bytes_fwd=lambda dt: (2 * B * N * C + rows_kc) * size(dt), backward=False),
         Case("policy_softmax", f"DeiT-S B={B} h={HEADS} N={N}", make_policy, tm.policy_softmax,
              ref.policy_softmax,
              bytes_fwd=lambda dt: 2 * attn * size(dt),
