@@ -446,6 +446,17 @@ Direct direct_store(const at::Tensor& out, bool identity) {
   return Direct::kNone;
 }
 
+// f(b, r, re) for each image b whose grid rows [r, re) lie in rows [r0, r1): a tile may span images,
+// and an output written straight from it is addressed one image at a time.
+template <typename F>
+void per_image(int64_t r0, int64_t r1, int64_t GH, F f) {
+  for (int64_t r = r0; r < r1;) {
+    const int64_t b = r / GH, re = std::min(r1, (b + 1) * GH);
+    f(b, r, re);
+    r = re;
+  }
+}
+
 template <typename S>
 void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tensor& weight,
                   const at::Tensor& bias, const TokenMap& out_map, at::Tensor& out) {
@@ -470,12 +481,10 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
       A* tail = scratch<A>(Slot::kTail, J * V);
       if (direct == Direct::kNchw) {
         if constexpr (std::is_same_v<S, A>) {
-          for (int64_t r = r0; r < r1;) {  // one image's rows of the tile at a time
-            const int64_t b = r / tiles.GH, re = std::min(r1, (b + 1) * tiles.GH);
+          per_image(r0, r1, tiles.GH, [&](int64_t b, int64_t r, int64_t re) {
             project(J, K, (re - r) * tiles.GW, w, bp, abuf + (r - r0) * tiles.GW, ld,
                     o + b * os[0] + (r % tiles.GH) * os[2], os[1], tail);
-            r = re;
-          }
+          });
         }
         continue;
       }
@@ -483,12 +492,10 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
       project(J, K, n, w, bp, abuf, ld, rbuf, ld, tail);
       if (direct == Direct::kNhwc) {
         if constexpr (std::is_same_v<S, A>) {
-          for (int64_t r = r0; r < r1;) {
-            const int64_t b = r / tiles.GH, re = std::min(r1, (b + 1) * tiles.GH);
+          per_image(r0, r1, tiles.GH, [&](int64_t b, int64_t r, int64_t re) {
             transpose<A>(rbuf + (r - r0) * tiles.GW, ld, J, (re - r) * tiles.GW,
                          o + b * os[0] + (r % tiles.GH) * os[2], J);
-            r = re;
-          }
+          });
         }
         continue;
       }
