@@ -13,7 +13,7 @@ import tokenmix.ops as tm
 from conftest import AUTOCAST, DEVICES, assert_close_to_exact, check_autocast
 from tokenmix import reference as ref
 from tokenmix import registry
-from tokenmix.nn import DeformablePatchMerging, GlobalWindowAttention, GnConv, WindowAttention
+from tokenmix.nn import DeformablePatchMerging, GlobalWindowAttention, GnConv, HireMLP, WindowAttention
 from tokenmix.testing import clone_inputs, module_functions
 
 GEN = torch.Generator().manual_seed(11)
@@ -252,6 +252,17 @@ def test_module_under_autocast(device, amp, name):
     # RaftMLP's block ends in a residual: the fp32 input plus the low-precision mixer is fp32.
     out_dtype = torch.float32 if name == "RaftTokenMixer" else amp
     check_autocast(fused, oracle, [x.to(device) for x in inputs] + params, device, amp, [out_dtype])
+
+
+@pytest.mark.parametrize("device,amp", AUTOCAST)
+def test_hire_mlp_batched_mix_under_autocast(device, amp):
+    """On a map of 32 x 32 pixels HireMLP mixes its branches with batched products, which run in
+    the autocast dtype; outputs and gradients stay as close to fp64 as the official module's."""
+    torch.manual_seed(4)
+    mod = HireMLP(8, pixel=4, step=2).eval().to(device)
+    fused, oracle, _ = module_functions(mod, registry.MODULES["HireMLP"].load_oracle(), 1)
+    params = [p.detach() for p in mod.parameters()]
+    check_autocast(fused, oracle, [rnd(2, 8, 32, 32).to(device)] + params, device, amp, [amp])
 
 
 # ---- accelerated timm models ----------------------------------------------------------------
