@@ -140,9 +140,12 @@ def _check_compiles(mod: nn.Module, x: torch.Tensor) -> None:
         torch.testing.assert_close(b, c, msg=n)
 
 
-def test_hire_mlp_compiles_without_graph_break():
+@pytest.mark.parametrize("side", [(10, 9), (32, 32)], ids=["broadcast-mix", "batched-mix"])
+def test_hire_mlp_compiles_without_graph_break(side):
+    """Small planes mix the branches with broadcast products, planes of 1024 pixels with batched
+    ones (in place into one buffer): both trace without a break."""
     fused, _ = _pair(HireMLP(32, pixel=3, step=1), official.HireMLP(32, pixel=3, step=1), True)
-    _check_compiles(fused.float(), torch.randn(2, 32, 10, 9, generator=_gen()))
+    _check_compiles(fused.float(), torch.randn(2, 32, *side, generator=_gen()))
 
 
 def test_modules_script():

@@ -74,6 +74,7 @@ def _pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     y = torch.bmm(w, pixels) if bias is None else torch.baddbmm(bias.view(1, out, 1), w, pixels)
     return y.view(B, out, H, W)
 
+
 def _weighted_sum(h: Tensor, w: Tensor, c: Tensor, a: Tensor, batched_from: int = 1024) -> Tensor:
     r"""Hire-MLP's split-attention mix :math:`a_0 h + a_1 w + a_2 c`, with ``a`` ``[3, B, C]``
     weights per image and channel, accumulated into one buffer.
