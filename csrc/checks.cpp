@@ -1,6 +1,7 @@
 #include "tokenmix/checks.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -78,10 +79,9 @@ void check_index_range(const char* op, const char* name, const at::Tensor& index
     return;
   }
   int64_t lo, hi;
-  if (index.is_cpu() && index.scalar_type() == at::kLong) {
-    std::tie(lo, hi) = host_bounds<int64_t>(index);
-  } else if (index.is_cpu() && index.scalar_type() == at::kInt) {
-    std::tie(lo, hi) = host_bounds<int32_t>(index);
+  if (index.is_cpu()) {
+    AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "check_index_range",
+                            [&] { std::tie(lo, hi) = host_bounds<index_t>(index); });
   } else {
     // Both bounds in one device-to-host copy: the one sync this check costs.
     const auto [lo_t, hi_t] = at::aminmax(index);

@@ -406,9 +406,9 @@ constexpr int64_t kProjectDepth = 128;
 // dst[j, c] = bias[j] + sum over k, in order, of w[j, k] a[k, c], for j < J, c < ncols: a tile's
 // projection as the register-blocked small GEMM (rows of W broadcast, pixels across the vector
 // lanes), one column panel at a time, each in passes over kProjectDepth rows of a that start from
-// the last pass's sums (stored exactly, so the order of summation is that of one pass). a's rows must hold one vector
-// past ncols: the last partial vector is computed whole into `tail` ([J, V]) and its columns
-// copied out.
+// the last pass's sums (stored exactly, so the order of summation is that of one pass). a's rows
+// must hold one vector past ncols: the last partial vector is computed whole into `tail` ([J, V])
+// and its columns copied out.
 template <typename A>
 void project(int64_t J, int64_t K, int64_t ncols, const A* w, const A* bias, const A* a, int64_t lda,
              A* dst, int64_t ldd, A* tail) {
