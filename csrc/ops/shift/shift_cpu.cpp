@@ -2,22 +2,24 @@
 // shift_problem.h.
 //
 // Everything moves whole grid rows: a row (b, k, gy) of the grid [B, K, GH, GW] reads one source
-// row through a RowRule (shift_math.h's map, resolved once per row): the same columns, the columns
-// shifted by dx (zeros or wrapped), or a column table (a fold along the columns). Sources whose
-// columns are not contiguous (channels_last, strided views) take an element-by-element path
-// through source_offset, the function the CUDA kernels use.
+// row through a RowRule (shift_math.h's map; the part fixed by the channel resolved once per run
+// of rows): the same columns, the columns shifted by dx (zeros or wrapped), or a column table (a
+// fold along the columns). An identity map of an NCHW plane moves each image's run of rows as one
+// span. Sources whose columns are not contiguous (channels_last, strided views) take an
+// element-by-element path through map_offset, the function the CUDA kernels use.
 //
 // The projections (linear, weight_grad) run over tiles: ranges of whole grid rows, across images,
 // of about kTileFloats / max(K, J) pixels (at least kMinTilePixels, so that Hire-MLP's small later
 // maps still give wide GEMMs). A tile's operand is packed through the map into per-thread scratch
 // as a [K, pixels] matrix in the accumulation type, which is the GEMM's operand load: the shifted
 // or folded tensor never exists beyond one tile. The projection is the register-blocked small GEMM
-// of cpu/blocked_gemm.h (pixels across the vector lanes, the bias as the sums' initial value),
-// which writes an NCHW output of the identity map directly, image by image; other outputs take
-// the result through scratch (transposed for channels_last, else through the store map). The
-// weight gradient is ATen's GEMM (at::mm_out), single-threaded inside the tile loop; it sums
-// per-chunk partials (a chunk: a fixed range of tiles) in chunk order, so its bits do not depend
-// on the thread count.
+// of cpu/blocked_gemm.h (pixels across the vector lanes, the bias as the sums' initial value) over
+// the whole tile, into scratch, whose rows then reach the output: copied image by image (NCHW),
+// transposed (channels_last), or through the store map. Projecting per image straight into an
+// NCHW output would end each image's columns in a partial vector, which on Hire-MLP's 14 x 14
+// maps costs more than the copy. The weight gradient is ATen's GEMM (at::mm_out), single-threaded
+// inside the tile loop; it sums per-chunk partials (a chunk: a fixed range of tiles) in chunk
+// order, so its bits do not depend on the thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -43,7 +45,7 @@ namespace {
 
 using namespace cpu;
 
-enum class Slot { kOperand, kGrad, kResult, kRow, kTail, kCount };
+enum class Slot { kOperand, kGrad, kResult, kRow, kCount };
 
 // Floats of one packed tile operand (it and the result tile stay in a core's L2 cache, 1 MB on
 // the smallest we run on), bounded by the pixels that make a GEMM wide enough to run at speed.
@@ -81,33 +83,36 @@ std::vector<int64_t> fold_column_table(const TokenMap& m) {
   return t;
 }
 
-RowRule row_rule(const TokenMap& m, const Strides4& st, const std::vector<int64_t>& cols,
-                 int64_t b, int64_t k, int64_t gy) {
-  const int64_t base = b * st.b;
+// The rule of grid row (b, k, gy), the part fixed by k (ch = map_channel(m, st, k)) computed by the
+// caller once per run of rows.
+RowRule row_rule(const TokenMap& m, const Strides4& st, const std::vector<int64_t>& cols, const MapChannel& ch,
+                 int64_t b, int64_t gy) {
+  const int64_t base = b * st.b + ch.coff;
   switch (m.kind) {
     case MapKind::Shift: {
-      const int64_t h = shifted_source(gy, m.dyx[2 * k], m.H, m.circular);
+      const int64_t h = shifted_source(gy, ch.a, m.H, m.circular);
       if (h < 0) return {RowRule::Zero, 0, 0, false, nullptr};
-      return {RowRule::Shift, base + k * st.c + h * st.h, m.dyx[2 * k + 1], m.circular, nullptr};
+      return {RowRule::Shift, base + h * st.h, ch.b, m.circular, nullptr};
     }
     case MapKind::Fold: {
-      const int64_t c = k / m.p, kk = k - c * m.p;
-      if (m.axis == 3) {
-        return {RowRule::Table, base + c * st.c + gy * st.h, 0, false, cols.data() + kk * m.GW()};
-      }
-      const int64_t h = fold_source(m, gy * m.p + kk);
+      if (m.axis == 3) return {RowRule::Table, base + gy * st.h, 0, false, cols.data() + ch.a * m.GW()};
+      const int64_t h = fold_source(m, gy * m.p + ch.a);
       if (h < 0) return {RowRule::Zero, 0, 0, false, nullptr};
-      return {RowRule::Same, base + c * st.c + h * st.h, 0, false, nullptr};
+      return {RowRule::Same, base + h * st.h, 0, false, nullptr};
     }
     default:
-      return {RowRule::Same, base + k * st.c + gy * st.h, 0, false, nullptr};
+      return {RowRule::Same, base + gy * st.h, 0, false, nullptr};
   }
 }
 
 template <typename D, typename S>
 void convert(D* dst, const S* src, int64_t n) {
   if constexpr (std::is_same_v<D, S>) {
-    if (n > 0) std::memcpy(dst, src, n * sizeof(D));
+    // Grid rows are often a few dozen elements, where vector copies beat a call to memcpy.
+    constexpr int64_t V = Vec<D>::size();
+    int64_t i = 0;
+    for (; i + V <= n; i += V) Vec<D>::loadu(src + i).store(dst + i);
+    if (i < n) Vec<D>::loadu(src + i, static_cast<int>(n - i)).store(dst + i, static_cast<int>(n - i));
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
   }
@@ -172,19 +177,19 @@ void store_row(const RowRule& r, const S* src, int64_t n, D* dst) {
 
 // A grid row through the map, element by element (sources with non-contiguous columns).
 template <typename S, typename D>
-void load_row_strided(const TokenMap& m, const Strides4& st, const S* src, int64_t b, int64_t k,
+void load_row_strided(const TokenMap& m, const Strides4& st, const MapChannel& ch, const S* src, int64_t b,
                       int64_t gy, int64_t n, D* dst) {
   for (int64_t gx = 0; gx < n; ++gx) {
-    const int64_t o = source_offset(m, st, b, k, gy, gx);
+    const int64_t o = map_offset(m, st, ch, b * st.b, gy, gx);
     dst[gx] = o < 0 ? D(0) : static_cast<D>(src[o]);
   }
 }
 
 template <typename S, typename D>
-void store_row_strided(const TokenMap& m, const Strides4& st, const S* src, int64_t b, int64_t k,
+void store_row_strided(const TokenMap& m, const Strides4& st, const MapChannel& ch, const S* src, int64_t b,
                        int64_t gy, int64_t n, D* dst) {
   for (int64_t gx = 0; gx < n; ++gx) {
-    const int64_t o = source_offset(m, st, b, k, gy, gx);
+    const int64_t o = map_offset(m, st, ch, b * st.b, gy, gx);
     if (o >= 0) dst[o] = static_cast<D>(src[gx]);
   }
 }
@@ -195,25 +200,66 @@ struct MappedRows {
   const TokenMap& m;
   Strides4 st;
   std::vector<int64_t> cols;
-  int64_t n;  // GW
+  int64_t n, GH;  // the grid's row length and rows per image
 
   MappedRows(const TokenMap& map, const at::Tensor& t)
-      : m(map), st(strides_of(t)), cols(fold_column_table(map)), n(map.GW()) {}
+      : m(map), st(strides_of(t)), cols(fold_column_table(map)), n(map.GW()), GH(map.GH()) {}
 
+  // Grid rows (b, k, gy), (b, k, gy + 1), ... (on into the next image past the last row), `count`
+  // of them, row i at dst + i * ldd: one run of a channel, its part of the map resolved once.
   template <typename D>
-  void load(const S* src, int64_t b, int64_t k, int64_t gy, D* dst) const {
-    if (st.w == 1) {
-      load_row(row_rule(m, st, cols, b, k, gy), src, n, dst);
-    } else {
-      load_row_strided(m, st, src, b, k, gy, n, dst);
+  void load_rows(const S* src, int64_t k, int64_t b, int64_t gy, int64_t count, D* dst, int64_t ldd) const {
+    if (contiguous_runs(ldd)) {
+      for_runs(k, b, gy, count, [&](int64_t off, int64_t len) {
+        convert(dst, src + off, len);
+        dst += len;
+      });
+      return;
+    }
+    const MapChannel ch = map_channel<int64_t>(m, st, k);
+    for (int64_t i = 0; i < count; ++i, dst += ldd) {
+      if (st.w == 1) {
+        load_row(row_rule(m, st, cols, ch, b, gy), src, n, dst);
+      } else {
+        load_row_strided(m, st, ch, src, b, gy, n, dst);
+      }
+      if (++gy == GH) gy = 0, ++b;
     }
   }
+  // An identity map of an NCHW-contiguous plane, its rows packed back to back: a run's rows within
+  // one image are one contiguous span on both sides.
+  bool contiguous_runs(int64_t ld) const {
+    return m.kind == MapKind::Identity && st.w == 1 && st.h == n && ld == n;
+  }
+  // f(offset, elements) for each image's span of a run of grid rows of channel k.
+  template <typename F>
+  void for_runs(int64_t k, int64_t b, int64_t gy, int64_t count, F f) const {
+    while (count > 0) {
+      const int64_t rows = std::min(count, GH - gy);
+      f(b * st.b + k * st.c + gy * st.h, rows * n);
+      count -= rows;
+      gy = 0;
+      ++b;
+    }
+  }
+  // The inverse: row i of src (rows lds apart) to grid row i of the run.
   template <typename A>
-  void store(const A* src, int64_t b, int64_t k, int64_t gy, S* dst) const {
-    if (st.w == 1) {
-      store_row(row_rule(m, st, cols, b, k, gy), src, n, dst);
-    } else {
-      store_row_strided(m, st, src, b, k, gy, n, dst);
+  void store_rows(const A* src, int64_t lds, int64_t k, int64_t b, int64_t gy, int64_t count, S* dst) const {
+    if (contiguous_runs(lds)) {
+      for_runs(k, b, gy, count, [&](int64_t off, int64_t len) {
+        convert(dst + off, src, len);
+        src += len;
+      });
+      return;
+    }
+    const MapChannel ch = map_channel<int64_t>(m, st, k);
+    for (int64_t i = 0; i < count; ++i, src += lds) {
+      if (st.w == 1) {
+        store_row(row_rule(m, st, cols, ch, b, gy), src, n, dst);
+      } else {
+        store_row_strided(m, st, ch, src, b, gy, n, dst);
+      }
+      if (++gy == GH) gy = 0, ++b;
     }
   }
 };
@@ -229,13 +275,18 @@ void gather_typed(const at::Tensor& src, const TokenMap& m, at::Tensor& out) {
   const int64_t K = m.K(), GH = m.GH(), GW = m.GW();
   at::parallel_for(0, out.size(0) * K * GH, std::max<int64_t>(1, 16384 / GW), [&](int64_t r0, int64_t r1) {
     S* tmp = os.w == 1 ? nullptr : scratch<S>(Slot::kRow, GW);
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = r0; r < r1;) {
       const int64_t gy = r % GH, k = (r / GH) % K, b = r / (GH * K);
       S* dst = o + b * os.b + k * os.c + gy * os.h;
-      rows.load(s, b, k, gy, os.w == 1 ? dst : tmp);
-      if (os.w != 1) {
-        for (int64_t gx = 0; gx < GW; ++gx) dst[gx * os.w] = tmp[gx];
+      if (os.w == 1) {  // the rest of this image's channel in one run
+        const int64_t run = std::min(r1 - r, GH - gy);
+        rows.load_rows(s, k, b, gy, run, dst, os.h);
+        r += run;
+        continue;
       }
+      rows.load_rows(s, k, b, gy, 1, tmp, 0);
+      for (int64_t gx = 0; gx < GW; ++gx) dst[gx * os.w] = tmp[gx];
+      ++r;
     }
   });
 }
@@ -243,6 +294,25 @@ void gather_typed(const at::Tensor& src, const TokenMap& m, at::Tensor& out) {
 void gather(const at::Tensor& src, const TokenMap& m, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "shift_gather",
                                   [&] { gather_typed<scalar_t>(src, m, out); });
+}
+
+// An output row of an unfold along the columns, from grid rows whose columns are contiguous: the
+// p grid rows of channel c (g, kk lie kstride apart) interleave into the padded row, whose
+// circular padding adds into the positions it copies (wrap), and the row is rolled back and
+// cropped: out[i] = padded[(i + s) mod L]. Rolled_row's inverse, by whole rows where the element
+// path divides per element.
+template <typename S, typename A>
+void unrolled_row(const TokenMap& m, const S* g, int64_t kstride, A* padded, S* out) {
+  const int64_t p = m.p, L = m.L, s = m.s, GW = m.Lp / p;
+  for (int64_t kk = 0; kk < p; ++kk) {
+    const S* row = g + kk * kstride;
+    for (int64_t x = 0; x < GW; ++x) padded[x * p + kk] = static_cast<A>(row[x]);
+  }
+  if (m.wrap) {
+    for (int64_t t = L; t < m.Lp; ++t) padded[t - L] += padded[t];
+  }
+  convert(out, padded + s, L - s);
+  convert(out + L - s, padded, s);
 }
 
 // out[b, c, i (along the axis), o] = grid at padded position fold_target(i) (+ its padded copy
@@ -256,9 +326,14 @@ void unfold_typed(const at::Tensor& grid, const TokenMap& m, at::Tensor& out) {
   S* o = out.mutable_data_ptr<S>();
   const int64_t C = m.C, H = m.H, W = m.W;
   at::parallel_for(0, out.size(0) * C * H, std::max<int64_t>(1, 16384 / W), [&](int64_t r0, int64_t r1) {
+    A* padded = scratch<A>(Slot::kRow, m.Lp);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % H, c = (r / H) % C, b = r / (H * C);
       S* dst = o + b * os.b + c * os.c + h * os.h;
+      if (m.axis == 3 && gs.w == 1 && os.w == 1) {
+        unrolled_row(m, g + b * gs.b + c * m.p * gs.c + h * gs.h, gs.c, padded, dst);
+        continue;
+      }
       if (m.axis == 2 && gs.w == 1 && os.w == 1) {
         const int64_t t = fold_target(m, h);
         const GridPos q = fold_grid_pos(m, c, t, 0);
@@ -351,9 +426,7 @@ void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t GH, int64_
     }
     return;
   }
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t r = r0; r < r1; ++r) rows.load(src, r / GH, k, r % GH, buf + k * ld + (r - r0) * GW);
-  }
+  for (int64_t k = 0; k < K; ++k) rows.load_rows(src, k, r0 / GH, r0 % GH, r1 - r0, buf + k * ld, GW);
 }
 
 // Stores a [J, (r1 - r0) * GW] tile (rows ld apart) through the map `rows` (rows.store per grid
@@ -381,11 +454,7 @@ void store_tile(const MappedRows<S>& rows, const A* tile, int64_t ld, int64_t J,
     }
     return;
   }
-  for (int64_t j = 0; j < J; ++j) {
-    for (int64_t r = r0; r < r1; ++r) {
-      rows.store(tile + j * ld + (r - r0) * GW, r / GH, j, r % GH, out);
-    }
-  }
+  for (int64_t j = 0; j < J; ++j) rows.store_rows(tile + j * ld, GW, j, r0 / GH, r0 % GH, r1 - r0, out);
 }
 
 // Leading dimension of a packed tile of n pixels: room for one vector past n (a projection computes
@@ -403,38 +472,36 @@ int64_t operand_ld(int64_t n) {
 // panel, 256 bytes a row, then stays in a 48 KB L1 cache while every block of W's rows reads it.
 constexpr int64_t kProjectDepth = 128;
 
-// dst[j, c] = bias[j] + sum over k, in order, of w[j, k] a[k, c], for j < J, c < ncols: a tile's
-// projection as the register-blocked small GEMM (rows of W broadcast, pixels across the vector
-// lanes), one column panel at a time, each in passes over kProjectDepth rows of a that start from
-// the last pass's sums (stored exactly, so the order of summation is that of one pass). a's rows
-// must hold one vector past ncols: the last partial vector is computed whole into `tail` ([J, V])
-// and its columns copied out.
+// dst[j, c] = bias[j] + sum over k, in order, of w[j, k] a[k, c], for j < J, c < ncols rounded up
+// to whole vectors (a's rows hold zeros there and dst's rows room for them): a tile's projection
+// as the register-blocked small GEMM (rows of W broadcast, pixels across the vector lanes). The
+// vectors are dealt evenly to column panels of at most kSmallCols (9 as 3 + 3 + 3, not
+// 4 + 4 + 1, whose last panel would reload W's rows for one vector of sums); each panel runs in
+// passes over kProjectDepth rows of a that start from the last pass's sums (stored exactly, so
+// the order of summation is that of one pass).
 template <typename A>
 void project(int64_t J, int64_t K, int64_t ncols, const A* w, const A* bias, const A* a, int64_t lda,
-             A* dst, int64_t ldd, A* tail) {
+             A* dst, int64_t ldd) {
   constexpr int64_t V = Vec<A>::size();
-  const int64_t full = ncols / V * V, rem = ncols - full;
-  const auto passes = [&](int64_t n, const A* b, A* c, int64_t ldc) {
+  const int64_t nv = (ncols + V - 1) / V, panels = (nv + kSmallCols - 1) / kSmallCols;
+  for (int64_t q = 0, v0 = 0; q < panels; ++q) {
+    const int64_t v1 = (q + 1) * nv / panels;
+    const A* b = a + v0 * V;
+    A* c = dst + v0 * V;
     int64_t k0 = 0;
     do {  // once at least: K = 0 leaves the bias
-      const InitRows<A> init = k0 == 0 ? InitRows<A>{bias, 1, true} : InitRows<A>{c, ldc};
-      small_gemm<A, false>(J, n, std::min(kProjectDepth, K - k0), w + k0, K, b + k0 * lda, lda, c, ldc, init);
+      const InitRows<A> init = k0 == 0 ? InitRows<A>{bias, 1, true} : InitRows<A>{c, ldd};
+      small_gemm<A, false>(J, (v1 - v0) * V, std::min(kProjectDepth, K - k0), w + k0, K, b + k0 * lda, lda, c,
+                           ldd, init);
       k0 += kProjectDepth;
     } while (k0 < K);
-  };
-  constexpr int64_t chunk = kSmallCols * V;
-  for (int64_t c0 = 0; c0 < full; c0 += chunk) {
-    passes(std::min(chunk, full - c0), a + c0, dst + c0, ldd);
-  }
-  if (rem > 0) {
-    passes(V, a + full, tail, V);
-    for (int64_t j = 0; j < J; ++j) std::copy(tail + j * V, tail + j * V + rem, dst + j * ldd + full);
+    v0 = v1;
   }
 }
 
-// How a tile's result reaches an output of the identity map with the accumulation type: straight
-// from the GEMM for NCHW, transposed from scratch for channels_last, one image at a time (a tile
-// may span images). Other outputs go through scratch and the store map.
+// How a tile's result reaches an output of the identity map with the accumulation type: copied
+// (NCHW) or transposed (channels_last) from scratch, one image at a time (a tile may span images).
+// Other outputs go through the store map.
 enum class Direct { kNone, kNchw, kNhwc };
 
 Direct direct_store(const at::Tensor& out, bool identity) {
@@ -447,7 +514,7 @@ Direct direct_store(const at::Tensor& out, bool identity) {
 }
 
 // f(b, r, re) for each image b whose grid rows [r, re) lie in rows [r0, r1): a tile may span images,
-// and an output written straight from it is addressed one image at a time.
+// and the output is addressed one image at a time.
 template <typename F>
 void per_image(int64_t r0, int64_t r1, int64_t GH, F f) {
   for (int64_t r = r0; r < r1;) {
@@ -461,7 +528,6 @@ template <typename S>
 void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tensor& weight,
                   const at::Tensor& bias, const TokenMap& out_map, at::Tensor& out) {
   using A = at::opmath_type<S>;  // acc_scalar_type: weight and bias arrive in it
-  constexpr int64_t V = Vec<A>::size();
   const int64_t K = in_map.K(), J = weight.size(0);
   const Tiles tiles(src.size(0), in_map.GH(), in_map.GW(), std::max(K, J));
   const MappedRows<S> in(in_map, src);
@@ -478,18 +544,19 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
       A* abuf = scratch<A>(Slot::kOperand, K * ld);
       pack(in, s, K, tiles.GH, r0, r1, abuf, ld);
       for (int64_t k = 0; k < K; ++k) std::fill(abuf + k * ld + n, abuf + (k + 1) * ld, A(0));
-      A* tail = scratch<A>(Slot::kTail, J * V);
+      A* rbuf = scratch<A>(Slot::kResult, J * ld);
+      project(J, K, n, w, bp, abuf, ld, rbuf, ld);
       if (direct == Direct::kNchw) {
         if constexpr (std::is_same_v<S, A>) {
           per_image(r0, r1, tiles.GH, [&](int64_t b, int64_t r, int64_t re) {
-            project(J, K, (re - r) * tiles.GW, w, bp, abuf + (r - r0) * tiles.GW, ld,
-                    o + b * os[0] + (r % tiles.GH) * os[2], os[1], tail);
+            for (int64_t j = 0; j < J; ++j) {
+              convert(o + b * os[0] + j * os[1] + (r % tiles.GH) * os[2], rbuf + j * ld + (r - r0) * tiles.GW,
+                      (re - r) * tiles.GW);
+            }
           });
         }
         continue;
       }
-      A* rbuf = scratch<A>(Slot::kResult, J * ld);
-      project(J, K, n, w, bp, abuf, ld, rbuf, ld, tail);
       if (direct == Direct::kNhwc) {
         if constexpr (std::is_same_v<S, A>) {
           per_image(r0, r1, tiles.GH, [&](int64_t b, int64_t r, int64_t re) {
