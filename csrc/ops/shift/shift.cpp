@@ -74,11 +74,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_linear_backward_impl(
   if (!s.map.circular || grad.numel() == 0) {
     grad_x.zero_();
   }
-  auto [gw, gb] = zero_param_grads(weight, J, K);
+  auto [gw, gb] = param_grad_buffers(weight, J, K);
   if (grad.numel() > 0) {
-    kernels<D>().linear(grad, identity_map(grad), w.t().contiguous(), at::Tensor(), s.map, grad_x);
-    kernels<D>().weight_grad(grad, identity_map(grad), x, s.map, gw, gb);
+    kernels<D>().linear(grad, identity_map(grad), w.t(), at::Tensor(), s.map, grad_x);
   }
+  kernels<D>().weight_grad(grad, identity_map(grad), x, s.map, gw, gb);
   auto [grad_w, grad_b] = param_grads(gw, gb, weight);
   return {grad_x, grad_w, grad_b};
 }
@@ -169,17 +169,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_fold_linear_backward_impl(
   const int64_t J = w.size(0);
   check_grad(op, grad, x, "x", {x.size(0), J, m.GH(), m.GW()});
   at::Tensor grad_x = empty_like_format(x, x.sizes());
-  auto [gw, gb] = zero_param_grads(weight, J, m.K());
+  auto [gw, gb] = param_grad_buffers(weight, J, m.K());
   if (grad.numel() > 0) {
     // W^T dY on the folded grid, then the fold's adjoint (the padded copies add up).
     at::Tensor folded = at::empty(grid_shape(x, m), x.options());
-    kernels<D>().linear(grad, identity_map(grad), w.t().contiguous(), at::Tensor(),
+    kernels<D>().linear(grad, identity_map(grad), w.t(), at::Tensor(),
                         identity_map(folded), folded);
     kernels<D>().unfold(folded, m, grad_x);
-    kernels<D>().weight_grad(grad, identity_map(grad), x, m, gw, gb);
   } else if (grad_x.numel() > 0) {
     grad_x.zero_();
   }
+  kernels<D>().weight_grad(grad, identity_map(grad), x, m, gw, gb);
   auto [grad_w, grad_b] = param_grads(gw, gb, weight);
   return {grad_x, grad_w, grad_b};
 }
@@ -221,13 +221,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_region_unfold_backward_imp
   TORCH_CHECK_VALUE(m.GH() == y.size(2) && m.GW() == y.size(3), "tokenmix.", op,
                     ": grad must fold to y's map ", shape_str(y), ", got ", shape_str(grad));
   at::Tensor grad_y = empty_like_format(y, y.sizes());
-  auto [gw, gb] = zero_param_grads(weight, J, y.size(1));
+  auto [gw, gb] = param_grad_buffers(weight, J, y.size(1));
   if (grad.numel() == 0) {
     grad_y.zero_();
   } else if (grad_y.numel() > 0) {
-    kernels<D>().linear(grad, m, w.t().contiguous(), at::Tensor(), identity_map(grad_y), grad_y);
-    kernels<D>().weight_grad(grad, m, y, identity_map(y), gw, gb);
+    kernels<D>().linear(grad, m, w.t(), at::Tensor(), identity_map(grad_y), grad_y);
   }
+  kernels<D>().weight_grad(grad, m, y, identity_map(y), gw, gb);
   auto [grad_w, grad_b] = param_grads(gw, gb, weight);
   return {grad_y, grad_w, grad_b};
 }

@@ -177,9 +177,9 @@ std::tuple<at::Tensor, at::Tensor> param_grads(const at::Tensor& gw, const at::T
   return {gw.to(weight.scalar_type()).view(weight.sizes()), gb.to(weight.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor> zero_param_grads(const at::Tensor& weight, int64_t J, int64_t K) {
+std::tuple<at::Tensor, at::Tensor> param_grad_buffers(const at::Tensor& weight, int64_t J, int64_t K) {
   const auto acc = weight.options().dtype(acc_scalar_type(weight.scalar_type()));
-  return {at::zeros({J, K}, acc), at::zeros({J}, acc)};
+  return {at::empty({J, K}, acc), at::empty({J}, acc)};
 }
 
 }  // namespace shift

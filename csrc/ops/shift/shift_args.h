@@ -63,8 +63,9 @@ std::vector<int64_t> grid_shape(const at::Tensor& src, const TokenMap& m);
 // Weight and bias gradients (accumulation type) in the weight's own shape and dtype.
 std::tuple<at::Tensor, at::Tensor> param_grads(const at::Tensor& gw, const at::Tensor& gb,
                                                const at::Tensor& weight);
-// Zeroed [J, K] and [J] gradient buffers in the accumulation type, on the weight's device.
-std::tuple<at::Tensor, at::Tensor> zero_param_grads(const at::Tensor& weight, int64_t J, int64_t K);
+// [J, K] and [J] gradient buffers in the accumulation type, on the weight's device, for
+// Kernels::weight_grad to overwrite.
+std::tuple<at::Tensor, at::Tensor> param_grad_buffers(const at::Tensor& weight, int64_t J, int64_t K);
 
 }  // namespace shift
 }  // namespace tokenmix

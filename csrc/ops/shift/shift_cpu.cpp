@@ -479,8 +479,25 @@ constexpr int64_t kProjectDepth = 128;
 // 4 + 4 + 1, whose last panel would reload W's rows for one vector of sums); each panel runs in
 // passes over kProjectDepth rows of a that start from the last pass's sums (stored exactly, so
 // the order of summation is that of one pass).
+//
+// W [J, K] as the kernel table allows it: element (j, k) at p[j * ld + k], or at p[k * ld + j]
+// when transposed (the backward's W^T, a view, read by columns at the cost of reading by rows).
 template <typename A>
-void project(int64_t J, int64_t K, int64_t ncols, const A* w, const A* bias, const A* a, int64_t lda,
+struct WeightView {
+  const A* p;
+  int64_t ld;
+  bool transposed;
+};
+
+template <typename A>
+WeightView<A> weight_view(const at::Tensor& w) {
+  if (w.size(1) <= 1 || w.stride(1) == 1) return {w.const_data_ptr<A>(), w.size(1) <= 1 ? 1 : w.stride(0), false};
+  TORCH_INTERNAL_ASSERT(w.size(0) <= 1 || w.stride(0) == 1, "shift linear: weight needs a contiguous dimension");
+  return {w.const_data_ptr<A>(), w.stride(1), true};
+}
+
+template <typename A>
+void project(int64_t J, int64_t K, int64_t ncols, const WeightView<A>& w, const A* bias, const A* a, int64_t lda,
              A* dst, int64_t ldd) {
   constexpr int64_t V = Vec<A>::size();
   const int64_t nv = (ncols + V - 1) / V, panels = (nv + kSmallCols - 1) / kSmallCols;
@@ -491,8 +508,12 @@ void project(int64_t J, int64_t K, int64_t ncols, const A* w, const A* bias, con
     int64_t k0 = 0;
     do {  // once at least: K = 0 leaves the bias
       const InitRows<A> init = k0 == 0 ? InitRows<A>{bias, 1, true} : InitRows<A>{c, ldd};
-      small_gemm<A, false>(J, (v1 - v0) * V, std::min(kProjectDepth, K - k0), w + k0, K, b + k0 * lda, lda, c,
-                           ldd, init);
+      const int64_t n = (v1 - v0) * V, depth = std::min(kProjectDepth, K - k0);
+      if (w.transposed) {
+        small_gemm<A, true>(J, n, depth, w.p + k0 * w.ld, w.ld, b + k0 * lda, lda, c, ldd, init);
+      } else {
+        small_gemm<A, false>(J, n, depth, w.p + k0, w.ld, b + k0 * lda, lda, c, ldd, init);
+      }
       k0 += kProjectDepth;
     } while (k0 < K);
     v0 = v1;
@@ -536,7 +557,7 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
   const auto os = out.strides();
   const S* s = src.const_data_ptr<S>();
   S* o = out.mutable_data_ptr<S>();
-  const A* w = weight.const_data_ptr<A>();
+  const WeightView<A> w = weight_view<A>(weight);
   const A* bp = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
   at::parallel_for(0, tiles.count, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -586,16 +607,20 @@ void weight_grad_typed(const at::Tensor& grad, const TokenMap& g_map, const at::
   const MappedRows<S> gr(g_map, grad), ar(a_map, src);
   const S* g = grad.const_data_ptr<S>();
   const S* s = src.const_data_ptr<S>();
+  grad_bias.zero_();
+  if (tiles.count == 0) {
+    grad_weight.zero_();
+    return;
+  }
   // Partials of at most kPartialFloats in all (a wide weight gets fewer chunks); a chunk's first
-  // tile overwrites its partial, so none needs zeroing.
-  const int64_t chunks = std::max<int64_t>(
-      1, std::min({tiles.count, kMaxChunks, kPartialFloats / std::max<int64_t>(J * K, 1)}));
-  at::Tensor pw = at::empty({chunks, J, K}, grad_weight.options());
-  at::Tensor pb = at::zeros({chunks, J}, grad_bias.options());
+  // tile overwrites its partial, so none needs zeroing. Chunk 0 sums into the gradients themselves.
+  const int64_t chunks = std::min({tiles.count, kMaxChunks, std::max<int64_t>(1, kPartialFloats / std::max<int64_t>(J * K, 1))});
+  at::Tensor pw = at::empty({chunks - 1, J, K}, grad_weight.options());
+  at::Tensor pb = at::zeros({chunks - 1, J}, grad_bias.options());
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      at::Tensor w = pw[c];
-      A* bsum = pb[c].mutable_data_ptr<A>();
+      at::Tensor w = c == 0 ? grad_weight : pw[c - 1];
+      A* bsum = c == 0 ? grad_bias.mutable_data_ptr<A>() : pb[c - 1].mutable_data_ptr<A>();
       const int64_t first = c * tiles.count / chunks;
       for (int64_t t = first; t < (c + 1) * tiles.count / chunks; ++t) {
         const int64_t r0 = tiles.r0(t), r1 = tiles.r1(t), n = (r1 - r0) * tiles.GW;
@@ -615,7 +640,7 @@ void weight_grad_typed(const at::Tensor& grad, const TokenMap& g_map, const at::
       }
     }
   });
-  for (int64_t c = 0; c < chunks; ++c) {
+  for (int64_t c = 0; c + 1 < chunks; ++c) {
     grad_weight.add_(pw[c]);
     grad_bias.add_(pb[c]);
   }

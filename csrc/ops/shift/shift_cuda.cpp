@@ -17,7 +17,8 @@ namespace shift {
 namespace {
 
 // The kernels read weight and bias as contiguous arrays of the accumulation type; shift.cpp
-// prepares them so, and this keeps a future caller from handing them anything else.
+// prepares them so (linear makes a transposed weight contiguous), and this keeps a future caller
+// from handing them anything else.
 void check_param(const char* what, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.scalar_type() == acc_scalar_type(x.scalar_type()) && t.is_contiguous() &&
                   t.device() == x.device(),
@@ -52,19 +53,20 @@ void unfold(const at::Tensor& grid, const TokenMap& map, at::Tensor& out) {
 
 void linear(const at::Tensor& src, const TokenMap& in_map, const at::Tensor& weight,
             const at::Tensor& bias, const TokenMap& out_map, at::Tensor& out) {
-  check_param("weight", weight, src);
+  const at::Tensor w = weight.contiguous();
+  check_param("weight", w, src);
   if (bias.defined()) check_param("bias", bias, src);
   LinearParams p{};
   p.src = src.const_data_ptr();
   p.src_st = strides_of(src);
   p.in_map = in_map;
-  p.weight = weight.const_data_ptr();
+  p.weight = w.const_data_ptr();
   p.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
   p.out = out.mutable_data_ptr();
   p.out_st = strides_of(out);
   p.out_map = out_map;
   p.B = src.size(0);
-  p.J = weight.size(0);
+  p.J = w.size(0);
   p.K = in_map.K();
   p.GH = in_map.GH();
   p.GW = in_map.GW();
@@ -91,7 +93,9 @@ void weight_grad(const at::Tensor& grad, const TokenMap& g_map, const at::Tensor
   p.dtype = to_dtype(src.scalar_type());
   const int64_t N = p.B * p.GH * p.GW;
   if (N == 0 || p.J == 0) {
-    return;  // the gradients arrive zeroed, and zero is the sum over no pixel
+    grad_weight.zero_();  // the sum over no pixel
+    grad_bias.zero_();
+    return;
   }
   p.chunks = shift_weight_grad_chunks(p.J, p.K, N);
   at::Tensor partial = at::empty({p.chunks, p.J * p.K + p.J}, grad_weight.options());

@@ -25,16 +25,16 @@ struct Kernels {
   //   R is written to out itself (out_map Identity) or to out[source_offset(out_map, ...)], the
   //   grid elements whose offset is -1 dropped (out_map a Shift, or a Fold without wrap). Each
   //   output element is written at most once; the caller zeroes out where some are not written.
-  // weight [J, K] contiguous in the accumulation type (acc_scalar_type); bias [J] in it, or
-  // undefined.
+  // weight [J, K] in the accumulation type (acc_scalar_type), its rows or its columns contiguous
+  // (the backward passes W^T as a transposed view); bias [J] in it, or undefined.
   void (*linear)(const at::Tensor& src, const TokenMap& in_map, const at::Tensor& weight,
                  const at::Tensor& bias, const TokenMap& out_map, at::Tensor& out);
   // Weight and bias gradients of linear with an Identity out_map:
   //   grad_weight[j, k] = sum_{b, gy, gx} G[b, j, gy, gx] A[b, k, gy, gx],
   //   grad_bias[j] = sum G[b, j, gy, gx],
   // G read from grad via g_map, A from src via a_map. grad_weight [J, K] and grad_bias [J]
-  // contiguous, in the accumulation type. Summed in a fixed order: the same bits at any thread
-  // count.
+  // contiguous, in the accumulation type, overwritten (zero when there is no pixel). Summed in a
+  // fixed order: the same bits at any thread count.
   void (*weight_grad)(const at::Tensor& grad, const TokenMap& g_map, const at::Tensor& src,
                       const TokenMap& a_map, at::Tensor& grad_weight, at::Tensor& grad_bias);
 };
