@@ -14,12 +14,13 @@
 // as a [K, pixels] matrix in the accumulation type, which is the GEMM's operand load: the shifted
 // or folded tensor never exists beyond one tile. The projection is the register-blocked small GEMM
 // of cpu/blocked_gemm.h (pixels across the vector lanes, the bias as the sums' initial value) over
-// the whole tile, into scratch, whose rows then reach the output: copied image by image (NCHW),
-// transposed (channels_last), or through the store map. Projecting per image straight into an
-// NCHW output would end each image's columns in a partial vector, which on Hire-MLP's 14 x 14
-// maps costs more than the copy. The weight gradient is ATen's GEMM (at::mm_out), single-threaded
-// inside the tile loop; it sums per-chunk partials (a chunk: a fixed range of tiles) in chunk
-// order, so its bits do not depend on the thread count.
+// the whole tile into scratch, whose rows then reach the output: copied image by image (NCHW),
+// transposed (channels_last), or through the store map. Where each image's part of the tile is
+// whole vectors, an NCHW output is written straight from the registers instead; elsewhere a
+// per-image projection would end each image's columns in a partial vector, which on Hire-MLP's
+// 14 x 14 maps costs more than the copy. The weight gradient is ATen's GEMM (at::mm_out),
+// single-threaded inside the tile loop; it sums per-chunk partials (a chunk: a fixed range of
+// tiles) in chunk order, so its bits do not depend on the thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -85,8 +86,8 @@ std::vector<int64_t> fold_column_table(const TokenMap& m) {
 
 // The rule of grid row (b, k, gy), the part fixed by k (ch = map_channel(m, st, k)) computed by the
 // caller once per run of rows.
-RowRule row_rule(const TokenMap& m, const Strides4& st, const std::vector<int64_t>& cols, const MapChannel& ch,
-                 int64_t b, int64_t gy) {
+RowRule row_rule(const TokenMap& m, const Strides4& st, const std::vector<int64_t>& cols,
+                 const MapChannel& ch, int64_t b, int64_t gy) {
   const int64_t base = b * st.b + ch.coff;
   switch (m.kind) {
     case MapKind::Shift: {
@@ -491,14 +492,14 @@ struct WeightView {
 
 template <typename A>
 WeightView<A> weight_view(const at::Tensor& w) {
-  if (w.size(1) <= 1 || w.stride(1) == 1) return {w.const_data_ptr<A>(), w.size(1) <= 1 ? 1 : w.stride(0), false};
-  TORCH_INTERNAL_ASSERT(w.size(0) <= 1 || w.stride(0) == 1, "shift linear: weight needs a contiguous dimension");
+  if (w.stride(1) == 1 || w.size(1) <= 1) return {w.const_data_ptr<A>(), w.stride(0), false};
+  TORCH_INTERNAL_ASSERT(w.stride(0) == 1 || w.size(0) <= 1, "shift linear: no contiguous weight dimension");
   return {w.const_data_ptr<A>(), w.stride(1), true};
 }
 
 template <typename A>
-void project(int64_t J, int64_t K, int64_t ncols, const WeightView<A>& w, const A* bias, const A* a, int64_t lda,
-             A* dst, int64_t ldd) {
+void project(int64_t J, int64_t K, int64_t ncols, const WeightView<A>& w, const A* bias, const A* a,
+             int64_t lda, A* dst, int64_t ldd) {
   constexpr int64_t V = Vec<A>::size();
   const int64_t nv = (ncols + V - 1) / V, panels = (nv + kSmallCols - 1) / kSmallCols;
   for (int64_t q = 0, v0 = 0; q < panels; ++q) {
@@ -520,9 +521,10 @@ void project(int64_t J, int64_t K, int64_t ncols, const WeightView<A>& w, const 
   }
 }
 
-// How a tile's result reaches an output of the identity map with the accumulation type: copied
-// (NCHW) or transposed (channels_last) from scratch, one image at a time (a tile may span images).
-// Other outputs go through the store map.
+// How a tile's result reaches an output of the identity map with the accumulation type, one image
+// at a time (a tile may span images): NCHW straight from the GEMM where each image's part is whole
+// vectors, else copied from scratch; channels_last transposed from scratch. Other outputs go
+// through the store map.
 enum class Direct { kNone, kNchw, kNhwc };
 
 Direct direct_store(const at::Tensor& out, bool identity) {
@@ -545,6 +547,14 @@ void per_image(int64_t r0, int64_t r1, int64_t GH, F f) {
   }
 }
 
+// Whether each image's part of grid rows [r0, r1) is whole vectors: the projection can then write
+// an NCHW output straight from its registers, image by image, without a pass through scratch.
+inline bool whole_vectors_per_image(int64_t r0, int64_t r1, int64_t GH, int64_t GW, int64_t V) {
+  bool whole = true;
+  per_image(r0, r1, GH, [&](int64_t, int64_t r, int64_t re) { whole = whole && (re - r) * GW % V == 0; });
+  return whole;
+}
+
 template <typename S>
 void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tensor& weight,
                   const at::Tensor& bias, const TokenMap& out_map, at::Tensor& out) {
@@ -565,6 +575,15 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
       A* abuf = scratch<A>(Slot::kOperand, K * ld);
       pack(in, s, K, tiles.GH, r0, r1, abuf, ld);
       for (int64_t k = 0; k < K; ++k) std::fill(abuf + k * ld + n, abuf + (k + 1) * ld, A(0));
+      if (direct == Direct::kNchw && whole_vectors_per_image(r0, r1, tiles.GH, tiles.GW, Vec<A>::size())) {
+        if constexpr (std::is_same_v<S, A>) {
+          per_image(r0, r1, tiles.GH, [&](int64_t b, int64_t r, int64_t re) {
+            project(J, K, (re - r) * tiles.GW, w, bp, abuf + (r - r0) * tiles.GW, ld,
+                    o + b * os[0] + (r % tiles.GH) * os[2], os[1]);
+          });
+        }
+        continue;
+      }
       A* rbuf = scratch<A>(Slot::kResult, J * ld);
       project(J, K, n, w, bp, abuf, ld, rbuf, ld);
       if (direct == Direct::kNchw) {
@@ -614,7 +633,8 @@ void weight_grad_typed(const at::Tensor& grad, const TokenMap& g_map, const at::
   }
   // Partials of at most kPartialFloats in all (a wide weight gets fewer chunks); a chunk's first
   // tile overwrites its partial, so none needs zeroing. Chunk 0 sums into the gradients themselves.
-  const int64_t chunks = std::min({tiles.count, kMaxChunks, std::max<int64_t>(1, kPartialFloats / std::max<int64_t>(J * K, 1))});
+  const int64_t chunks =
+      std::min({tiles.count, kMaxChunks, std::max<int64_t>(1, kPartialFloats / std::max<int64_t>(J * K, 1))});
   at::Tensor pw = at::empty({chunks - 1, J, K}, grad_weight.options());
   at::Tensor pb = at::zeros({chunks - 1, J}, grad_bias.options());
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
