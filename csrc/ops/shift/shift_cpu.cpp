@@ -317,8 +317,9 @@ void unrolled_row(const TokenMap& m, const S* g, int64_t kstride, A* padded, S* 
 }
 
 // out[b, c, i (along the axis), o] = grid at padded position fold_target(i) (+ its padded copy
-// with wrap), the two copies added in the accumulation type: whole rows for a fold along the rows
-// of maps with contiguous columns, element by element otherwise.
+// with wrap), the two copies added in the accumulation type: by whole rows where grid and output
+// have contiguous columns (unrolled_row for a fold along the columns), element by element
+// otherwise.
 template <typename S>
 void unfold_typed(const at::Tensor& grid, const TokenMap& m, at::Tensor& out) {
   using A = at::opmath_type<S>;
@@ -430,8 +431,8 @@ void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t GH, int64_
   for (int64_t k = 0; k < K; ++k) rows.load_rows(src, k, r0 / GH, r0 % GH, r1 - r0, buf + k * ld, GW);
 }
 
-// Stores a [J, (r1 - r0) * GW] tile (rows ld apart) through the map `rows` (rows.store per grid
-// row), or, for an unfold along the columns of an output with contiguous columns, by whole output
+// Stores a [J, (r1 - r0) * GW] tile (rows ld apart) through the map `rows` (rows.store_rows per
+// channel run), or, for an unfold along the columns of an output with contiguous columns, by whole output
 // rows: the p grid rows of channel c become one padded row, rolled back and cropped into the
 // output row.
 template <typename S, typename A>
@@ -473,14 +474,6 @@ int64_t operand_ld(int64_t n) {
 // panel, 256 bytes a row, then stays in a 48 KB L1 cache while every block of W's rows reads it.
 constexpr int64_t kProjectDepth = 128;
 
-// dst[j, c] = bias[j] + sum over k, in order, of w[j, k] a[k, c], for j < J, c < ncols rounded up
-// to whole vectors (a's rows hold zeros there and dst's rows room for them): a tile's projection
-// as the register-blocked small GEMM (rows of W broadcast, pixels across the vector lanes). The
-// vectors are dealt evenly to column panels of at most kSmallCols (9 as 3 + 3 + 3, not
-// 4 + 4 + 1, whose last panel would reload W's rows for one vector of sums); each panel runs in
-// passes over kProjectDepth rows of a that start from the last pass's sums (stored exactly, so
-// the order of summation is that of one pass).
-//
 // W [J, K] as the kernel table allows it: element (j, k) at p[j * ld + k], or at p[k * ld + j]
 // when transposed (the backward's W^T, a view, read by columns at the cost of reading by rows).
 template <typename A>
@@ -497,6 +490,13 @@ WeightView<A> weight_view(const at::Tensor& w) {
   return {w.const_data_ptr<A>(), w.stride(1), true};
 }
 
+// dst[j, c] = bias[j] + sum over k, in order, of w[j, k] a[k, c], for j < J, c < ncols rounded up
+// to whole vectors (a's rows hold zeros there and dst's rows room for them): a tile's projection
+// as the register-blocked small GEMM (rows of W broadcast, pixels across the vector lanes). The
+// vectors are dealt evenly to column panels of at most kSmallCols (9 as 3 + 3 + 3, not
+// 4 + 4 + 1, whose last panel would reload W's rows for one vector of sums); each panel runs in
+// passes over kProjectDepth rows of a that start from the last pass's sums (stored exactly, so
+// the order of summation is that of one pass).
 template <typename A>
 void project(int64_t J, int64_t K, int64_t ncols, const WeightView<A>& w, const A* bias, const A* a,
              int64_t lda, A* dst, int64_t ldd) {
@@ -627,12 +627,13 @@ void weight_grad_typed(const at::Tensor& grad, const TokenMap& g_map, const at::
   const S* g = grad.const_data_ptr<S>();
   const S* s = src.const_data_ptr<S>();
   grad_bias.zero_();
-  if (tiles.count == 0) {
+  if (tiles.count == 0 || J == 0) {  // no pixel, or nothing to compute
     grad_weight.zero_();
     return;
   }
   // Partials of at most kPartialFloats in all (a wide weight gets fewer chunks); a chunk's first
-  // tile overwrites its partial, so none needs zeroing. Chunk 0 sums into the gradients themselves.
+  // tile overwrites its weight partial, which therefore needs no zeroing (the bias partials are
+  // sums). Chunk 0 sums into the gradients themselves.
   const int64_t chunks =
       std::min({tiles.count, kMaxChunks, std::max<int64_t>(1, kPartialFloats / std::max<int64_t>(J * K, 1))});
   at::Tensor pw = at::empty({chunks - 1, J, K}, grad_weight.options());

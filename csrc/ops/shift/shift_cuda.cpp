@@ -16,9 +16,9 @@ namespace tokenmix {
 namespace shift {
 namespace {
 
-// The kernels read weight and bias as contiguous arrays of the accumulation type; shift.cpp
-// prepares them so (linear makes a transposed weight contiguous), and this keeps a future caller
-// from handing them anything else.
+// The kernels read weight and bias as contiguous arrays of the accumulation type: shift.cpp hands
+// them over in that type, linear makes the weight contiguous (the backward passes W^T as a
+// transposed view), and this keeps a future caller from handing them anything else.
 void check_param(const char* what, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.scalar_type() == acc_scalar_type(x.scalar_type()) && t.is_contiguous() &&
                   t.device() == x.device(),
