@@ -210,56 +210,46 @@ struct MappedRows {
   // of them, row i at dst + i * ldd: one run of a channel, its part of the map resolved once.
   template <typename D>
   void load_rows(const S* src, int64_t k, int64_t b, int64_t gy, int64_t count, D* dst, int64_t ldd) const {
-    if (contiguous_runs(ldd)) {
-      for_runs(k, b, gy, count, [&](int64_t off, int64_t len) {
-        convert(dst, src + off, len);
-        dst += len;
-      });
-      return;
-    }
-    const MapChannel ch = map_channel<int64_t>(m, st, k);
-    for (int64_t i = 0; i < count; ++i, dst += ldd) {
+    const auto span = [&](int64_t i, int64_t off, int64_t len) { convert(dst + i * n, src + off, len); };
+    walk(k, b, gy, count, ldd, span, [&](int64_t i, const MapChannel& ch, int64_t rb, int64_t ry) {
       if (st.w == 1) {
-        load_row(row_rule(m, st, cols, ch, b, gy), src, n, dst);
+        load_row(row_rule(m, st, cols, ch, rb, ry), src, n, dst + i * ldd);
       } else {
-        load_row_strided(m, st, ch, src, b, gy, n, dst);
+        load_row_strided(m, st, ch, src, rb, ry, n, dst + i * ldd);
       }
-      if (++gy == GH) gy = 0, ++b;
-    }
-  }
-  // An identity map of an NCHW-contiguous plane, its rows packed back to back: a run's rows within
-  // one image are one contiguous span on both sides.
-  bool contiguous_runs(int64_t ld) const {
-    return m.kind == MapKind::Identity && st.w == 1 && st.h == n && ld == n;
-  }
-  // f(offset, elements) for each image's span of a run of grid rows of channel k.
-  template <typename F>
-  void for_runs(int64_t k, int64_t b, int64_t gy, int64_t count, F f) const {
-    while (count > 0) {
-      const int64_t rows = std::min(count, GH - gy);
-      f(b * st.b + k * st.c + gy * st.h, rows * n);
-      count -= rows;
-      gy = 0;
-      ++b;
-    }
+    });
   }
   // The inverse: row i of src (rows lds apart) to grid row i of the run.
   template <typename A>
   void store_rows(const A* src, int64_t lds, int64_t k, int64_t b, int64_t gy, int64_t count, S* dst) const {
-    if (contiguous_runs(lds)) {
-      for_runs(k, b, gy, count, [&](int64_t off, int64_t len) {
-        convert(dst + off, src, len);
-        src += len;
-      });
+    const auto span = [&](int64_t i, int64_t off, int64_t len) { convert(dst + off, src + i * n, len); };
+    walk(k, b, gy, count, lds, span, [&](int64_t i, const MapChannel& ch, int64_t rb, int64_t ry) {
+      if (st.w == 1) {
+        store_row(row_rule(m, st, cols, ch, rb, ry), src + i * lds, n, dst);
+      } else {
+        store_row_strided(m, st, ch, src + i * lds, rb, ry, n, dst);
+      }
+    });
+  }
+  // A run of `count` grid rows of channel k from (b, gy), its rows ld apart on the packed side:
+  // span(i, offset, elements) for each image's part where an identity map of an NCHW plane makes
+  // it one contiguous span on both sides (i its first row in the run), else row(i, ch, b, gy) for
+  // each row.
+  template <typename Span, typename Row>
+  void walk(int64_t k, int64_t b, int64_t gy, int64_t count, int64_t ld, Span span, Row row) const {
+    if (m.kind == MapKind::Identity && st.w == 1 && st.h == n && ld == n) {
+      for (int64_t i = 0; i < count;) {
+        const int64_t rows = std::min(count - i, GH - gy);
+        span(i, b * st.b + k * st.c + gy * st.h, rows * n);
+        i += rows;
+        gy = 0;
+        ++b;
+      }
       return;
     }
     const MapChannel ch = map_channel<int64_t>(m, st, k);
-    for (int64_t i = 0; i < count; ++i, src += lds) {
-      if (st.w == 1) {
-        store_row(row_rule(m, st, cols, ch, b, gy), src, n, dst);
-      } else {
-        store_row_strided(m, st, ch, src, b, gy, n, dst);
-      }
+    for (int64_t i = 0; i < count; ++i) {
+      row(i, ch, b, gy);
       if (++gy == GH) gy = 0, ++b;
     }
   }
