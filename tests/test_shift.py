@@ -355,6 +355,27 @@ def test_empty_batch(device, case):
     assert all(g is not None and g.shape == t.shape and not g.any() for g, t in zip(grads, ins))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_pixel_or_no_output_channel(device):
+    # A map with no pixel, or a weight with no output channel: the outputs are empty and every
+    # gradient is zero (the kernels overwrite uninitialised gradient buffers).
+    def run(op, x, w, b):
+        ins = [t.to(device).requires_grad_() for t in (x, w, b)]
+        out = op(*ins)
+        grads = torch.autograd.grad(out.sum(), ins, allow_unused=True)
+        assert all(g is not None and g.shape == t.shape and not g.any() for g, t in zip(grads, ins))
+        return out
+
+    shift = lambda x, w, b: tm.shift_linear(x, [(1, -1)], w, b)  # noqa: E731
+    fold = lambda x, w, b: tm.region_fold_linear(x, 2, 3, w, b, 1)  # noqa: E731
+    unfold = lambda y, w, b: tm.linear_region_unfold(y, 3, 2, 5, w, b, 1)  # noqa: E731
+    assert run(shift, torch.randn(2, 4, 0, 6), torch.randn(3, 4), torch.randn(3)).shape == (2, 3, 0, 6)
+    assert run(shift, torch.randn(2, 4, 5, 6), torch.randn(0, 4), torch.randn(0)).shape == (2, 0, 5, 6)
+    assert run(fold, torch.randn(2, 4, 7, 0), torch.randn(5, 12), torch.randn(5)).shape == (2, 5, 3, 0)
+    assert run(fold, torch.randn(2, 4, 7, 5), torch.randn(0, 12), torch.randn(0)).shape == (2, 0, 3, 5)
+    assert run(unfold, torch.randn(2, 3, 0, 3), torch.randn(8, 3), torch.randn(8)).shape == (2, 4, 0, 5)
+
+
 # ---- gradcheck ------------------------------------------------------------------------------
 
 
