@@ -59,6 +59,13 @@ class ConvMlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
+    def forward_rows(self, x: Tensor) -> Tensor:
+        """The same MLP on ``[N, in_features]`` rows, the pixels of a 1 x 1 map, as the linear
+        layers it is there: a convolution on such a map costs tens of microseconds of setup per
+        call, forward and backward, where ``F.linear`` is one small matrix product."""
+        x = self.drop(self.act(F.linear(x, self.fc1.weight.flatten(1), self.fc1.bias)))
+        return self.drop(F.linear(x, self.fc2.weight.flatten(1), self.fc2.bias))
+
 
 # ---- Hire-MLP --------------------------------------------------------------------------------
 
@@ -229,16 +236,16 @@ class HireMLP(nn.Module):
         c = _pointwise(x, self.mlp_c.weight, self.mlp_c.bias) if fused else self.mlp_c(x)
         # Split attention: a softmax over the three branches, per channel. Fused, the mean of the
         # sum is the sum of the planes' sums over H W (whose backward is a broadcast view, where a
-        # mean's writes a full-size quotient), and the weighted sum accumulates into one buffer
+        # mean's writes a full-size quotient), the reweighting MLP runs on the [B, C] means as
+        # linear layers (ConvMlp.forward_rows), and the weighted sum accumulates into one buffer
         # (_weighted_sum); the same values up to rounding.
         if fused:
-            a = ((h.sum((2, 3)) + w.sum((2, 3)) + c.sum((2, 3))) / (x.shape[2] * x.shape[3]))[:, :, None, None]
-        else:
-            a = (h + w + c).flatten(2).mean(2)[:, :, None, None]
-        a = self.reweight(a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)
-        if fused:
+            a = (h.sum((2, 3)) + w.sum((2, 3)) + c.sum((2, 3))) / (x.shape[2] * x.shape[3])
+            a = self.reweight.forward_rows(a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)
             mixed = _weighted_sum(h, w, c, a)
             return self.proj_drop(_pointwise(mixed, self.proj.weight, self.proj.bias))
+        a = (h + w + c).flatten(2).mean(2)[:, :, None, None]
+        a = self.reweight(a).reshape(B, C, 3).permute(2, 0, 1).softmax(dim=0)
         a = a[:, :, :, None, None]
         mixed = h * a[0] + w * a[1] + c * a[2]
         return self.proj_drop(self.proj(mixed))
