@@ -1,12 +1,7 @@
 // CPU kernels of the shifted / rearranged token-mixing family: the four primitives of
 // shift_problem.h.
 //
-// Everything moves whole grid rows: a row (b, k, gy) of the grid [B, K, GH, GW] reads one source
-// row through a RowRule (shift_math.h's map; the part fixed by the channel resolved once per run
-// of rows): the same columns, the columns shifted by dx (zeros or wrapped), or a column table (a
-// fold along the columns). An identity map of an NCHW plane moves each image's run of rows as one
-// span. Sources whose columns are not contiguous (channels_last, strided views) take an
-// element-by-element path through map_offset, the function the CUDA kernels use.
+// Everything moves whole grid rows, read and written through shift_rows_cpu.h.
 //
 // The projections (linear, weight_grad) run over tiles: ranges of whole grid rows, across images,
 // of about kTileFloats / max(K, J) pixels (at least kMinTilePixels, so that Hire-MLP's small later
@@ -29,13 +24,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/blocked_gemm.h"
 #include "cpu/rows.h"
 #include "cpu/scratch.h"
+#include "shift_rows_cpu.h"
 #include "shift_args.h"
 #include "shift_problem.h"
 #include "tokenmix/checks.h"
@@ -60,200 +55,6 @@ constexpr int64_t kTileGroup = 2;
 // small next to the operands.
 constexpr int64_t kMaxChunks = 32;
 constexpr int64_t kPartialFloats = int64_t(1) << 20;
-
-// How one grid row reads its source row, for sources with contiguous columns.
-struct RowRule {
-  enum Kind { Zero, Same, Shift, Table } kind;
-  int64_t base;          // offset of the source row's column 0
-  int64_t dx;            // Shift: normalised column shift
-  bool circular;         // Shift
-  const int64_t* table;  // Table: grid column -> source column, or -1
-};
-
-// Column tables of a fold along axis 3: table[kk * GW + gx] = source column of padded position
-// gx * p + kk, or -1.
-std::vector<int64_t> fold_column_table(const TokenMap& m) {
-  std::vector<int64_t> t;
-  if (m.kind == MapKind::Fold && m.axis == 3) {
-    const int64_t GW = m.GW();
-    t.resize(m.p * GW);
-    for (int64_t kk = 0; kk < m.p; ++kk) {
-      for (int64_t gx = 0; gx < GW; ++gx) t[kk * GW + gx] = fold_source(m, gx * m.p + kk);
-    }
-  }
-  return t;
-}
-
-// The rule of grid row (b, k, gy), the part fixed by k (ch = map_channel(m, st, k)) computed by the
-// caller once per run of rows.
-RowRule row_rule(const TokenMap& m, const Strides4& st, const std::vector<int64_t>& cols,
-                 const MapChannel& ch, int64_t b, int64_t gy) {
-  const int64_t base = b * st.b + ch.coff;
-  switch (m.kind) {
-    case MapKind::Shift: {
-      const int64_t h = shifted_source(gy, ch.a, m.H, m.circular);
-      if (h < 0) return {RowRule::Zero, 0, 0, false, nullptr};
-      return {RowRule::Shift, base + h * st.h, ch.b, m.circular, nullptr};
-    }
-    case MapKind::Fold: {
-      if (m.axis == 3) return {RowRule::Table, base + gy * st.h, 0, false, cols.data() + ch.a * m.GW()};
-      const int64_t h = fold_source(m, gy * m.p + ch.a);
-      if (h < 0) return {RowRule::Zero, 0, 0, false, nullptr};
-      return {RowRule::Same, base + h * st.h, 0, false, nullptr};
-    }
-    default:
-      return {RowRule::Same, base + gy * st.h, 0, false, nullptr};
-  }
-}
-
-template <typename D, typename S>
-void convert(D* dst, const S* src, int64_t n) {
-  if constexpr (std::is_same_v<D, S>) {
-    // Grid rows are often a few dozen elements, where vector copies beat a call to memcpy.
-    constexpr int64_t V = Vec<D>::size();
-    int64_t i = 0;
-    for (; i + V <= n; i += V) Vec<D>::loadu(src + i).store(dst + i);
-    if (i < n) Vec<D>::loadu(src + i, static_cast<int>(n - i)).store(dst + i, static_cast<int>(n - i));
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
-  }
-}
-
-// dst[gx] = source element of grid column gx (0 where the map reads zero), gx < n.
-template <typename S, typename D>
-void load_row(const RowRule& r, const S* src, int64_t n, D* dst) {
-  const S* row = src + r.base;
-  switch (r.kind) {
-    case RowRule::Zero:
-      std::fill(dst, dst + n, D(0));
-      return;
-    case RowRule::Same:
-      convert(dst, row, n);
-      return;
-    case RowRule::Shift:
-      if (r.circular) {  // dx in [0, n): columns [0, dx) wrap to the row's end
-        convert(dst, row + n - r.dx, r.dx);
-        convert(dst + r.dx, row, n - r.dx);
-      } else {  // dx in [-n, n]: columns whose source lies outside read zero
-        const int64_t lo = std::max<int64_t>(0, r.dx), hi = std::min<int64_t>(n, n + r.dx);
-        std::fill(dst, dst + lo, D(0));
-        convert(dst + lo, row + lo - r.dx, hi - lo);
-        std::fill(dst + std::max(lo, hi), dst + n, D(0));
-      }
-      return;
-    case RowRule::Table:
-      for (int64_t gx = 0; gx < n; ++gx) {
-        dst[gx] = r.table[gx] < 0 ? D(0) : static_cast<D>(row[r.table[gx]]);
-      }
-      return;
-  }
-}
-
-// The inverse: source element of grid column gx = src[gx], for the columns the map reads.
-template <typename S, typename D>
-void store_row(const RowRule& r, const S* src, int64_t n, D* dst) {
-  D* row = dst + r.base;
-  switch (r.kind) {
-    case RowRule::Zero:
-      return;
-    case RowRule::Same:
-      convert(row, src, n);
-      return;
-    case RowRule::Shift:
-      if (r.circular) {
-        convert(row + n - r.dx, src, r.dx);
-        convert(row, src + r.dx, n - r.dx);
-      } else {
-        const int64_t lo = std::max<int64_t>(0, r.dx), hi = std::min<int64_t>(n, n + r.dx);
-        if (hi > lo) convert(row + lo - r.dx, src + lo, hi - lo);
-      }
-      return;
-    case RowRule::Table:
-      for (int64_t gx = 0; gx < n; ++gx) {
-        if (r.table[gx] >= 0) row[r.table[gx]] = static_cast<D>(src[gx]);
-      }
-      return;
-  }
-}
-
-// A grid row through the map, element by element (sources with non-contiguous columns).
-template <typename S, typename D>
-void load_row_strided(const TokenMap& m, const Strides4& st, const MapChannel& ch, const S* src, int64_t b,
-                      int64_t gy, int64_t n, D* dst) {
-  for (int64_t gx = 0; gx < n; ++gx) {
-    const int64_t o = map_offset(m, st, ch, b * st.b, gy, gx);
-    dst[gx] = o < 0 ? D(0) : static_cast<D>(src[o]);
-  }
-}
-
-template <typename S, typename D>
-void store_row_strided(const TokenMap& m, const Strides4& st, const MapChannel& ch, const S* src, int64_t b,
-                       int64_t gy, int64_t n, D* dst) {
-  for (int64_t gx = 0; gx < n; ++gx) {
-    const int64_t o = map_offset(m, st, ch, b * st.b, gy, gx);
-    if (o >= 0) dst[o] = static_cast<D>(src[gx]);
-  }
-}
-
-// Reads and writes grid rows of one source tensor through one map.
-template <typename S>
-struct MappedRows {
-  const TokenMap& m;
-  Strides4 st;
-  std::vector<int64_t> cols;
-  int64_t n, GH;  // the grid's row length and rows per image
-
-  MappedRows(const TokenMap& map, const at::Tensor& t)
-      : m(map), st(strides_of(t)), cols(fold_column_table(map)), n(map.GW()), GH(map.GH()) {}
-
-  // Grid rows (b, k, gy), (b, k, gy + 1), ... (on into the next image past the last row), `count`
-  // of them, row i at dst + i * ldd: one run of a channel, its part of the map resolved once.
-  template <typename D>
-  void load_rows(const S* src, int64_t k, int64_t b, int64_t gy, int64_t count, D* dst, int64_t ldd) const {
-    const auto span = [&](int64_t i, int64_t off, int64_t len) { convert(dst + i * n, src + off, len); };
-    walk(k, b, gy, count, ldd, span, [&](int64_t i, const MapChannel& ch, int64_t rb, int64_t ry) {
-      if (st.w == 1) {
-        load_row(row_rule(m, st, cols, ch, rb, ry), src, n, dst + i * ldd);
-      } else {
-        load_row_strided(m, st, ch, src, rb, ry, n, dst + i * ldd);
-      }
-    });
-  }
-  // The inverse: row i of src (rows lds apart) to grid row i of the run.
-  template <typename A>
-  void store_rows(const A* src, int64_t lds, int64_t k, int64_t b, int64_t gy, int64_t count, S* dst) const {
-    const auto span = [&](int64_t i, int64_t off, int64_t len) { convert(dst + off, src + i * n, len); };
-    walk(k, b, gy, count, lds, span, [&](int64_t i, const MapChannel& ch, int64_t rb, int64_t ry) {
-      if (st.w == 1) {
-        store_row(row_rule(m, st, cols, ch, rb, ry), src + i * lds, n, dst);
-      } else {
-        store_row_strided(m, st, ch, src + i * lds, rb, ry, n, dst);
-      }
-    });
-  }
-  // A run of `count` grid rows of channel k from (b, gy), its rows ld apart on the packed side:
-  // span(i, offset, elements) for each image's part where an identity map of an NCHW plane makes
-  // it one contiguous span on both sides (i its first row in the run), else row(i, ch, b, gy) for
-  // each row.
-  template <typename Span, typename Row>
-  void walk(int64_t k, int64_t b, int64_t gy, int64_t count, int64_t ld, Span span, Row row) const {
-    if (m.kind == MapKind::Identity && st.w == 1 && st.h == n && ld == n) {
-      for (int64_t i = 0; i < count;) {
-        const int64_t rows = std::min(count - i, GH - gy);
-        span(i, b * st.b + k * st.c + gy * st.h, rows * n);
-        i += rows;
-        gy = 0;
-        ++b;
-      }
-      return;
-    }
-    const MapChannel ch = map_channel<int64_t>(m, st, k);
-    for (int64_t i = 0; i < count; ++i) {
-      row(i, ch, b, gy);
-      if (++gy == GH) gy = 0, ++b;
-    }
-  }
-};
 
 // ---- gather and unfold --------------------------------------------------------------------------
 
@@ -285,25 +86,6 @@ void gather_typed(const at::Tensor& src, const TokenMap& m, at::Tensor& out) {
 void gather(const at::Tensor& src, const TokenMap& m, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "shift_gather",
                                   [&] { gather_typed<scalar_t>(src, m, out); });
-}
-
-// An output row of an unfold along the columns, from grid rows whose columns are contiguous: the
-// p grid rows of channel c (g, kk lie kstride apart) interleave into the padded row, whose
-// circular padding adds into the positions it copies (wrap), and the row is rolled back and
-// cropped: out[i] = padded[(i + s) mod L]. Rolled_row's inverse, by whole rows where the element
-// path divides per element.
-template <typename S, typename A>
-void unrolled_row(const TokenMap& m, const S* g, int64_t kstride, A* padded, S* out) {
-  const int64_t p = m.p, L = m.L, s = m.s, GW = m.Lp / p;
-  for (int64_t kk = 0; kk < p; ++kk) {
-    const S* row = g + kk * kstride;
-    for (int64_t x = 0; x < GW; ++x) padded[x * p + kk] = static_cast<A>(row[x]);
-  }
-  if (m.wrap) {
-    for (int64_t t = L; t < m.Lp; ++t) padded[t - L] += padded[t];
-  }
-  convert(out, padded + s, L - s);
-  convert(out + L - s, padded, s);
 }
 
 // out[b, c, i (along the axis), o] = grid at padded position fold_target(i) (+ its padded copy
@@ -385,24 +167,11 @@ struct Tiles {
   int64_t r1(int64_t t) const { return std::min(rows_total, r0(t) + rows); }
 };
 
-// A fold along the columns of a source with contiguous columns, by whole source rows: row (c, h)
-// is rolled and circularly padded into `padded` (Lp entries; zero past L without wrap), whose
-// [Lp / p, p] entries are the columns of grid rows c * p + kk, kk < p. Replaces p table lookups
-// per grid element with two copies and a small transpose.
-template <typename S, typename A>
-void rolled_row(const TokenMap& m, const S* row, A* padded) {
-  const int64_t L = m.L, s = m.s;
-  convert(padded + s, row, L - s);  // padded[t] = row[(t - s) mod L], t < L
-  convert(padded, row + L - s, s);
-  for (int64_t t = L; t < m.Lp; ++t) padded[t] = m.wrap ? padded[t - L] : A(0);
-}
-
 // Packs grid rows [r0, r1) (across images), channels [0, K), as a [K, (r1 - r0) * GW] matrix
 // whose rows lie ld apart.
 template <typename S, typename A>
-void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t GH, int64_t r0, int64_t r1,
-          A* buf, int64_t ld) {
-  const int64_t GW = rows.n;
+void pack(const MappedRows<S>& rows, const S* src, int64_t r0, int64_t r1, A* buf, int64_t ld) {
+  const int64_t GW = rows.n, GH = rows.GH;
   const TokenMap& m = rows.m;
   if (m.kind == MapKind::Fold && m.axis == 3 && rows.st.w == 1) {
     const int64_t p = m.p;
@@ -418,35 +187,27 @@ void pack(const MappedRows<S>& rows, const S* src, int64_t K, int64_t GH, int64_
     }
     return;
   }
-  for (int64_t k = 0; k < K; ++k) rows.load_rows(src, k, r0 / GH, r0 % GH, r1 - r0, buf + k * ld, GW);
+  for (int64_t k = 0; k < m.K(); ++k) rows.load_rows(src, k, r0 / GH, r0 % GH, r1 - r0, buf + k * ld, GW);
 }
 
-// Stores a [J, (r1 - r0) * GW] tile (rows ld apart) through the map `rows` (rows.store_rows per
-// channel run), or, for an unfold along the columns of an output with contiguous columns, by whole output
-// rows: the p grid rows of channel c become one padded row, rolled back and cropped into the
-// output row.
+// Stores a [J, (r1 - r0) * GW] tile (J = the map's grid channels, rows ld apart) through the map
+// `rows` (rows.store_rows per channel run), or, for an unfold along the columns of an output with
+// contiguous columns, by whole output rows (unrolled_row).
 template <typename S, typename A>
-void store_tile(const MappedRows<S>& rows, const A* tile, int64_t ld, int64_t J, int64_t GH,
-                int64_t r0, int64_t r1, S* out) {
-  const int64_t GW = rows.n;
+void store_tile(const MappedRows<S>& rows, const A* tile, int64_t ld, int64_t r0, int64_t r1, S* out) {
+  const int64_t GW = rows.n, GH = rows.GH;
   const TokenMap& m = rows.m;
   if (m.kind == MapKind::Fold && m.axis == 3 && rows.st.w == 1) {
-    const int64_t p = m.p, L = m.L, s = m.s;
     A* padded = scratch<A>(Slot::kRow, m.Lp);
     for (int64_t c = 0; c < m.C; ++c) {
       for (int64_t r = r0; r < r1; ++r) {
-        const A* src = tile + c * p * ld + (r - r0) * GW;
-        for (int64_t g = 0; g < GW; ++g) {
-          for (int64_t kk = 0; kk < p; ++kk) padded[g * p + kk] = src[kk * ld + g];
-        }
-        S* row = out + (r / GH) * rows.st.b + c * rows.st.c + (r % GH) * rows.st.h;
-        convert(row, padded + s, L - s);  // row[i] = padded[(i + s) mod L]
-        convert(row + L - s, padded, s);
+        unrolled_row(m, tile + c * m.p * ld + (r - r0) * GW, ld, padded,
+                     out + (r / GH) * rows.st.b + c * rows.st.c + (r % GH) * rows.st.h);
       }
     }
     return;
   }
-  for (int64_t j = 0; j < J; ++j) rows.store_rows(tile + j * ld, GW, j, r0 / GH, r0 % GH, r1 - r0, out);
+  for (int64_t j = 0; j < m.K(); ++j) rows.store_rows(tile + j * ld, GW, j, r0 / GH, r0 % GH, r1 - r0, out);
 }
 
 // Leading dimension of a packed tile of n pixels: room for one vector past n (a projection computes
@@ -563,7 +324,7 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = tiles.r0(t), r1 = tiles.r1(t), n = (r1 - r0) * tiles.GW, ld = operand_ld<A>(n);
       A* abuf = scratch<A>(Slot::kOperand, K * ld);
-      pack(in, s, K, tiles.GH, r0, r1, abuf, ld);
+      pack(in, s, r0, r1, abuf, ld);
       for (int64_t k = 0; k < K; ++k) std::fill(abuf + k * ld + n, abuf + (k + 1) * ld, A(0));
       if (direct == Direct::kNchw && whole_vectors_per_image(r0, r1, tiles.GH, tiles.GW, Vec<A>::size())) {
         if constexpr (std::is_same_v<S, A>) {
@@ -596,7 +357,7 @@ void linear_typed(const at::Tensor& src, const TokenMap& in_map, const at::Tenso
         }
         continue;
       }
-      store_tile(store, rbuf, ld, J, tiles.GH, r0, r1, o);
+      store_tile(store, rbuf, ld, r0, r1, o);
     }
   });
 }
@@ -637,8 +398,8 @@ void weight_grad_typed(const at::Tensor& grad, const TokenMap& g_map, const at::
         const int64_t r0 = tiles.r0(t), r1 = tiles.r1(t), n = (r1 - r0) * tiles.GW;
         A* gbuf = scratch<A>(Slot::kGrad, J * n);
         A* abuf = scratch<A>(Slot::kOperand, K * n);
-        pack(gr, g, J, tiles.GH, r0, r1, gbuf, n);
-        pack(ar, s, K, tiles.GH, r0, r1, abuf, n);
+        pack(gr, g, r0, r1, gbuf, n);
+        pack(ar, s, r0, r1, abuf, n);
         if (t == first) {
           at::mm_out(w, blob(gbuf, {J, n}), blob(abuf, {K, n}).t());
         } else {
